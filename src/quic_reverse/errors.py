@@ -1,0 +1,176 @@
+"""The exception tree of quic-reverse: every error the library raises derives from
+:class:`QuicReverseError`, so ``except QuicReverseError`` catches all of them.
+
+::
+
+    QuicReverseError
+    ├── ConfigError                 (also ValueError)  invalid Config / CLI / TLS settings
+    ├── EncodeError                 (also ValueError)  a local value cannot be put on the wire
+    ├── ProtocolError                                  malformed or out-of-order data from the peer
+    │   └── NegotiationError                           Hello/HelloAck exchange failed
+    ├── OperationTimeout            (also TimeoutError) a deadline passed; ``.kind`` says which
+    ├── StreamRejected                                 the peer rejected an open (``.code``, ``.reason``)
+    ├── SessionClosed                                  the session was closed (locally or by the peer)
+    ├── Disconnected                                   the connection is gone / keep-alive failed
+    ├── CapacityExceeded                               a local limit refuses the operation
+    ├── IncompleteReadError         (also EOFError)    FIN arrived before ``readexactly(n)`` had n bytes
+    └── TransportError                                 the QUIC layer failed; stack errors converted here
+        ├── ConnectionClosed                           the QUIC connection is closed (``.error_code``, ``.reason``)
+        ├── StreamReset                                the peer reset the stream we read (``.error_code``)
+        ├── StreamStopped                              the peer asked us to stop sending (``.error_code``)
+        └── CertificateError                           the peer's certificate failed verification/pinning
+
+Errors that map to a wire code carry it as an attribute; conversion from stack
+exceptions (qh3, aioquic, ``OSError``) happens only in ``quic_reverse.transport``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "CapacityExceeded",
+    "CertificateError",
+    "ConfigError",
+    "ConnectionClosed",
+    "Disconnected",
+    "EncodeError",
+    "IncompleteReadError",
+    "NegotiationError",
+    "OperationTimeout",
+    "ProtocolError",
+    "QuicReverseError",
+    "SessionClosed",
+    "StreamRejected",
+    "StreamReset",
+    "StreamStopped",
+    "TimeoutKind",
+    "TransportError",
+]
+
+
+class QuicReverseError(Exception):
+    """Root of every exception raised by quic-reverse."""
+
+
+class ConfigError(QuicReverseError, ValueError):
+    """A configuration value is invalid (raised at construction, never later)."""
+
+
+class EncodeError(QuicReverseError, ValueError):
+    """A local value cannot be encoded: out-of-range integer, wrong type, frame too large.
+
+    Raised before any byte is produced, so nothing half-written reaches the peer.
+    """
+
+
+class ProtocolError(QuicReverseError):
+    """The peer sent data that violates wire protocol v1.
+
+    The message says what was wrong and where, e.g.
+    ``"OpenResponse.status: unknown variant 2"``.
+    """
+
+
+class NegotiationError(ProtocolError):
+    """The Hello/HelloAck exchange failed: version mismatch or an unexpected message."""
+
+
+class TimeoutKind(enum.Enum):
+    """Which deadline expired."""
+
+    NEGOTIATION = "negotiation"
+    OPEN_REQUEST = "open_request"
+    STREAM_BIND = "stream_bind"
+    PING = "ping"
+
+
+class OperationTimeout(QuicReverseError, TimeoutError):
+    """A protocol deadline passed. Also a builtin :class:`TimeoutError`.
+
+    ``kind`` tells which deadline (negotiation, open request, stream bind, ping).
+    """
+
+    def __init__(self, kind: TimeoutKind, message: str | None = None) -> None:
+        self.kind = kind
+        super().__init__(message or f"{kind.value} timed out")
+
+
+class StreamRejected(QuicReverseError):
+    """The peer answered an open request with ``Rejected``.
+
+    ``code`` is a :class:`quic_reverse.wire.RejectCode`; ``reason`` the peer's text, if any.
+    """
+
+    def __init__(self, code: object, reason: str | None = None) -> None:
+        self.code = code
+        self.reason = reason
+        name = getattr(code, "name", code)
+        super().__init__(f"open rejected: {name}" + (f" ({reason})" if reason else ""))
+
+
+class SessionClosed(QuicReverseError):
+    """The session is closed; no further operations are possible.
+
+    ``code`` / ``reason`` are those of the session close when known.
+    """
+
+    def __init__(
+        self, message: str = "session closed", *, code: object = None, reason: str | None = None
+    ) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(message)
+
+
+class Disconnected(QuicReverseError):
+    """The underlying connection was lost, or the peer stopped answering keep-alives."""
+
+
+class CapacityExceeded(QuicReverseError):
+    """A local limit (in-flight opens, concurrent streams) refuses the operation."""
+
+
+class IncompleteReadError(QuicReverseError, EOFError):
+    """The stream ended (FIN) before the requested number of bytes arrived."""
+
+    def __init__(self, partial: bytes, expected: int) -> None:
+        self.partial = partial
+        self.expected = expected
+        super().__init__(f"stream ended after {len(partial)} of {expected} bytes")
+
+
+class TransportError(QuicReverseError):
+    """The QUIC transport failed. Stack-specific exceptions are converted to this family."""
+
+
+class ConnectionClosed(TransportError):
+    """The QUIC connection is closed. ``error_code``/``reason`` come from the close frame."""
+
+    def __init__(self, message: str = "connection closed", *, error_code: int = 0,
+                 reason: str = "") -> None:
+        self.error_code = error_code
+        self.reason = reason
+        super().__init__(message)
+
+
+class StreamReset(TransportError):
+    """The peer reset the stream we are reading (RESET_STREAM). Never reported as EOF."""
+
+    def __init__(self, error_code: int, stream_id: int | None = None) -> None:
+        self.error_code = error_code
+        self.stream_id = stream_id
+        super().__init__(f"stream {stream_id} reset by peer with code {error_code}")
+
+
+class StreamStopped(TransportError):
+    """The peer asked us to stop sending on this stream (STOP_SENDING)."""
+
+    def __init__(self, error_code: int, stream_id: int | None = None) -> None:
+        self.error_code = error_code
+        self.stream_id = stream_id
+        super().__init__(f"stream {stream_id} stopped by peer with code {error_code}")
+
+
+class CertificateError(TransportError):
+    """The peer's certificate failed verification or did not match the pinned fingerprint."""

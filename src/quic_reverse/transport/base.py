@@ -1,0 +1,154 @@
+"""The transport contract: what the session layer needs from a QUIC connection.
+
+Every transport (qh3, aioquic, in-memory) implements these three abstract classes
+and passes the same conformance suite (``tests/transport/test_conformance.py``).
+The session layer imports only this module, never a QUIC stack.
+
+Semantics shared by all implementations:
+
+* A bidirectional stream opened with :meth:`Connection.open_bi` becomes visible to
+  the peer's :meth:`Connection.accept_bi` only once the opener writes data or FIN
+  (as in QUIC).
+* :meth:`SendStream.write` applies real backpressure: it returns only once the data
+  fits in the stream's bounded send buffer.
+* A receiver that does not read holds back flow-control credit past a high-water
+  mark, so a slow reader cannot make the process grow without bound.
+* A peer reset surfaces as :class:`~quic_reverse.errors.StreamReset` from ``read``,
+  never as EOF; a peer STOP_SENDING as :class:`~quic_reverse.errors.StreamStopped`
+  from ``write``.
+* Closing the connection (either side) wakes every pending ``accept_bi``/``read``/
+  ``write`` with :class:`~quic_reverse.errors.ConnectionClosed` (``accept_bi``
+  returns ``None`` instead).
+"""
+
+from __future__ import annotations
+
+import abc
+
+from ..errors import IncompleteReadError
+
+__all__ = ["Connection", "RecvStream", "SendStream"]
+
+
+class SendStream(abc.ABC):
+    """The sending half of a QUIC stream."""
+
+    @property
+    @abc.abstractmethod
+    def stream_id(self) -> int:
+        """The QUIC stream id (for logs and diagnostics)."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data``; return once it is within the stream's send budget.
+
+        Raises:
+            StreamStopped: the peer sent STOP_SENDING.
+            ConnectionClosed: the connection is closed.
+            TransportError: the stream was already finished or reset locally.
+        """
+
+    @abc.abstractmethod
+    async def finish(self) -> None:
+        """Send FIN after all queued data. Idempotent.
+
+        Raises:
+            StreamStopped: the peer sent STOP_SENDING.
+            ConnectionClosed: the connection is closed.
+        """
+
+    @abc.abstractmethod
+    def reset(self, code: int = 0) -> None:
+        """Abort sending with RESET_STREAM(code); queued data is discarded.
+
+        Never raises: resetting a finished, reset or closed stream is a no-op.
+        """
+
+
+class RecvStream(abc.ABC):
+    """The receiving half of a QUIC stream."""
+
+    @property
+    @abc.abstractmethod
+    def stream_id(self) -> int:
+        """The QUIC stream id (for logs and diagnostics)."""
+
+    @abc.abstractmethod
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Return up to ``max_bytes`` (at least one), or ``b""`` once FIN was received.
+
+        Raises:
+            StreamReset: the peer reset the stream.
+            ConnectionClosed: the connection closed before FIN.
+            ValueError: ``max_bytes`` < 1.
+        """
+
+    async def read_exactly(self, n: int) -> bytes:
+        """Return exactly ``n`` bytes.
+
+        Raises:
+            IncompleteReadError: FIN arrived first (``.partial`` holds what came).
+            StreamReset: the peer reset the stream.
+            ConnectionClosed: the connection closed first.
+        """
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await self.read(n - len(buf))
+            if not chunk:
+                raise IncompleteReadError(bytes(buf), n)
+            buf += chunk
+        return bytes(buf)
+
+    @abc.abstractmethod
+    def stop(self, code: int = 0) -> None:
+        """Tell the peer to stop sending (STOP_SENDING(code)); buffered data is dropped.
+
+        Never raises.
+        """
+
+
+class Connection(abc.ABC):
+    """One QUIC connection, either role."""
+
+    @abc.abstractmethod
+    async def open_bi(self) -> tuple[SendStream, RecvStream]:
+        """Open a bidirectional stream; waits for a free slot at the peer's stream limit.
+
+        Raises:
+            ConnectionClosed: the connection is (or becomes) closed.
+        """
+
+    @abc.abstractmethod
+    async def accept_bi(self) -> tuple[SendStream, RecvStream] | None:
+        """Wait for the next peer-opened bidirectional stream; ``None`` once closing.
+
+        Never raises for a closed connection: returns ``None``.
+        """
+
+    @abc.abstractmethod
+    def close(self, code: int = 0, reason: bytes = b"") -> None:
+        """Close the connection (CONNECTION_CLOSE with an application error code).
+
+        Idempotent, never raises. Use :meth:`wait_closed` to wait until it is done.
+        """
+
+    @property
+    @abc.abstractmethod
+    def is_open(self) -> bool:
+        """True until the connection starts closing (either side) or is lost."""
+
+    @abc.abstractmethod
+    async def wait_closed(self) -> None:
+        """Return once the connection is fully closed. Never raises."""
+
+    @property
+    @abc.abstractmethod
+    def remote_address(self) -> tuple[str, int]:
+        """The peer's (host, port); ``("memory", 0)`` for the in-memory transport."""
+
+    @property
+    def peer_certificate(self) -> bytes | None:
+        """The peer's end-entity certificate (DER), if the stack exposes one."""
+        return None
