@@ -4,21 +4,21 @@
 ::
 
     QuicReverseError
-    ├── ConfigError                 (also ValueError)  invalid Config / CLI / TLS settings
-    ├── EncodeError                 (also ValueError)  a local value cannot be put on the wire
-    ├── ProtocolError                                  malformed or out-of-order data from the peer
-    │   └── NegotiationError                           Hello/HelloAck exchange failed
-    ├── OperationTimeout            (also TimeoutError) a deadline passed; ``.kind`` says which
-    ├── StreamRejected                                 the peer rejected an open (``.code``, ``.reason``)
-    ├── SessionClosed                                  the session was closed (locally or by the peer)
-    ├── Disconnected                                   the connection is gone / keep-alive failed
-    ├── CapacityExceeded                               a local limit refuses the operation
-    ├── IncompleteReadError         (also EOFError)    FIN arrived before ``readexactly(n)`` had n bytes
-    └── TransportError                                 the QUIC layer failed; stack errors converted here
-        ├── ConnectionClosed                           the QUIC connection is closed (``.error_code``, ``.reason``)
-        ├── StreamReset                                the peer reset the stream we read (``.error_code``)
-        ├── StreamStopped                              the peer asked us to stop sending (``.error_code``)
-        └── CertificateError                           the peer's certificate failed verification/pinning
+    ├── ConfigError (also ValueError) - invalid Config / CLI / TLS settings
+    ├── EncodeError (also ValueError) - a local value cannot be put on the wire
+    ├── ProtocolError - malformed or out-of-order data from the peer
+    │   └── NegotiationError - Hello/HelloAck exchange failed
+    ├── OperationTimeout (also TimeoutError) - a deadline passed; ``.kind`` says which
+    ├── StreamRejected - the peer rejected an open (``.code``, ``.reason``)
+    ├── SessionClosed - the session was closed (locally or by the peer)
+    ├── Disconnected - the connection is gone / keep-alive failed
+    ├── CapacityExceeded - a local limit refuses the operation
+    ├── IncompleteReadError (also EOFError) - FIN arrived before ``readexactly(n)`` had n bytes
+    └── TransportError - the QUIC layer failed; stack errors converted here
+        ├── ConnectionClosed - the QUIC connection is closed (``.error_code``, ``.reason``)
+        ├── StreamReset - the peer reset the stream we read (``.error_code``)
+        ├── StreamStopped - the peer asked us to stop sending (``.error_code``)
+        └── CertificateError - the peer's certificate failed verification/pinning
 
 Errors that map to a wire code carry it as an attribute; conversion from stack
 exceptions (qh3, aioquic, ``OSError``) happens only in ``quic_reverse.transport``.
@@ -147,8 +147,9 @@ class TransportError(QuicReverseError):
 class ConnectionClosed(TransportError):
     """The QUIC connection is closed. ``error_code``/``reason`` come from the close frame."""
 
-    def __init__(self, message: str = "connection closed", *, error_code: int = 0,
-                 reason: str = "") -> None:
+    def __init__(
+        self, message: str = "connection closed", *, error_code: int = 0, reason: str = ""
+    ) -> None:
         self.error_code = error_code
         self.reason = reason
         super().__init__(message)

@@ -64,6 +64,11 @@ class SendStream(abc.ABC):
         Never raises: resetting a finished, reset or closed stream is a no-op.
         """
 
+    @property
+    @abc.abstractmethod
+    def buffered_bytes(self) -> int:
+        """Bytes accepted by :meth:`write` but not yet handed to the network (diagnostics)."""
+
 
 class RecvStream(abc.ABC):
     """The receiving half of a QUIC stream."""
@@ -107,6 +112,12 @@ class RecvStream(abc.ABC):
 
         Never raises.
         """
+
+    @property
+    @abc.abstractmethod
+    def buffered_bytes(self) -> int:
+        """Bytes received for this stream and not yet read, including any held inside
+        the QUIC stack. Bounded by the transport's receive window (diagnostics, tests)."""
 
 
 class Connection(abc.ABC):
