@@ -1,0 +1,155 @@
+"""Tests of the in-memory transport's own knobs (trickle, delay, limits, numbering).
+
+The contract itself is covered by ``test_conformance.py``, which runs over every
+transport; this module covers what only :mod:`quic_reverse.transport.memory` has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from quic_reverse.errors import ConnectionClosed, StreamReset, TransportError
+from quic_reverse.transport.memory import connection_pair
+
+WAIT = 5.0  # upper bound for anything that should happen promptly
+
+
+async def test_rejects_bad_knobs() -> None:
+    with pytest.raises(ValueError):
+        connection_pair(buffer_size=0)
+    with pytest.raises(ValueError):
+        connection_pair(max_streams=0)
+    with pytest.raises(ValueError):
+        connection_pair(delay=-1.0)
+
+
+async def test_quic_stream_numbering() -> None:
+    client, server = connection_pair()
+    ids = [(await client.open_bi())[0].stream_id for _ in range(3)]
+    assert ids == [0, 4, 8]
+    send, recv = await server.open_bi()
+    assert send.stream_id == recv.stream_id == 1
+    assert client.remote_address == ("memory", 0)
+    client.close()
+
+
+async def test_trickle_reads_one_byte_at_a_time() -> None:
+    client, server = connection_pair(trickle=True)
+    send, _ = await client.open_bi()
+    await send.write(b"hello")
+    await send.finish()
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    _, recv = accepted
+    chunks = []
+    for _ in range(10):
+        chunk = await asyncio.wait_for(recv.read(1024), WAIT)
+        chunks.append(chunk)
+        if not chunk:
+            break
+    assert chunks == [b"h", b"e", b"l", b"l", b"o", b""]
+    assert await recv.read_exactly(0) == b""
+    client.close()
+
+
+async def test_delay_defers_delivery_and_keeps_order() -> None:
+    client, server = connection_pair(delay=0.02)
+    send, _ = await client.open_bi()
+    for i in range(50):
+        await send.write(bytes([i]))
+    await send.finish()
+    # Nothing arrived yet: the stream is still in flight and counted as such.
+    assert send.buffered_bytes == 50
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    _, recv = accepted
+    data = bytearray()
+    for _ in range(60):
+        chunk = await asyncio.wait_for(recv.read(), WAIT)
+        if not chunk:
+            break
+        data += chunk
+    assert bytes(data) == bytes(range(50))
+    assert send.buffered_bytes == 0
+    client.close()
+
+
+async def test_delay_counts_in_flight_bytes_against_buffer() -> None:
+    client, server = connection_pair(delay=0.05, buffer_size=10)
+    send, _ = await client.open_bi()
+    await send.write(b"0123456789")
+    # The next write must wait until the in-flight bytes arrived and are read.
+    blocked = asyncio.ensure_future(send.write(b"x"))
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    assert not blocked.done()
+    _, recv = accepted
+    assert await asyncio.wait_for(recv.read_exactly(10), WAIT) == b"0123456789"
+    await asyncio.wait_for(blocked, WAIT)
+    assert await asyncio.wait_for(recv.read_exactly(1), WAIT) == b"x"
+    client.close()
+
+
+async def test_close_loses_bytes_in_flight() -> None:
+    client, server = connection_pair(delay=0.05)
+    send, _ = await client.open_bi()
+    await send.write(b"early")
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    _, recv = accepted
+    assert await asyncio.wait_for(recv.read(), WAIT) == b"early"
+    await send.write(b"lost")
+    client.close(7, b"bye")
+    with pytest.raises(ConnectionClosed) as info:
+        await asyncio.wait_for(recv.read(), WAIT)
+    assert info.value.error_code == 7
+    assert info.value.reason == "bye"
+    assert send.buffered_bytes == 0
+
+
+async def test_delivered_bytes_stay_readable_after_close() -> None:
+    client, server = connection_pair()
+    send, _ = await client.open_bi()
+    await send.write(b"kept")
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    _, recv = accepted
+    server.close()
+    assert await recv.read() == b"kept"
+    with pytest.raises(ConnectionClosed):
+        await recv.read()
+
+
+async def test_reset_discards_bytes_in_flight() -> None:
+    client, server = connection_pair(delay=0.05)
+    send, _ = await client.open_bi()
+    await send.write(b"doomed")
+    send.reset(3)
+    assert send.buffered_bytes == 0
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    _, recv = accepted
+    with pytest.raises(StreamReset) as info:
+        await asyncio.wait_for(recv.read(), WAIT)
+    assert info.value.error_code == 3
+    with pytest.raises(TransportError):
+        await send.write(b"more")
+    client.close()
+
+
+async def test_stream_slot_released_by_reset_and_stop() -> None:
+    client, server = connection_pair(max_streams=1)
+    send, recv = await client.open_bi()
+    send.reset(1)
+    opener = asyncio.ensure_future(client.open_bi())
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    await asyncio.sleep(0)  # let the opener run once: it must still be waiting
+    assert not opener.done()
+    # Our receive direction ends when we stop it: the slot frees up.
+    recv.stop(2)
+    send2, _ = await asyncio.wait_for(opener, WAIT)
+    assert send2.stream_id == 4
+    client.close()
