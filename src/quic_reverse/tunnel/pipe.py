@@ -1,0 +1,226 @@
+"""Bidirectional forwarding between one TCP connection and one tunnel stream.
+
+Written against a small structural protocol (:class:`TunnelStream`: ``read(n)``,
+``write``/``drain``, ``write_eof``, ``reset``, ``close``) so it works with a session
+:class:`~quic_reverse.Stream` and can be tested with plain TCP on both legs.
+
+What it guarantees:
+
+* **Backpressure** both ways: each direction awaits the sink (``drain``) before it
+  reads more from the source, so at most one chunk per direction is held here and a
+  slow reader slows the sender end to end.
+* **Half-close** both ways: TCP EOF -> ``stream.write_eof()`` (FIN); stream EOF ->
+  ``shutdown(SHUT_WR)`` on the TCP socket; the other direction keeps flowing.
+* **Resets** both ways: a TCP error/RST resets the stream; a stream reset (or a dead
+  session) aborts the TCP connection with RST (``SO_LINGER`` 0), so the TCP peer
+  sees a failure instead of a clean EOF.
+* ``TCP_NODELAY`` on the TCP leg; large reads (256 KiB); byte counters in the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import QuicReverseError
+
+__all__ = [
+    "CHUNK_SIZE",
+    "PipeResult",
+    "TunnelStream",
+    "abort_tcp",
+    "pipe",
+    "tune_tcp",
+]
+
+log = logging.getLogger("quic_reverse.tunnel.pipe")
+
+#: Read size on both legs: large enough to amortise per-call overhead.
+CHUNK_SIZE = 256 * 1024
+#: asyncio StreamReader limit used for TCP legs (it buffers up to 2x this before pausing).
+TCP_READ_LIMIT = 256 * 1024
+#: Application code carried by a stream reset caused by the TCP side.
+RESET_CODE = 1
+#: How long a clean TCP close may take before the socket is aborted.
+CLOSE_TIMEOUT = 5.0
+
+
+class TunnelStream(Protocol):
+    """What :func:`pipe` needs from a stream (a subset of :class:`quic_reverse.Stream`)."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def write_eof(self) -> object: ...
+
+    def reset(self, code: int = ...) -> object: ...
+
+    def close(self) -> object: ...
+
+
+@dataclass
+class PipeResult:
+    """What happened on one forwarded connection (for the close log line)."""
+
+    #: Bytes read from TCP and written to the stream.
+    tcp_to_stream: int = 0
+    #: Bytes read from the stream and written to TCP.
+    stream_to_tcp: int = 0
+    #: "closed" (both directions finished with FIN), "tcp reset", "stream reset",
+    #: "cancelled" or "error".
+    outcome: str = "closed"
+    #: Human-readable cause when the outcome is not "closed".
+    detail: str = ""
+
+
+class _TcpFailed(Exception):
+    """The TCP leg failed (RST, broken pipe): the stream must be reset."""
+
+
+class _StreamFailed(Exception):
+    """The stream leg failed (peer reset, session gone): TCP must be aborted."""
+
+
+async def _maybe_await(value: object) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+def tune_tcp(writer: asyncio.StreamWriter) -> None:
+    """Set ``TCP_NODELAY`` on the writer's socket (interactive protocols like SSH need it)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def abort_tcp(writer: asyncio.StreamWriter) -> None:
+    """Drop the TCP connection with RST so the peer sees an error, not a clean EOF."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def _close_tcp(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await writer.wait_closed()
+    except (OSError, TimeoutError):
+        writer.transport.abort()
+
+
+async def _reset_stream(stream: TunnelStream, code: int) -> None:
+    with contextlib.suppress(QuicReverseError, OSError):
+        await _maybe_await(stream.reset(code))
+
+
+async def _close_stream(stream: TunnelStream) -> None:
+    with contextlib.suppress(QuicReverseError, OSError):
+        await _maybe_await(stream.close())
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    stream: TunnelStream,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+) -> PipeResult:
+    """Forward bytes both ways until both directions end; returns the counters.
+
+    Never raises for I/O problems (they become the result's ``outcome``); cancellation
+    aborts both legs (TCP RST, stream reset) and is re-raised. Both legs are closed on
+    return.
+    """
+    result = PipeResult()
+    tune_tcp(writer)
+
+    async def tcp_to_stream() -> None:
+        while True:
+            try:
+                data = await reader.read(chunk_size)
+            except OSError as exc:
+                raise _TcpFailed(_describe(exc)) from exc
+            try:
+                if not data:
+                    await _maybe_await(stream.write_eof())
+                    return
+                stream.write(data)
+                await stream.drain()
+            except QuicReverseError as exc:
+                raise _StreamFailed(_describe(exc)) from exc
+            result.tcp_to_stream += len(data)
+
+    async def stream_to_tcp() -> None:
+        while True:
+            try:
+                data = await stream.read(chunk_size)
+            except QuicReverseError as exc:
+                raise _StreamFailed(_describe(exc)) from exc
+            try:
+                if not data:
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    return
+                writer.write(data)
+                await writer.drain()
+            except OSError as exc:
+                raise _TcpFailed(_describe(exc)) from exc
+            result.stream_to_tcp += len(data)
+
+    up = asyncio.create_task(tcp_to_stream(), name="pipe tcp->stream")
+    down = asyncio.create_task(stream_to_tcp(), name="pipe stream->tcp")
+    tasks = {up, down}
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        result.outcome, result.detail = "cancelled", "forwarding cancelled"
+        abort_tcp(writer)
+        await _reset_stream(stream, RESET_CODE)
+        raise
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+    failure: BaseException | None = None
+    for t in (up, down):
+        if t in done and not t.cancelled() and t.exception() is not None:
+            failure = t.exception()
+            break
+    if failure is None:
+        await _close_tcp(writer)
+        await _close_stream(stream)
+    elif isinstance(failure, _TcpFailed):
+        result.outcome, result.detail = "tcp reset", str(failure)
+        await _reset_stream(stream, RESET_CODE)
+        abort_tcp(writer)
+    elif isinstance(failure, _StreamFailed):
+        result.outcome, result.detail = "stream reset", str(failure)
+        abort_tcp(writer)
+        await _reset_stream(stream, RESET_CODE)
+    else:
+        log.error("forwarding failed unexpectedly", exc_info=failure)
+        result.outcome, result.detail = "error", _describe(failure)
+        abort_tcp(writer)
+        await _reset_stream(stream, RESET_CODE)
+    return result
