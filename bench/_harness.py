@@ -458,21 +458,40 @@ def format_number(value: object) -> str:
 def print_table(rows: Sequence[Mapping[str, object]], file: IO[str] | None = None) -> None:
     """Print rows as an aligned plain-text table (used by ``python -m bench.<name>``)."""
     out = file if file is not None else sys.stdout
-    header = ("figure", "value", "min-max", "unit", "baseline", "baseline value", "ratio", "goal")
+    show_met = any("met" in row for row in rows)
+    header: tuple[str, ...] = (
+        "figure",
+        "value",
+        "min-max",
+        "unit",
+        "baseline",
+        "baseline value",
+        "ratio",
+        "goal",
+    )
+    if show_met:
+        header += ("met?",)
     table: list[tuple[str, ...]] = [header]
     for row in rows:
-        table.append(
-            (
-                str(row.get("name", "?")),
-                format_number(row.get("value")),
-                f"{format_number(row.get('min'))}-{format_number(row.get('max'))}",
-                str(row.get("unit", "")),
-                str(row.get("baseline") or "—"),
-                format_number(row.get("baseline_value")),
-                format_number(row.get("ratio")),
-                str(row.get("goal", "")),
-            )
+        if row.get("error"):
+            cells: tuple[str, ...] = (str(row.get("name", "?")), "ERROR", "", "", "", "", "")
+            cells += (str(row["error"]),) + (("",) if show_met else ())
+            table.append(cells)
+            continue
+        cells = (
+            str(row.get("name", "?")),
+            format_number(row.get("value")),
+            f"{format_number(row.get('min'))}-{format_number(row.get('max'))}",
+            str(row.get("unit", "")),
+            str(row.get("baseline") or "—"),
+            format_number(row.get("baseline_value")),
+            format_number(row.get("ratio")),
+            str(row.get("goal", "")),
         )
+        if show_met:
+            met = row.get("met")
+            cells += ("yes" if met is True else "NO" if met is False else "—",)
+        table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for i, r in enumerate(table):
         print(
