@@ -1,0 +1,166 @@
+"""Control-stream framing: a u32 big-endian length, then that many payload bytes.
+
+:func:`encode_frame` adds the prefix; :class:`FrameReader` turns arbitrary chunks of
+a byte stream back into whole payloads. A length prefix above
+:data:`MAX_FRAME_PAYLOAD` is rejected as soon as its four bytes are in, before any of
+the body is buffered, so a peer cannot make us hold more than one maximal frame.
+Pure: no I/O, no asyncio.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+from ..errors import EncodeError, ProtocolError
+from .codec import MAX_FRAME_PAYLOAD, encode
+from .messages import Message
+
+__all__ = [
+    "FRAME_HEADER_SIZE",
+    "MAX_FRAME_PAYLOAD",
+    "FrameReader",
+    "decode_frame",
+    "encode_frame",
+    "encode_message_frame",
+]
+
+logger = logging.getLogger("quic_reverse.wire")
+
+FRAME_HEADER_SIZE = 4
+"""Size of the length prefix in bytes."""
+
+_LEN = struct.Struct(">I")
+_len_pack = _LEN.pack
+_len_unpack = _LEN.unpack_from
+
+
+def encode_frame(payload: bytes | bytearray | memoryview) -> bytes:
+    """Prefix ``payload`` with its u32 big-endian length.
+
+    Raises :class:`EncodeError` if the payload is longer than :data:`MAX_FRAME_PAYLOAD`.
+    """
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise EncodeError(f"frame payload must be bytes-like, got {type(payload).__name__}")
+    size = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+    if size > MAX_FRAME_PAYLOAD:
+        raise EncodeError(f"frame payload of {size} bytes exceeds the maximum {MAX_FRAME_PAYLOAD}")
+    return _len_pack(size) + bytes(payload)
+
+
+def encode_message_frame(message: Message) -> bytes:
+    """``encode_frame(encode(message))``: a message ready to write on the control stream."""
+    payload = encode(message)  # already checked against MAX_FRAME_PAYLOAD
+    return _len_pack(len(payload)) + payload
+
+
+def _too_large(length: int) -> ProtocolError:
+    return ProtocolError(f"frame size {length} exceeds maximum {MAX_FRAME_PAYLOAD}")
+
+
+def decode_frame(data: bytes | bytearray | memoryview) -> tuple[bytes, int]:
+    """Parse exactly one frame at the start of ``data``.
+
+    Returns ``(payload, consumed)``; bytes after the frame are left to the caller.
+    Raises :class:`ProtocolError` for an oversized length prefix or an incomplete frame.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError(f"frame data must be bytes-like, got {type(data).__name__}")
+    buf = data if type(data) is bytes else bytes(data)
+    n = len(buf)
+    if n < FRAME_HEADER_SIZE:
+        raise ProtocolError(f"unexpected end of input: expected 4 bytes, got {n}")
+    length: int = _len_unpack(buf, 0)[0]
+    if length > MAX_FRAME_PAYLOAD:
+        raise _too_large(length)
+    end = FRAME_HEADER_SIZE + length
+    if end > n:
+        raise ProtocolError(f"unexpected end of input: expected {end} bytes, got {n}")
+    return buf[FRAME_HEADER_SIZE:end], end
+
+
+class FrameReader:
+    """Incremental frame parser: :meth:`feed` chunks of any size, get whole payloads.
+
+    Holds at most one incomplete frame (≤ 4 + 65536 bytes) plus the unparsed tail of
+    the latest chunk. Work is linear in the bytes fed: complete frames in a chunk are
+    sliced out without copying the buffer per frame, and consumed bytes are dropped
+    once per :meth:`feed`.
+
+    After a :class:`ProtocolError` the reader is broken (the stream position is lost)
+    and every later :meth:`feed` raises again; payloads completed earlier in the same
+    failing chunk are not returned.
+    """
+
+    __slots__ = ("_buf", "_error")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._error: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Number of bytes held that do not yet form a complete frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Add ``data`` and return every payload completed by it, in stream order.
+
+        Raises :class:`ProtocolError` when a length prefix exceeds
+        :data:`MAX_FRAME_PAYLOAD` (as soon as its 4 bytes are in) or if the reader
+        already failed.
+        """
+        if self._error is not None:
+            raise ProtocolError(f"frame reader already failed: {self._error}")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ProtocolError(f"frame data must be bytes-like, got {type(data).__name__}")
+        buf = self._buf
+        frames: list[bytes] = []
+        if not buf:
+            # Fast path: parse straight from the caller's chunk, buffer only the tail.
+            src = data if type(data) is bytes else bytes(data)
+            n = len(src)
+            pos = 0
+            while n - pos >= FRAME_HEADER_SIZE:
+                length: int = _len_unpack(src, pos)[0]
+                if length > MAX_FRAME_PAYLOAD:
+                    self._fail(length)
+                end = pos + FRAME_HEADER_SIZE + length
+                if end > n:
+                    break
+                frames.append(src[pos + FRAME_HEADER_SIZE : end])
+                pos = end
+            if pos < n:
+                buf += memoryview(src)[pos:]
+            return frames
+        buf += data
+        n = len(buf)
+        pos = 0
+        with memoryview(buf) as view:
+            while n - pos >= FRAME_HEADER_SIZE:
+                length = _len_unpack(view, pos)[0]
+                if length > MAX_FRAME_PAYLOAD:
+                    # Drop the rest so a broken reader holds nothing.
+                    self._fail(length)
+                end = pos + FRAME_HEADER_SIZE + length
+                if end > n:
+                    break
+                frames.append(view[pos + FRAME_HEADER_SIZE : end].tobytes())
+                pos = end
+        if pos:
+            del buf[:pos]
+        return frames
+
+    def feed_eof(self) -> None:
+        """Signal the end of the stream: raises :class:`ProtocolError` if a frame is incomplete."""
+        if self._buf:
+            raise ProtocolError(
+                f"stream ended inside a frame ({len(self._buf)} bytes of an incomplete frame)"
+            )
+
+    def _fail(self, length: int) -> None:
+        error = _too_large(length)
+        self._error = str(error)
+        self._buf = bytearray()
+        logger.debug("frame reader: %s", error)
+        raise error
