@@ -44,6 +44,7 @@ from typing import IO, Any
 logger = logging.getLogger("quic_reverse.bench")
 
 LOOPBACK = "127.0.0.1"
+EN_DASH = "\u2013"  # spreads read "1.2 - 3.4" with a real dash, not a minus sign
 
 #: Keys every row must carry, with the types a value may have.
 ROW_KEYS: dict[str, tuple[type, ...]] = {
@@ -452,7 +453,8 @@ def format_number(value: object) -> str:
     if magnitude >= 1:
         return f"{x:.2f}"
     digits = max(2, 2 - math.floor(math.log10(magnitude)))
-    return f"{x:.{digits}f}"
+    whole, _, decimals = f"{x:.{digits}f}".partition(".")
+    return f"{whole}.{decimals.rstrip('0').ljust(2, '0')}"
 
 
 def print_table(rows: Sequence[Mapping[str, object]], file: IO[str] | None = None) -> None:
@@ -721,7 +723,7 @@ def render_markdown(result: Mapping[str, Any], *, chart: str | None) -> str:
                 " | — | — | — | — | — | see Errors | — |"
             )
             continue
-        spread = f"{format_number(row.get('min'))}-{format_number(row.get('max'))}"
+        spread = f"{format_number(row.get('min'))} {EN_DASH} {format_number(row.get('max'))}"
         lines.append(
             "| "
             + " | ".join(
@@ -840,6 +842,26 @@ def render_chart(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str) -
                     top = max(top, check.threshold)
                 ax.text(ratio, y, f" {ratio:.2f}", va="center", fontsize=8)
             ax.axvline(1.0, color="#555555", ls="--", lw=1)
+            from matplotlib.lines import Line2D
+            from matplotlib.patches import Patch
+            from matplotlib.transforms import ScaledTranslation
+
+            ax.legend(
+                handles=[
+                    Patch(color="#2e7d32", label="goal met"),
+                    Patch(color="#c62828", label="goal missed"),
+                    Patch(color="#9e9e9e", label="no checkable goal"),
+                    Line2D([], [], color="black", lw=2, label="ratio goal"),
+                    Line2D([], [], color="#555555", ls="--", lw=1, label="parity (1.0)"),
+                ],
+                fontsize=7,
+                loc="upper center",
+                bbox_to_anchor=(0.5, 0.0),
+                # Below the axis label, at a fixed distance whatever the chart's height.
+                bbox_transform=ax.transAxes + ScaledTranslation(0, -0.45, fig.dpi_scale_trans),
+                ncol=5,
+                frameon=False,
+            )
             ax.set_yticks(ys)
             ax.set_yticklabels(labels, fontsize=8)
             ax.set_xlim(0, top * 1.18)
@@ -847,7 +869,7 @@ def render_chart(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str) -
         ax.set_title(title, fontsize=10)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        fig.savefig(path, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     return len(plotted)

@@ -1,0 +1,292 @@
+"""Tests of the benchmark harness: reporting, goal checks and the module runner.
+
+These test the code that publishes the figures (JSON, docs/BENCHMARKS.md, the chart)
+and the driver's guarantees (a failing, hanging or malformed module becomes an error
+row; every process it started is stopped) -- never the speed of anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bench import _harness as h
+from bench.__main__ import MODULES, _run_module
+
+ROOT = Path(__file__).resolve().parent.parent
+X = "\u00d7"  # the multiplication sign people write in goals
+
+
+def _row(name: str, value: float, baseline: float | None, ratio: float | None, goal: str) -> h.Row:
+    return {
+        "module": "synthetic",
+        "name": name,
+        "unit": "MB/s",
+        "value": value,
+        "min": value * 0.9,
+        "max": value * 1.1,
+        "baseline": "bare" if baseline is not None else None,
+        "baseline_value": baseline,
+        "ratio": ratio,
+        "goal": goal,
+    }
+
+
+def _synthetic_result() -> dict[str, Any]:
+    rows = [
+        _row("upload", 380.0, 400.0, 0.95, f"≥ 350 MB/s and ≥ 0.95 {X} bare"),
+        _row("download | fast", 200.0, 400.0, 0.5, "ratio >= 0.95"),
+        _row("opens", 1234.5, None, None, "informational"),
+        h.error_row("broken", "bench.broken: RuntimeError: boom"),
+    ]
+    for row in rows:
+        row["met"] = h.goal_met(row)
+    return {
+        "schema": h.RESULT_SCHEMA,
+        "generated_utc": "2026-01-01 00:00 UTC",
+        "command": "python -m bench",
+        "reproduce": "make bench",
+        "quick": False,
+        "duration_s": 1.0,
+        "machine": h.machine_info(include_openssh=False),
+        "modules": [
+            {"module": "synthetic", "status": "ok", "seconds": 0.5, "rows": 3},
+            {"module": "broken", "status": "error", "seconds": 0.1, "rows": 0},
+        ],
+        "rows": rows,
+    }
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def test_report_writes_json_markdown_and_chart(tmp_path: Path) -> None:
+    result = _synthetic_result()
+    json_path = tmp_path / "results" / "latest.json"
+    md_path = tmp_path / "docs" / "BENCHMARKS.md"
+    png_path = tmp_path / "docs" / "benchmarks.png"
+
+    h.write_report(result, json_path=json_path, md_path=md_path, png_path=png_path)
+
+    # JSON: strict (no NaN), every row kept, the error row's missing figures are null.
+    doc = json.loads(json_path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    assert doc["schema"] == h.RESULT_SCHEMA
+    assert [r["name"] for r in doc["rows"]] == [r["name"] for r in result["rows"]]
+    assert doc["rows"][0]["met"] is True
+    assert doc["rows"][1]["met"] is False
+    assert doc["rows"][2]["met"] is None
+    assert doc["rows"][3]["value"] is None and doc["rows"][3]["error"]
+    assert doc["machine"]["cpu_count"] == os.cpu_count()
+    assert doc["machine"]["python"].endswith(sys.version.split()[0])
+
+    md = md_path.read_text(encoding="utf-8")
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| Benchmark | Figure |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "Benchmark",
+        "Figure",
+        "Value",
+        "Spread (min-max)",
+        "Unit",
+        "Baseline",
+        "Baseline value",
+        "Ratio",
+        "Goal",
+        "Met?",
+    ]
+    upload = next(line for line in lines if "| upload |" in line)
+    assert f"| 380 | 342 {h.EN_DASH} 418 | MB/s | bare | 400 | 0.95 |" in upload
+    assert upload.rstrip().endswith("| yes |")
+    download = next(line for line in lines if "download" in line and line.startswith("|"))
+    assert "download \\| fast" in download  # a pipe in a name must not break the table
+    assert download.rstrip().endswith("| **no** |")
+    opens = next(line for line in lines if "| opens |" in line)
+    assert "| 1,234 |" in opens and opens.rstrip().endswith("| — |")
+    assert "| broken | broken: ERROR | ERROR |" in md
+    assert "- **broken: ERROR**: bench.broken: RuntimeError: boom" in md
+    assert "![Ratio of each figure to its baseline](benchmarks.png)" in md
+    assert "make bench" in md and "make bench-quick" in md
+    assert f"| CPUs | {os.cpu_count()} |" in md
+
+    width, height = _png_size(png_path)
+    assert width >= 400 and height >= 200
+    assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_chart_draws_one_bar_per_finite_ratio(tmp_path: Path) -> None:
+    rows = _synthetic_result()["rows"]
+    rows.append(_row("nan ratio", 1.0, 1.0, math.nan, "ratio >= 1"))
+    assert h.render_chart(rows, tmp_path / "a.png", title="t") == 2
+    assert h.render_chart([], tmp_path / "empty.png", title="t") == 0
+    assert _png_size(tmp_path / "empty.png")[0] > 0
+
+
+@pytest.mark.parametrize(
+    ("goal", "unit", "expected"),
+    [
+        (f"≥ 0.95 {X} bare qh3", "MB/s", [("ratio", ">=", 0.95)]),
+        ("ratio >= 0.8", "opens/s", [("ratio", ">=", 0.8)]),
+        (
+            f"≥ 350 MB/s upload, ≥ 0.95 {X} bare",
+            "MB/s",
+            [("value", ">=", 350.0), ("ratio", ">=", 0.95)],
+        ),
+        ("at least 1.0x ssh -R", "MB/s", [("ratio", ">=", 1.0)]),
+        ("≤ 5 µs per round trip", "µs", [("value", "<=", 5.0)]),
+        ("p99 below ssh (ratio > 1)", "ms", [("ratio", ">", 1.0)]),
+        ("informational", "µs", []),
+        ("", "µs", []),
+    ],
+)
+def test_parse_goal(goal: str, unit: str, expected: list[tuple[str, str, float]]) -> None:
+    checks = h.parse_goal(goal, unit)
+    assert [(c.target, c.op, c.threshold) for c in checks] == expected
+
+
+def test_goal_met_needs_every_check_and_a_figure() -> None:
+    row = _row("t", 360.0, 400.0, 0.9, f"≥ 350 MB/s and ≥ 0.95 {X} bare")
+    assert h.goal_met(row) is False
+    row["ratio"] = 0.96
+    assert h.goal_met(row) is True
+    row["ratio"] = None
+    assert h.goal_met(row) is None
+    assert h.goal_met(h.error_row("m", "boom")) is None
+
+
+def test_make_row_and_validate_row() -> None:
+    up = h.make_row("tp", "MB/s", [3.0, 1.0, 2.0], goal="≥ 0.5 x", baseline="b", baseline_value=4.0)
+    assert (up["value"], up["min"], up["max"], up["ratio"]) == (2.0, 1.0, 3.0, 0.5)
+    assert h.validate_row(up) == []
+    lat = h.make_row(
+        "lat",
+        "µs",
+        [2.0],
+        goal="ratio ≥ 1",
+        baseline="b",
+        baseline_value=1.0,
+        higher_is_better=False,
+    )
+    assert lat["ratio"] == 0.5
+    assert h.validate_row({"name": "x"})  # missing keys
+    assert h.validate_row([1, 2]) == ["row is a list, not a dict"]
+    bad = dict(up, value=True)
+    assert any("'value'" in p for p in h.validate_row(bad))
+    assert any("min <= value <= max" in p for p in h.validate_row(dict(up, value=9.0)))
+    with pytest.raises(ValueError):
+        h.summarize([])
+    assert h.percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
+    assert h.percentile([float(i) for i in range(1, 101)], 99) == 99.0
+
+
+_FAKE_MODULES = {
+    "good": """
+        def run(quick):
+            return [{"name": "tp", "unit": "MB/s", "value": 2.0, "min": 1.0, "max": 3.0,
+                     "baseline": "bare", "baseline_value": 2.0, "ratio": 1.0,
+                     "goal": "ratio >= 0.95", "quick": quick}]
+    """,
+    "boom": """
+        def run(quick):
+            raise RuntimeError("kaboom")
+    """,
+    "badformat": """
+        def run(quick):
+            return [{"name": "x", "unit": "s", "value": "fast"}]
+    """,
+    "hang": """
+        import os, subprocess, sys, threading
+        def run(quick):
+            helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            with open(os.environ["BENCH_TEST_PIDFILE"], "w") as f:
+                f.write(str(helper.pid))
+            threading.Event().wait(600)
+            return []
+    """,
+}
+
+
+def _pid_gone(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` is gone (or a zombie awaiting its reaper) within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True
+        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return True
+        time.sleep(0.05)  # polling another process's state: there is no event to wait on
+    return False
+
+
+def test_runner_turns_failures_into_error_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkg = tmp_path / "fakebench"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name, source in _FAKE_MODULES.items():
+        (pkg / f"{name}.py").write_text(textwrap.dedent(source))
+    pidfile = tmp_path / "helper.pid"
+    monkeypatch.setenv("BENCH_TEST_PIDFILE", str(pidfile))
+
+    def run(name: str, timeout: float = 60.0) -> tuple[dict[str, Any], list[h.Row]]:
+        return _run_module(
+            name, quick=True, timeout=timeout, package="fakebench", search_path=tmp_path
+        )
+
+    status, rows = run("good")
+    assert status["status"] == "ok" and status["rows"] == 1
+    assert rows[0]["module"] == "good" and rows[0]["met"] is True and rows[0]["quick"] is True
+
+    status, rows = run("boom")
+    assert status["status"] == "error" and "RuntimeError: kaboom" in status["error"]
+    assert len(rows) == 1 and "kaboom" in str(rows[0]["error"])
+
+    status, rows = run("badformat")
+    assert status["status"] == "format-error"
+    assert "breaks the row format" in str(rows[0]["error"]) and "'value' is str" in str(
+        rows[0]["error"]
+    )
+
+    status, rows = run("absent")
+    assert status["status"] == "missing" and rows[0]["error"]
+
+    t0 = time.monotonic()
+    status, rows = run("hang", timeout=2.0)
+    assert status["status"] == "timeout" and rows[0]["error"]
+    assert time.monotonic() - t0 < 30
+    helper_pid = int(pidfile.read_text())
+    assert _pid_gone(helper_pid, timeout=10.0), "process started by the module survived"
+
+
+def test_cli_rejects_unknown_module() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "nosuch", "--no-doc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "invalid choice" in proc.stderr
+    assert set(MODULES) == {"wire", "transport", "session", "tunnel"}
