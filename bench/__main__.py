@@ -72,6 +72,8 @@ CHART_PATH = ROOT / "docs" / "benchmarks.png"
 #: Per-module time limits (seconds) unless ``--timeout`` is given.
 FULL_TIMEOUT = 1800.0
 QUICK_TIMEOUT = 50.0
+#: What ``--quick`` promises for the whole run (reported, not enforced by killing).
+QUICK_BUDGET = 60.0
 
 REPRODUCE = "make bench"
 
@@ -166,7 +168,8 @@ def _run_child(name: str, quick: bool, result_file: Path, package: str = "bench"
         }
     outcome["seconds"] = time.perf_counter() - t0
     try:
-        text = json.dumps(sanitize_for_json(outcome), allow_nan=False)
+        # Extra keys a module adds (p50, p99, notes...) are kept; odd types become text.
+        text = json.dumps(sanitize_for_json(outcome), allow_nan=False, default=str)
     except (TypeError, ValueError) as exc:
         text = json.dumps(
             {
@@ -189,6 +192,7 @@ def _run_module(
     timeout: float,
     package: str = "bench",
     search_path: Path = ROOT,
+    verbose: bool = False,
 ) -> tuple[dict[str, Any], list[Row]]:
     """Run module ``<package>.<name>`` in a child process; return its status and rows.
 
@@ -207,6 +211,8 @@ def _run_module(
         cmd += ["--package", package]
         if quick:
             cmd.append("--quick")
+        if verbose:
+            cmd.append("--verbose")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(search_path), str(ROOT), env.get("PYTHONPATH", "")) if p
@@ -313,7 +319,9 @@ def _run_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(
             f"[bench] running bench.{name}{' (quick)' if args.quick else ''} ...", file=sys.stderr
         )
-        status, module_rows = _run_module(name, quick=args.quick, timeout=timeout)
+        status, module_rows = _run_module(
+            name, quick=args.quick, timeout=timeout, verbose=args.verbose
+        )
         modules.append(status)
         rows.extend(module_rows)
         print(
@@ -339,6 +347,12 @@ def _run_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
         png_path=CHART_PATH if write_doc else None,
     )
     print_table(rows)
+    if args.quick and result["duration_s"] > QUICK_BUDGET:
+        print(
+            f"[bench] WARNING: quick mode took {result['duration_s']} s, over its "
+            f"{QUICK_BUDGET:g} s budget (see the per-module times above)",
+            file=sys.stderr,
+        )
     failed = [m["module"] for m in modules if m["status"] != "ok"]
     print(
         f"\n[bench] {len(rows)} rows in {result['duration_s']} s; JSON: {json_path}",
