@@ -331,6 +331,11 @@ class SessionCore:
         self._outputs = []
         return out
 
+    @property
+    def has_events(self) -> bool:
+        """True when ``next_user_event()`` has something."""
+        return bool(self._events)
+
     def next_user_event(self) -> ev.ControlEvent | None:
         """The next event for ``process_message()``, or ``None`` if none is queued."""
         if not self._events:
@@ -773,6 +778,18 @@ class SessionCore:
             self._used_lsids.discard(local_lsid)
 
     # ------------------------------------------------------------------ remote opens
+
+    def incoming_service(self, request_id: int) -> str:
+        """The service of the peer's unanswered request ``request_id``.
+
+        Raises :class:`SessionClosed` if the session is not open, :class:`EncodeError`
+        if no such request is pending.
+        """
+        self._require_open()
+        service = self._incoming.get(request_id)
+        if service is None:
+            raise EncodeError(f"no pending OpenRequest with request_id {request_id}")
+        return service
 
     def accept(self, request_id: int, logical_stream_id: int | None = None) -> int:
         """Accept the peer's request: queue OpenResponse(Accepted) and return the logical id.

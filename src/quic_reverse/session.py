@@ -1,0 +1,701 @@
+"""The asyncio session: a thin driver around the sans-IO :class:`~quic_reverse._core.SessionCore`.
+
+::
+
+    session = Session(connection, Role.SERVER, Config(agent="my-server/1.0"))
+    handle = await session.start()                 # negotiation
+    stream = await handle.open("ssh")              # reverse open, paired by StreamBind id
+    await handle.serve({"echo": echo_handler})     # or: route incoming opens to handlers
+
+What the driver owns, and nothing more:
+
+* one **reader** task for the control stream (the server accepts it first: it is the
+  client's first bidirectional stream), feeding bytes to the core;
+* one **writer** task draining the core's outgoing bytes to the control stream in order;
+* one **acceptor** task taking peer-opened data streams, plus one short-lived task per
+  stream reading its 13-byte StreamBind (the core bounds how many and for how long);
+* one timer (``loop.call_at``) re-armed at the core's ``next_deadline()``: every
+  protocol deadline (negotiation, open, bind, ping, keep-alive, close) is the core's.
+
+Every task is referenced and cancelled + awaited at shutdown. When the session ends,
+for whatever reason, every waiter (``open``, ``ping``, ``process_message``, ``start``)
+is woken with a typed error from :mod:`quic_reverse.errors`.
+
+Session close: ``close()`` sends StreamClose(0) and waits (at most
+``Config.close_timeout``) for the peer's answer before closing the connection. On
+receiving StreamClose(0), the session answers it, reports ``CloseReceived``, and waits
+(also bounded) for the closing peer to drop the connection, so the answer is not lost.
+The session owns the connection: it closes it when the session ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from types import TracebackType
+from typing import Any, TypeAlias
+
+from ._core import (
+    Negotiated,
+    OpenFailed,
+    OpenResolved,
+    Output,
+    PingFailed,
+    PongReceived,
+    SessionCore,
+    SessionEnded,
+    StreamRefused,
+)
+from .config import Config, Role
+from .errors import (
+    ConnectionClosed,
+    IncompleteReadError,
+    QuicReverseError,
+    SessionClosed,
+    TransportError,
+)
+from .events import ControlEvent, OpenRequest
+from .stream import Stream
+from .transport.base import Connection, RecvStream, SendStream
+from .wire import (
+    STREAM_BIND_SIZE,
+    CloseCode,
+    Features,
+    Metadata,
+    MetadataValue,
+    OpenFlags,
+    RejectCode,
+    StreamBind,
+)
+
+__all__ = ["Handler", "MetadataLike", "Session", "SessionHandle"]
+
+logger = logging.getLogger("quic_reverse.session")
+
+Handler: TypeAlias = Callable[[Stream], Awaitable[None]]
+"""An ``async def handler(stream)`` for :meth:`SessionHandle.serve`."""
+
+MetadataLike: TypeAlias = (
+    Metadata
+    | bytes
+    | bytearray
+    | memoryview
+    | Mapping[str, MetadataValue]
+    | Iterable[tuple[str, MetadataValue]]
+    | None
+)
+
+_READ_SIZE = 65536
+#: Pause reading the control stream while this much is waiting to be written to it.
+_OUTBOX_HIGH_WATER = 1 << 20
+#: QUIC application error code used when the session ends on an error.
+_ERROR_CLOSE_CODE = 1
+
+_Pair: TypeAlias = tuple[SendStream, RecvStream]
+
+
+def _reset_pair(pair: _Pair, code: int = int(CloseCode.RESET)) -> None:
+    send, recv = pair
+    send.reset(code)
+    recv.stop(code)
+
+
+class Session:
+    """A quic-reverse session over one transport :class:`Connection`.
+
+    ``Role.CLIENT`` is the side that dialed the connection (it opens the control
+    stream); ``Role.SERVER`` accepted it. Call :meth:`start` once to negotiate.
+    """
+
+    def __init__(self, connection: Connection, role: Role, config: Config | None = None) -> None:
+        if not isinstance(role, Role):
+            raise TypeError(f"role must be a Role, got {role!r}")
+        self._connection = connection
+        self._role = role
+        self._config = config if config is not None else Config()
+        self._handle: SessionHandle | None = None
+
+    @property
+    def role(self) -> Role:
+        """Our role."""
+        return self._role
+
+    @property
+    def config(self) -> Config:
+        """The session's configuration."""
+        return self._config
+
+    async def start(self) -> SessionHandle:
+        """Negotiate (PROTOCOL-v1 §4) and return the handle of the open session.
+
+        Raises:
+            NegotiationError: version mismatch or an unexpected message.
+            OperationTimeout: (kind NEGOTIATION) the exchange took longer than
+                ``negotiation_timeout``.
+            Disconnected: the connection went away during negotiation.
+            SessionClosed: ``start()`` was already called.
+        """
+        if self._handle is not None:
+            raise SessionClosed("Session.start() may be called only once")
+        self._handle = SessionHandle(self._connection, self._role, self._config)
+        await self._handle._start()
+        return self._handle
+
+
+class SessionHandle:
+    """The running session: opens, accepts, pings, events, close. See the module docstring."""
+
+    def __init__(self, connection: Connection, role: Role, config: Config) -> None:
+        self._conn = connection
+        self._role = role
+        self._config = config
+        self._core = SessionCore(role, config)
+        self._loop = asyncio.get_running_loop()
+        self._control: _Pair | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reader_task: asyncio.Task[None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._acceptor_task: asyncio.Task[None] | None = None
+        self._header_tasks: dict[int, asyncio.Task[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
+        self._ready: asyncio.Future[None] = self._loop.create_future()
+        self._open_waiters: dict[int, tuple[asyncio.Future[Stream], str]] = {}
+        self._ping_waiters: dict[int, asyncio.Future[float]] = {}
+        self._streams_by_token: dict[int, _Pair] = {}
+        self._events_ready = asyncio.Event()
+        self._outbox = bytearray()
+        self._outbox_ready = asyncio.Event()
+        self._outbox_idle = asyncio.Event()
+        self._outbox_idle.set()
+        self._ended = asyncio.Event()  # the core reached CLOSED
+        self._closed = asyncio.Event()  # shutdown finished: transport closed, tasks done
+        self._shutdown_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def role(self) -> Role:
+        """Our role."""
+        return self._role
+
+    @property
+    def config(self) -> Config:
+        """The session's configuration."""
+        return self._config
+
+    @property
+    def connection(self) -> Connection:
+        """The transport connection under this session."""
+        return self._conn
+
+    @property
+    def remote_agent(self) -> str | None:
+        """The agent string of the peer's Hello."""
+        return self._core.remote_agent
+
+    @property
+    def negotiated_version(self) -> int | None:
+        """The negotiated protocol version (None before negotiation)."""
+        return self._core.negotiated_version
+
+    @property
+    def negotiated_features(self) -> Features | None:
+        """Features both sides announced (None before negotiation)."""
+        return self._core.negotiated_features
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the session has ended (closed locally, by the peer, or on error)."""
+        return self._core.is_closed
+
+    @property
+    def close_reason(self) -> QuicReverseError | None:
+        """Why the session ended (a :class:`SessionClosed` for a clean close), if it did."""
+        return self._core.end.error if self._core.end is not None else None
+
+    @property
+    def active_streams(self) -> int:
+        """Streams bound or accepted and not yet closed in both directions."""
+        return self._core.active_streams
+
+    def table_sizes(self) -> dict[str, int]:
+        """Sizes of every internal table, core and driver (for tests and diagnostics)."""
+        sizes = self._core.table_sizes()
+        sizes.update(
+            open_waiters=len(self._open_waiters),
+            ping_waiters=len(self._ping_waiters),
+            held_streams=len(self._streams_by_token),
+            header_tasks=len(self._header_tasks),
+            tasks=len(self._tasks),
+        )
+        return sizes
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _start(self) -> None:
+        self._core.start(self._loop.time())
+        self._pump()
+        self._reader_task = self._spawn(self._read_loop(), "control-reader")
+        try:
+            await self._ready
+        except asyncio.CancelledError:
+            self._core.abort(SessionClosed("start() cancelled"))
+            self._pump()
+            await self.wait_closed()
+            raise
+        except QuicReverseError:
+            await self.wait_closed()
+            raise
+
+    async def __aenter__(self) -> SessionHandle:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self, code: CloseCode = CloseCode.NORMAL, reason: str | None = None) -> None:
+        """Close the session: send StreamClose(0), wait (bounded) for the peer's answer,
+        close the connection. Idempotent; pending opens and pings fail with SessionClosed."""
+        self._core.close(code, reason, self._loop.time())
+        self._pump()
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        """Wait until the session has ended and its connection and tasks are cleaned up."""
+        await self._closed.wait()
+
+    # ------------------------------------------------------------------ operations
+
+    async def open(
+        self,
+        service: str,
+        metadata: MetadataLike = None,
+        *,
+        flags: OpenFlags = OpenFlags(0),  # noqa: B008 - immutable IntFlag value
+    ) -> Stream:
+        """Ask the peer to open a stream for ``service`` (the reverse open).
+
+        Safe to call from many tasks at once. Waits for a free in-flight slot and the
+        peer's answer (together at most ``open_timeout``), then for the data stream (at
+        most ``stream_bind_timeout``). Cancelling leaves nothing behind; a stream that
+        arrives later for it is reset.
+
+        Raises:
+            StreamRejected: the peer rejected the open (``.code``, ``.reason``).
+            OperationTimeout: kind OPEN_REQUEST or STREAM_BIND.
+            SessionClosed, Disconnected, ProtocolError: the session ended.
+            EncodeError: ``service`` or ``metadata`` cannot be encoded.
+        """
+        rid = self._core.open_request(
+            service, Metadata.of(metadata), OpenFlags(flags), self._loop.time()
+        )
+        fut: asyncio.Future[Stream] = self._loop.create_future()
+        self._open_waiters[rid] = (fut, service)
+        self._pump()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._open_waiters.pop(rid, None)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                fut.result().reset(CloseCode.RESET)
+            else:
+                self._core.cancel_open(rid, self._loop.time())
+                self._pump()
+            raise
+
+    async def accept_open(self, request_id: int, logical_stream_id: int | None = None) -> Stream:
+        """Accept the peer's OpenRequest: send OpenResponse(Accepted), open the data
+        stream and write its StreamBind. The logical id is chosen here (from 1) unless
+        given.
+
+        Raises:
+            EncodeError: unknown ``request_id``, or an id that is 0 or in use.
+            SessionClosed: the session is not open.
+            TransportError: the data stream could not be opened.
+        """
+        service = self._core.incoming_service(request_id)
+        lsid = self._core.accept(request_id, logical_stream_id)
+        self._pump()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._core.stream_released(lsid)
+                self._pump()
+
+        try:
+            send, recv = await self._conn.open_bi()
+            await send.write(StreamBind(logical_stream_id=lsid).encode())
+        except BaseException:
+            release()
+            raise
+        return Stream(send, recv, logical_stream_id=lsid, service=service, on_release=release)
+
+    async def reject_open(
+        self, request_id: int, code: RejectCode, reason: str | None = None
+    ) -> None:
+        """Answer the peer's OpenRequest with Rejected(``code``)."""
+        self._core.reject(request_id, RejectCode(code), reason)
+        self._pump()
+
+    async def ping(self) -> float:
+        """Send a Ping and return the round-trip time in seconds.
+
+        Raises:
+            OperationTimeout: kind PING, no Pong within ``ping_timeout``.
+            SessionClosed, Disconnected: the session ended.
+        """
+        seq = self._core.send_ping(self._loop.time())
+        fut: asyncio.Future[float] = self._loop.create_future()
+        self._ping_waiters[seq] = fut
+        self._pump()
+        try:
+            return await fut
+        finally:
+            self._ping_waiters.pop(seq, None)
+            self._core.cancel_ping(seq)
+
+    async def close_stream(
+        self, logical_stream_id: int, code: CloseCode = CloseCode.NORMAL, reason: str | None = None
+    ) -> None:
+        """Send an informational StreamClose for a logical stream (not the session)."""
+        self._core.send_stream_close(logical_stream_id, CloseCode(code), reason)
+        self._pump()
+
+    async def process_message(self) -> ControlEvent | None:
+        """Return the next control event; ``None`` once the session ended cleanly.
+
+        Pings are answered and opens are paired automatically whether or not this is
+        called; informational events are kept in a bounded queue.
+
+        Raises:
+            ProtocolError, Disconnected, OperationTimeout: the session died of an error.
+        """
+        while True:
+            event = self._core.next_user_event()
+            if event is not None:
+                return event
+            end = self._core.end
+            if end is not None:
+                if end.clean:
+                    return None
+                raise end.error
+            self._events_ready.clear()
+            await self._events_ready.wait()
+
+    async def serve(self, handlers: Mapping[str, Handler]) -> None:
+        """Route incoming opens to ``handlers[service](stream)`` until the session ends.
+
+        Unknown services are rejected with UNSUPPORTED_SERVICE. When a handler returns
+        the stream is closed gracefully; when it raises, the stream is reset and the
+        error logged; the session carries on. Returns when the session ends cleanly.
+
+        Raises:
+            ProtocolError, Disconnected, OperationTimeout: the session died of an error.
+        """
+        while (event := await self.process_message()) is not None:
+            if not isinstance(event, OpenRequest):
+                continue
+            handler = handlers.get(event.service)
+            if handler is None:
+                with contextlib.suppress(SessionClosed):
+                    await self.reject_open(
+                        event.request_id,
+                        RejectCode.UNSUPPORTED_SERVICE,
+                        f"unknown service {event.service!r}",
+                    )
+                continue
+            self._spawn(self._run_handler(event.request_id, event.service, handler), "handler")
+
+    async def _run_handler(self, request_id: int, service: str, handler: Handler) -> None:
+        try:
+            stream = await self.accept_open(request_id)
+        except QuicReverseError as exc:
+            logger.warning("%s: could not accept %r: %s", self._role.value, service, exc)
+            return
+        try:
+            await handler(stream)
+        except asyncio.CancelledError:
+            stream.reset(CloseCode.RESET)
+            raise
+        except Exception:
+            logger.exception(
+                "%s: handler for %r failed; resetting stream %d",
+                self._role.value,
+                service,
+                stream.logical_stream_id,
+            )
+            stream.reset(CloseCode.ERROR)
+        else:
+            await stream.aclose()
+
+    # ------------------------------------------------------------------ the pump
+
+    def _pump(self) -> None:
+        """Carry out what the core produced: bytes, actions, events, timer."""
+        core = self._core
+        data = core.data_to_send()
+        if data and not self._closed.is_set():
+            self._outbox += data
+            self._outbox_idle.clear()
+            self._outbox_ready.set()
+        for output in core.outputs():
+            self._dispatch(output)
+        if core.end is not None or core.has_events:
+            self._events_ready.set()
+        self._rearm_timer()
+
+    def _dispatch(self, output: Output) -> None:
+        if isinstance(output, OpenResolved):
+            pair = self._streams_by_token.pop(output.token)
+            waiter = self._open_waiters.pop(output.request_id, None)
+            lsid = output.logical_stream_id
+
+            def release() -> None:
+                self._core.stream_released(None)
+                self._pump()
+
+            if waiter is None or waiter[0].done():
+                self._core.stream_released(None)
+                _reset_pair(pair)
+                return
+            fut, service = waiter
+            fut.set_result(
+                Stream(
+                    pair[0], pair[1], logical_stream_id=lsid, service=service, on_release=release
+                )
+            )
+        elif isinstance(output, OpenFailed):
+            waiter = self._open_waiters.pop(output.request_id, None)
+            if waiter is not None and not waiter[0].done():
+                waiter[0].set_exception(output.error)
+        elif isinstance(output, StreamRefused):
+            refused = self._streams_by_token.pop(output.token, None)
+            logger.warning("%s: resetting data stream: %s", self._role.value, output.reason)
+            if refused is not None:
+                _reset_pair(refused)
+            task = self._header_tasks.pop(output.token, None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        elif isinstance(output, PongReceived):
+            fut_p = self._ping_waiters.get(output.sequence)
+            if fut_p is not None and not fut_p.done():
+                fut_p.set_result(output.rtt)
+        elif isinstance(output, PingFailed):
+            fut_p = self._ping_waiters.get(output.sequence)
+            if fut_p is not None and not fut_p.done():
+                fut_p.set_exception(output.error)
+        elif isinstance(output, Negotiated):
+            logger.info(
+                "session open: role=%s remote_agent=%r version=%d features=%#x",
+                self._role.value,
+                output.remote_agent,
+                output.version,
+                int(output.features),
+            )
+            if not self._ready.done():
+                self._ready.set_result(None)
+            if self._acceptor_task is None:
+                self._acceptor_task = self._spawn(self._accept_loop(), "stream-acceptor")
+        else:
+            self._on_end(output)
+
+    def _rearm_timer(self) -> None:
+        when = self._core.next_deadline()
+        if when == self._timer_when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_when = when
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = None
+        self._core.handle_timer(self._loop.time())
+        self._pump()
+
+    # ------------------------------------------------------------------ tasks
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = self._loop.create_task(coro, name=f"quic-reverse {self._role.value} {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            logger.error("%s: internal task %s failed: %r", self._role.value, task.get_name(), exc)
+            error = exc if isinstance(exc, QuicReverseError) else TransportError(repr(exc))
+            self._core.abort(error)
+            self._pump()
+
+    async def _read_loop(self) -> None:
+        core = self._core
+        try:
+            if self._role is Role.CLIENT:
+                self._control = await self._conn.open_bi()
+            else:
+                pair = await self._conn.accept_bi()
+                if pair is None:
+                    raise ConnectionClosed("connection closed before the control stream opened")
+                self._control = pair
+            self._writer_task = self._spawn(self._write_loop(self._control[0]), "control-writer")
+            recv = self._control[1]
+            while not core.is_closed:
+                data = await recv.read(_READ_SIZE)
+                if not data:
+                    core.receive_eof(self._loop.time())
+                    self._pump()
+                    return
+                core.receive_data(data, self._loop.time())
+                self._pump()
+                if len(self._outbox) > _OUTBOX_HIGH_WATER:
+                    await self._outbox_idle.wait()
+        except TransportError as exc:
+            core.connection_lost(exc)
+            self._pump()
+
+    async def _write_loop(self, send: SendStream) -> None:
+        try:
+            while True:
+                if not self._outbox:
+                    self._outbox_idle.set()
+                    self._outbox_ready.clear()
+                    await self._outbox_ready.wait()
+                    continue
+                data = bytes(self._outbox)
+                self._outbox.clear()
+                await send.write(data)
+        except TransportError as exc:
+            self._outbox.clear()
+            self._outbox_idle.set()
+            self._core.connection_lost(exc)
+            self._pump()
+
+    async def _accept_loop(self) -> None:
+        while True:
+            pair = await self._conn.accept_bi()
+            if pair is None:
+                return
+            token = self._core.stream_arrived(self._loop.time())
+            if token is None:
+                logger.warning(
+                    "%s: resetting unexpected data stream %d (nothing awaits it)",
+                    self._role.value,
+                    pair[0].stream_id,
+                )
+                _reset_pair(pair)
+                continue
+            self._streams_by_token[token] = pair
+            self._header_tasks[token] = self._spawn(
+                self._read_header(token, pair[1]), f"stream-header {token}"
+            )
+            self._pump()
+
+    async def _read_header(self, token: int, recv: RecvStream) -> None:
+        try:
+            header = await recv.read_exactly(STREAM_BIND_SIZE)
+        except (TransportError, IncompleteReadError) as exc:
+            logger.warning("%s: data stream lost before its StreamBind: %s", self._role.value, exc)
+            self._header_tasks.pop(token, None)
+            self._core.stream_lost(token)
+            pair = self._streams_by_token.pop(token, None)
+            if pair is not None:
+                _reset_pair(pair)
+            self._pump()
+            return
+        self._header_tasks.pop(token, None)
+        self._core.stream_header(token, header, self._loop.time())
+        self._pump()
+
+    # ------------------------------------------------------------------ ending
+
+    def _on_end(self, end: SessionEnded) -> None:
+        error = end.error
+        if end.clean:
+            logger.info(
+                "session closed: role=%s remote_agent=%r (%s)",
+                self._role.value,
+                self._core.remote_agent,
+                "by peer" if end.by_peer else "locally",
+            )
+        else:
+            logger.warning(
+                "session ended: role=%s remote_agent=%r: %s",
+                self._role.value,
+                self._core.remote_agent,
+                error,
+            )
+        waiter_error: QuicReverseError = error
+        if end.clean and not isinstance(error, SessionClosed):
+            waiter_error = SessionClosed(str(error))
+        for fut, _ in self._open_waiters.values():
+            if not fut.done():
+                fut.set_exception(waiter_error)
+        self._open_waiters.clear()
+        for fut_p in self._ping_waiters.values():
+            if not fut_p.done():
+                fut_p.set_exception(waiter_error)
+        if not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()  # retrieved: start() may already be gone
+        self._events_ready.set()
+        self._ended.set()
+        if self._shutdown_task is None:
+            self._shutdown_task = self._loop.create_task(
+                self._shutdown(end), name=f"quic-reverse {self._role.value} shutdown"
+            )
+
+    async def _shutdown(self, end: SessionEnded) -> None:
+        """Flush the last control bytes, close the connection, stop every task."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        current = asyncio.current_task()
+        try:
+            for pair in self._streams_by_token.values():
+                _reset_pair(pair)
+            self._streams_by_token.clear()
+            for task in list(self._header_tasks.values()):
+                task.cancel()
+            self._header_tasks.clear()
+            if self._acceptor_task is not None:
+                self._acceptor_task.cancel()
+            # Bounded linger: let the last control bytes (our close, or our answer to the
+            # peer's close) leave before the connection goes.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.close_timeout):
+                    if self._control is not None and self._conn.is_open:
+                        await self._outbox_idle.wait()
+                        with contextlib.suppress(QuicReverseError):
+                            await self._control[0].finish()
+                        if end.by_peer and end.clean:
+                            # The closing peer drops the connection once it has our answer.
+                            await self._conn.wait_closed()
+            code = 0 if end.clean else _ERROR_CLOSE_CODE
+            self._conn.close(code, str(end.error).encode()[:100])
+            for task in list(self._tasks):
+                if task is not current:
+                    task.cancel()
+            for task in list(self._tasks):
+                if task is not current:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            await self._conn.wait_closed()
+        finally:
+            self._closed.set()

@@ -1,0 +1,259 @@
+"""A bound logical stream with asyncio-streams semantics.
+
+:class:`Stream` wraps one QUIC bidirectional stream (a transport ``SendStream`` and
+``RecvStream`` pair) after its StreamBind header has been exchanged. It reads and writes
+like ``asyncio.StreamReader``/``StreamWriter``: ``read(n)``, ``readexactly(n)``, async
+iteration over chunks, ``write()`` + ``drain()`` (or ``send()``), ``write_eof()`` for
+FIN, ``reset(code)`` to abort both directions, ``close()``/``wait_closed()`` and
+``async with``.
+
+Closing a stream does **not** send an informational ``StreamClose`` control message:
+QUIC's FIN and RESET_STREAM already end the stream at the peer, the Rust crate does not
+require it, and one control message per stream would halve the open rate of short
+streams. Use :meth:`SessionHandle.close_stream` to send one explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from types import TracebackType
+
+from .errors import ConnectionClosed, QuicReverseError, StreamReset, TransportError
+from .transport.base import RecvStream, SendStream
+from .wire import CloseCode
+
+__all__ = ["Stream"]
+
+logger = logging.getLogger("quic_reverse.stream")
+
+_CHUNK = 65536
+
+
+class Stream:
+    """One logical stream of a session (see the module docstring).
+
+    Instances are made by the session (``open()``, ``accept_open()``, ``serve()``).
+    """
+
+    def __init__(
+        self,
+        send: SendStream,
+        recv: RecvStream,
+        *,
+        logical_stream_id: int,
+        service: str | None,
+        on_release: Callable[[], None] | None = None,
+    ) -> None:
+        self._send = send
+        self._recv = recv
+        self._lsid = logical_stream_id
+        self._service = service
+        self._on_release = on_release
+        self._buffer = bytearray()
+        self._write_done = False  # FIN sent or reset
+        self._read_done = False  # EOF/reset received, or stopped
+        self._released = False
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Stream lsid={self._lsid} service={self._service!r} "
+            f"quic_id={self._send.stream_id}{' closing' if self._closing else ''}>"
+        )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def logical_stream_id(self) -> int:
+        """The logical stream id carried by this stream's StreamBind header."""
+        return self._lsid
+
+    @property
+    def service(self) -> str | None:
+        """The service name of the open request this stream answers."""
+        return self._service
+
+    @property
+    def quic_stream_id(self) -> int:
+        """The underlying QUIC stream id (diagnostics)."""
+        return self._send.stream_id
+
+    def at_eof(self) -> bool:
+        """True once the peer's FIN (or reset) was read."""
+        return self._read_done
+
+    def is_closing(self) -> bool:
+        """True once ``close()``/``reset()`` was called or both directions are done."""
+        return self._closing or self._released
+
+    # ------------------------------------------------------------------ reading
+
+    async def read(self, n: int = -1) -> bytes:
+        """Read up to ``n`` bytes (``n < 0``: until EOF). ``b""`` means EOF.
+
+        Raises:
+            StreamReset: the peer reset the stream.
+            ConnectionClosed: the connection closed before EOF.
+        """
+        if n == 0 or self._read_done:
+            return b""
+        if n > 0:
+            return await self._read_chunk(n)
+        parts: list[bytes] = []
+        while chunk := await self._read_chunk(_CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _read_chunk(self, n: int) -> bytes:
+        if self._read_done:
+            return b""
+        try:
+            data = await self._recv.read(n)
+        except (StreamReset, ConnectionClosed):
+            self._read_finished()
+            raise
+        if not data:
+            self._read_finished()
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        """Read exactly ``n`` bytes.
+
+        Raises:
+            IncompleteReadError: EOF came first (``.partial`` holds what arrived).
+            StreamReset, ConnectionClosed: as for :meth:`read`.
+        """
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
+        try:
+            return await self._recv.read_exactly(n)
+        except (StreamReset, ConnectionClosed, EOFError):
+            self._read_finished()
+            raise
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.read(_CHUNK)
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    # ------------------------------------------------------------------ writing
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer ``data``; call :meth:`drain` to send it (with backpressure)."""
+        if self._write_done or self._closing:
+            raise TransportError(f"stream {self._lsid} is closed for writing")
+        self._buffer += data
+
+    async def drain(self) -> None:
+        """Send buffered data; returns once it is within the stream's send budget.
+
+        Raises:
+            StreamStopped: the peer asked us to stop sending.
+            ConnectionClosed: the connection is closed.
+        """
+        if self._buffer:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            await self._send.write(data)
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` and drain (the one-call form)."""
+        if self._write_done or self._closing:
+            raise TransportError(f"stream {self._lsid} is closed for writing")
+        if self._buffer:
+            await self.drain()
+        await self._send.write(data)
+
+    async def write_eof(self) -> None:
+        """Send buffered data, then FIN: the peer reads EOF. Reading stays possible."""
+        if self._write_done:
+            return
+        await self.drain()
+        await self._send.finish()
+        self._write_done = True
+        self._maybe_release()
+
+    # ------------------------------------------------------------------ closing
+
+    def reset(self, code: int = CloseCode.RESET) -> None:
+        """Abort both directions: RESET_STREAM and STOP_SENDING with ``code``. Never raises."""
+        self._buffer.clear()
+        self._closing = True
+        if not self._write_done:
+            self._send.reset(int(code))
+            self._write_done = True
+        if not self._read_done:
+            self._recv.stop(int(code))
+            self._read_done = True
+        self._maybe_release()
+
+    async def aclose(self) -> None:
+        """Gracefully close: send buffered data and FIN, stop reading if EOF not seen.
+
+        Transport errors (peer reset, connection gone) are swallowed: the stream ends
+        either way.
+        """
+        self._closing = True
+        try:
+            if not self._write_done:
+                await self.drain()
+                await self._send.finish()
+                self._write_done = True
+        except QuicReverseError as exc:
+            logger.debug("stream %d: close: %s", self._lsid, exc)
+            self._send.reset(int(CloseCode.RESET))
+            self._write_done = True
+        finally:
+            if not self._write_done:  # cancelled mid-close
+                self._send.reset(int(CloseCode.RESET))
+                self._write_done = True
+            if not self._read_done:
+                self._recv.stop(int(CloseCode.NORMAL))
+                self._read_done = True
+            self._maybe_release()
+
+    def close(self) -> None:
+        """Start a graceful close in the background; :meth:`wait_closed` waits for it."""
+        if self._close_task is None and not self._released:
+            self._closing = True
+            self._close_task = asyncio.get_running_loop().create_task(self.aclose())
+
+    async def wait_closed(self) -> None:
+        """Wait until a :meth:`close` started earlier has finished."""
+        if self._close_task is not None:
+            await asyncio.shield(self._close_task)
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self.reset(CloseCode.ERROR)
+        else:
+            await self.aclose()
+
+    # ------------------------------------------------------------------ internals
+
+    def _read_finished(self) -> None:
+        self._read_done = True
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        if self._released or not (self._read_done and self._write_done):
+            return
+        self._released = True
+        if self._on_release is not None:
+            callback, self._on_release = self._on_release, None
+            callback()

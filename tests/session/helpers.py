@@ -1,0 +1,68 @@
+"""Helpers for the session tests: started session pairs over any transport."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from quic_reverse import Config, Role, Session, SessionHandle
+from quic_reverse.transport.base import Connection
+from quic_reverse.transport.memory import connection_pair
+
+from ..support.quic import quic_pair
+
+#: Every wait in these tests is bounded by this (seconds); generous for a loaded CI box.
+WAIT = 10.0
+
+
+async def start_pair(
+    client_conn: Connection,
+    server_conn: Connection,
+    client_config: Config | None = None,
+    server_config: Config | None = None,
+) -> tuple[SessionHandle, SessionHandle]:
+    """Negotiate a client and a server session concurrently."""
+    async with asyncio.timeout(WAIT):
+        client, server = await asyncio.gather(
+            Session(client_conn, Role.CLIENT, client_config or Config(agent="test-client")).start(),
+            Session(server_conn, Role.SERVER, server_config or Config(agent="test-server")).start(),
+        )
+    return client, server
+
+
+@contextlib.asynccontextmanager
+async def session_pair(
+    transport: str = "memory",
+    client_config: Config | None = None,
+    server_config: Config | None = None,
+) -> AsyncIterator[tuple[SessionHandle, SessionHandle]]:
+    """Yield (client, server) handles over ``transport`` ("memory", "qh3" or "aioquic")."""
+    if transport == "memory":
+        c, s = connection_pair()
+        client, server = await start_pair(c, s, client_config, server_config)
+        try:
+            yield client, server
+        finally:
+            await _close_both(client, server)
+    else:
+        async with quic_pair(transport) as (c, s):
+            client, server = await start_pair(c, s, client_config, server_config)
+            try:
+                yield client, server
+            finally:
+                await _close_both(client, server)
+
+
+async def _close_both(client: SessionHandle, server: SessionHandle) -> None:
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(client.close(), server.close())
+
+
+async def echo(stream: object) -> None:
+    """Echo handler: copy every chunk back, then FIN (via serve's graceful close)."""
+    from quic_reverse import Stream
+
+    assert isinstance(stream, Stream)
+    async for chunk in stream:
+        await stream.send(chunk)
