@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from quic_reverse import Config, Role, Session, SessionHandle
 from quic_reverse.transport.base import Connection
@@ -39,14 +40,15 @@ async def session_pair(
 ) -> AsyncIterator[tuple[SessionHandle, SessionHandle]]:
     """Yield (client, server) handles over ``transport`` ("memory", "qh3" or "aioquic")."""
     if transport == "memory":
-        c, s = connection_pair()
-        client, server = await start_pair(c, s, client_config, server_config)
+        mc, ms = connection_pair()
+        client, server = await start_pair(mc, ms, client_config, server_config)
         try:
             yield client, server
         finally:
             await _close_both(client, server)
     else:
-        async with quic_pair(transport) as (c, s):
+        stack: Literal["qh3", "aioquic"] = "aioquic" if transport == "aioquic" else "qh3"
+        async with quic_pair(stack) as (c, s):
             client, server = await start_pair(c, s, client_config, server_config)
             try:
                 yield client, server
