@@ -36,22 +36,20 @@ class TcpStream:
         except ConnectionResetError as exc:
             raise StreamReset(1) from exc
 
-    def write(self, data: bytes) -> None:
+    async def send(self, data: bytes) -> None:
         self.writer.write(data)
-
-    async def drain(self) -> None:
         try:
             await self.writer.drain()
         except ConnectionResetError as exc:
             raise StreamReset(1) from exc
 
-    def write_eof(self) -> None:
+    async def write_eof(self) -> None:
         self.writer.write_eof()
 
     def reset(self, code: int = 0) -> None:
         abort_tcp(self.writer)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         self.writer.close()
 
 
@@ -183,7 +181,7 @@ async def test_tcp_reset_resets_stream() -> None:
 
 
 class GatedStream:
-    """An in-process stream whose ``drain`` blocks until opened (a slow consumer)."""
+    """An in-process stream whose ``send`` blocks until opened (a slow consumer)."""
 
     def __init__(self) -> None:
         self.written = 0
@@ -196,21 +194,19 @@ class GatedStream:
         await self.eof.wait()
         return b""
 
-    def write(self, data: bytes) -> None:
+    async def send(self, data: bytes) -> None:
         self.written += len(data)
-
-    async def drain(self) -> None:
         if not self.gate.is_set():
             self.blocked.set()
             await self.gate.wait()
 
-    def write_eof(self) -> None:
+    async def write_eof(self) -> None:
         self.eof.set()
 
     def reset(self, code: int = 0) -> None:
         self.closed = True
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         self.closed = True
 
 
@@ -231,7 +227,7 @@ async def test_backpressure_slow_stream_stops_reading_tcp() -> None:
         async with asyncio.timeout(WAIT):
             writer.write(b"\0" * total)  # queued in the client's transport
             await stream.blocked.wait()
-            assert stream.written <= CHUNK_SIZE  # one chunk, then blocked in drain
+            assert stream.written <= CHUNK_SIZE  # one chunk, then blocked in send
             # The unread rest stays in kernel and client buffers, not in the pipe.
             assert writer.transport.get_write_buffer_size() > 0
             stream.gate.set()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import socket
 import struct
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import QuicReverseError
+from ..wire import CloseCode
 
 __all__ = [
     "CHUNK_SIZE",
@@ -45,26 +45,28 @@ log = logging.getLogger("quic_reverse.tunnel.pipe")
 CHUNK_SIZE = 256 * 1024
 #: asyncio StreamReader limit used for TCP legs (it buffers up to 2x this before pausing).
 TCP_READ_LIMIT = 256 * 1024
-#: Application code carried by a stream reset caused by the TCP side.
-RESET_CODE = 1
+#: Application code carried by a stream reset caused by the TCP side (CloseCode.RESET).
+RESET_CODE = int(CloseCode.RESET)
 #: How long a clean TCP close may take before the socket is aborted.
 CLOSE_TIMEOUT = 5.0
 
 
 class TunnelStream(Protocol):
-    """What :func:`pipe` needs from a stream (a subset of :class:`quic_reverse.Stream`)."""
+    """What :func:`pipe` needs from a stream (a subset of :class:`quic_reverse.Stream`).
+
+    ``send`` (write + wait for send budget, no intermediate buffer) is used rather than
+    ``write``/``drain`` so each chunk goes to the transport without an extra copy.
+    """
 
     async def read(self, n: int = -1) -> bytes: ...
 
-    def write(self, data: bytes) -> None: ...
+    async def send(self, data: bytes) -> None: ...
 
-    async def drain(self) -> None: ...
+    async def write_eof(self) -> None: ...
 
-    def write_eof(self) -> object: ...
+    def reset(self, code: int = ...) -> None: ...
 
-    def reset(self, code: int = ...) -> object: ...
-
-    def close(self) -> object: ...
+    async def aclose(self) -> None: ...
 
 
 @dataclass
@@ -88,11 +90,6 @@ class _TcpFailed(Exception):
 
 class _StreamFailed(Exception):
     """The stream leg failed (peer reset, session gone): TCP must be aborted."""
-
-
-async def _maybe_await(value: object) -> None:
-    if inspect.isawaitable(value):
-        await value
 
 
 def tune_tcp(writer: asyncio.StreamWriter) -> None:
@@ -121,14 +118,17 @@ async def _close_tcp(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()
 
 
-async def _reset_stream(stream: TunnelStream, code: int) -> None:
+def _reset_stream(stream: TunnelStream, code: int) -> None:
     with contextlib.suppress(QuicReverseError, OSError):
-        await _maybe_await(stream.reset(code))
+        stream.reset(code)
 
 
 async def _close_stream(stream: TunnelStream) -> None:
-    with contextlib.suppress(QuicReverseError, OSError):
-        await _maybe_await(stream.close())
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await stream.aclose()
+    except (QuicReverseError, OSError, TimeoutError):
+        _reset_stream(stream, RESET_CODE)  # make sure nothing stays open
 
 
 def _describe(exc: BaseException) -> str:
@@ -160,10 +160,9 @@ async def pipe(
                 raise _TcpFailed(_describe(exc)) from exc
             try:
                 if not data:
-                    await _maybe_await(stream.write_eof())
+                    await stream.write_eof()
                     return
-                stream.write(data)
-                await stream.drain()
+                await stream.send(data)
             except QuicReverseError as exc:
                 raise _StreamFailed(_describe(exc)) from exc
             result.tcp_to_stream += len(data)
@@ -196,7 +195,7 @@ async def pipe(
         await asyncio.gather(*tasks, return_exceptions=True)
         result.outcome, result.detail = "cancelled", "forwarding cancelled"
         abort_tcp(writer)
-        await _reset_stream(stream, RESET_CODE)
+        _reset_stream(stream, RESET_CODE)
         raise
     for t in pending:
         t.cancel()
@@ -212,15 +211,15 @@ async def pipe(
         await _close_stream(stream)
     elif isinstance(failure, _TcpFailed):
         result.outcome, result.detail = "tcp reset", str(failure)
-        await _reset_stream(stream, RESET_CODE)
+        _reset_stream(stream, RESET_CODE)
         abort_tcp(writer)
     elif isinstance(failure, _StreamFailed):
         result.outcome, result.detail = "stream reset", str(failure)
         abort_tcp(writer)
-        await _reset_stream(stream, RESET_CODE)
+        _reset_stream(stream, RESET_CODE)
     else:
         log.error("forwarding failed unexpectedly", exc_info=failure)
         result.outcome, result.detail = "error", _describe(failure)
         abort_tcp(writer)
-        await _reset_stream(stream, RESET_CODE)
+        _reset_stream(stream, RESET_CODE)
     return result
