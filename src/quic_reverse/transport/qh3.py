@@ -1,0 +1,321 @@
+"""The qh3 adapter (default QUIC stack).
+
+:func:`connect` and :func:`serve` take qh3's own
+:class:`qh3.quic.configuration.QuicConfiguration`, so the caller keeps full control
+of TLS (ALPN, CA file, server name, certificates); :func:`client_configuration`
+and :func:`server_configuration` build one with this library's tuned defaults
+(large flow-control windows, 1024 concurrent streams).
+
+Both sides run on a batching UDP transport (:mod:`._udp`): the server hands each
+connection the whole burst of its packets in one ``receive_many_datagrams`` call
+instead of qh3's one-packet-per-syscall ``serve()`` path.
+
+qh3 traps handled here (see ``QUIC-STACKS.md``):
+
+* ``create_stream()`` past the peer's stream limit desynchronises qh3's stream
+  ids: :meth:`Qh3Connection.open_bi` waits for a slot instead;
+* qh3 hard-codes a limit of 100 concurrent bidirectional streams in its transport
+  parameters; this adapter raises it (``max_streams``) by patching the advertised
+  value and the native core's limit consistently;
+* the native core grants flow-control credit as data is delivered, so the
+  receive side stops feeding the core past the high-water mark (see
+  :class:`~._common.StackConnection`).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import qh3.quic.connection as _qh3_connection_module
+import qh3.quic.tls_bridge as _qh3_tls_bridge_module
+from qh3._hazmat import pull_quic_header as _pull_quic_header
+from qh3.quic import events as qh3_events
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
+from qh3.quic.packet import QuicPacketType, encode_quic_version_negotiation
+
+from ..errors import TransportError
+from ._common import (
+    DEFAULT_CONNECTION_WINDOW,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_SEND_BUFFER,
+    DEFAULT_SOCKET_BUFFER,
+    DEFAULT_STREAM_WINDOW,
+    StackConnection,
+    StackServer,
+    client_handshake,
+    convert_stack_errors,
+)
+from ._udp import open_udp_endpoint
+
+__all__ = [
+    "Qh3Connection",
+    "Qh3Server",
+    "client_configuration",
+    "connect",
+    "serve",
+    "server_configuration",
+]
+
+logger = logging.getLogger("quic_reverse.transport.qh3")
+
+
+def client_configuration(
+    *,
+    alpn: list[str] | tuple[str, ...] = ("quic-reverse-example",),
+    server_name: str | None = "localhost",
+    cafile: str | None = None,
+    verify: bool = True,
+    idle_timeout: float = 60.0,
+    stream_window: int = DEFAULT_STREAM_WINDOW,
+    connection_window: int = DEFAULT_CONNECTION_WINDOW,
+) -> QuicConfiguration:
+    """A client :class:`QuicConfiguration` with this library's tuned defaults."""
+    config = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=list(alpn),
+        server_name=server_name,
+        idle_timeout=idle_timeout,
+        max_data=connection_window,
+        max_stream_data=stream_window,
+    )
+    if cafile is not None:
+        config.load_verify_locations(cafile=cafile)
+    if not verify:
+        config.verify_mode = ssl.CERT_NONE
+    return config
+
+
+def server_configuration(
+    certfile: str,
+    keyfile: str,
+    *,
+    alpn: list[str] | tuple[str, ...] = ("quic-reverse-example",),
+    idle_timeout: float = 60.0,
+    stream_window: int = DEFAULT_STREAM_WINDOW,
+    connection_window: int = DEFAULT_CONNECTION_WINDOW,
+) -> QuicConfiguration:
+    """A server :class:`QuicConfiguration` with this library's tuned defaults.
+
+    Raises:
+        TransportError: the certificate or key cannot be loaded.
+    """
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=list(alpn),
+        idle_timeout=idle_timeout,
+        max_data=connection_window,
+        max_stream_data=stream_window,
+    )
+    with convert_stack_errors("loading certificate"):
+        config.load_cert_chain(certfile, keyfile)
+    return config
+
+
+# qh3 2.1 hard-codes the concurrent-stream limits it advertises (100 bidi, 103 uni)
+# in two places: the native core's constructor and the TLS transport parameters.
+# Both are patched consistently, for the duration of the call that uses them.
+_CORE_LOCAL_MAX_STREAMS_BIDI_ARG = 21
+
+
+@contextmanager
+def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+class _LimitedQuicConnection(QuicConnection):
+    """qh3 QuicConnection advertising ``max_streams`` concurrent bidirectional streams."""
+
+    def __init__(self, *, max_streams: int, **kwargs: Any) -> None:
+        self._qr_max_streams = max_streams
+        super().__init__(**kwargs)
+
+    def _create_core(self, remote_addr: Any, initial_dcid: bytes, now: float) -> None:
+        real = getattr(_qh3_connection_module, "QuicConnectionCore")  # noqa: B009
+        limit = self._qr_max_streams
+
+        def core_factory(*args: Any) -> Any:
+            patched = list(args)
+            patched[_CORE_LOCAL_MAX_STREAMS_BIDI_ARG] = limit
+            return real(*patched)
+
+        with _swapped(_qh3_connection_module, "QuicConnectionCore", core_factory):
+            super()._create_core(remote_addr, initial_dcid, now)
+
+    def _create_tls(self, remote_source_cid: bytes | None) -> Any:
+        real = getattr(_qh3_tls_bridge_module, "QuicTransportParameters")  # noqa: B009
+        limit = self._qr_max_streams
+
+        def parameters_factory(*args: Any, **kwargs: Any) -> Any:
+            if "initial_max_streams_bidi" in kwargs:
+                kwargs["initial_max_streams_bidi"] = limit
+            return real(*args, **kwargs)
+
+        with _swapped(_qh3_tls_bridge_module, "QuicTransportParameters", parameters_factory):
+            bridge = super()._create_tls(remote_source_cid)
+        original_serialize = bridge.serialize_transport_parameters
+
+        def serialize() -> bytes:
+            with _swapped(_qh3_tls_bridge_module, "QuicTransportParameters", parameters_factory):
+                return bytes(original_serialize())
+
+        bridge.serialize_transport_parameters = serialize  # type: ignore[method-assign]
+        return bridge
+
+
+class Qh3Connection(StackConnection):
+    """A qh3 :class:`QuicConnection` behind the transport contract."""
+
+    events = qh3_events
+    stack_name = "qh3"
+
+    def _stack_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+        if len(datagrams) == 1:
+            self._quic.receive_datagram(datagrams[0], addr, now)
+        else:
+            self._quic.receive_many_datagrams(datagrams, addr, now)
+
+    def _send_queue_size(self, stream_id: int) -> int:
+        try:
+            return int(self._quic.get_send_buffer_size(stream_id))
+        except Exception:
+            return 0
+
+    def _bidi_slot_available(self) -> bool:
+        core = self._quic._core
+        if core is None:
+            return False
+        peer_limit = core.stream_limits[0]
+        return bool(self._quic.get_next_available_stream_id() // 4 < peer_limit)
+
+    def _allocate_bidi(self) -> int:
+        return int(self._quic._open_stream())
+
+    def _peer_certificate_der(self) -> bytes | None:
+        cert = self._quic.get_peercert()
+        return None if cert is None else bytes(cert.public_bytes())
+
+
+class Qh3Server(StackServer):
+    """Server dispatcher creating :class:`Qh3Connection` objects."""
+
+    def __init__(
+        self,
+        configuration: QuicConfiguration,
+        on_connection: Callable[[Qh3Connection], Awaitable[None]],
+        *,
+        send_buffer: int,
+        max_streams: int,
+    ) -> None:
+        super().__init__(
+            on_connection,  # type: ignore[arg-type]
+            cid_length=configuration.connection_id_length,
+            supported_versions=list(configuration.supported_versions),
+        )
+        self._configuration = configuration
+        self._send_buffer = send_buffer
+        self._max_streams = max_streams
+
+    def _parse_header(self, data: bytes) -> tuple[int | None, bool, bytes, bytes] | None:
+        try:
+            header = _pull_quic_header(data, 0, self._cid_length)
+        except ValueError:
+            return None
+        version, packet_type, _, dcid, scid = header[:5]
+        return version, packet_type == int(QuicPacketType.INITIAL), dcid, scid
+
+    def _version_negotiation(self, dcid: bytes, scid: bytes) -> bytes:
+        return bytes(
+            encode_quic_version_negotiation(
+                source_cid=dcid,
+                destination_cid=scid,
+                supported_versions=self._supported_versions,
+            )
+        )
+
+    def _new_connection(self, original_dcid: bytes) -> StackConnection:
+        quic = _LimitedQuicConnection(
+            max_streams=self._max_streams,
+            configuration=self._configuration,
+            original_destination_connection_id=original_dcid,
+        )
+        return Qh3Connection(
+            quic,
+            is_client=False,
+            send_buffer=self._send_buffer,
+            receive_high_water=self._configuration.max_data,
+        )
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    configuration: QuicConfiguration,
+    handshake_timeout: float = 10.0,
+    send_buffer: int = DEFAULT_SEND_BUFFER,
+    socket_buffer: int = DEFAULT_SOCKET_BUFFER,
+    max_streams: int = DEFAULT_MAX_STREAMS,
+) -> Qh3Connection:
+    """Connect to a QUIC server with qh3 and wait for the handshake.
+
+    Raises:
+        CertificateError: the server's certificate was rejected.
+        OperationTimeout: no handshake within ``handshake_timeout`` seconds.
+        ConnectionClosed: the server closed the connection during the handshake.
+        TransportError: the address cannot be resolved or the socket cannot be opened.
+    """
+    if not configuration.is_client:
+        raise TransportError("connect() needs a client configuration (is_client=True)")
+    quic = _LimitedQuicConnection(max_streams=max_streams, configuration=configuration)
+    conn = Qh3Connection(
+        quic,
+        is_client=True,
+        send_buffer=send_buffer,
+        receive_high_water=configuration.max_data,
+    )
+    await client_handshake(
+        conn, host, port, handshake_timeout=handshake_timeout, socket_buffer=socket_buffer
+    )
+    return conn
+
+
+async def serve(
+    host: str,
+    port: int,
+    *,
+    configuration: QuicConfiguration,
+    on_connection: Callable[[Qh3Connection], Awaitable[None]],
+    send_buffer: int = DEFAULT_SEND_BUFFER,
+    socket_buffer: int = DEFAULT_SOCKET_BUFFER,
+    max_streams: int = DEFAULT_MAX_STREAMS,
+) -> Qh3Server:
+    """Serve QUIC with qh3 on ``(host, port)`` on a batching UDP transport.
+
+    ``on_connection(conn)`` runs as a task per connection once its handshake
+    completed; when it returns, the connection is closed if still open.
+
+    Raises:
+        TransportError: the address cannot be bound or the configuration is unusable.
+    """
+    if configuration.is_client:
+        raise TransportError("serve() needs a server configuration (is_client=False)")
+    if configuration.certificate is None or configuration.private_key is None:
+        raise TransportError("serve() needs a certificate and private key in the configuration")
+    server = Qh3Server(
+        configuration, on_connection, send_buffer=send_buffer, max_streams=max_streams
+    )
+    with convert_stack_errors(f"binding UDP {host}:{port}"):
+        transport, _ = await open_udp_endpoint(server, host, port, socket_buffer=socket_buffer)
+    server.set_transport(transport)
+    logger.info("qh3: serving on %s:%d", *server.address)
+    return server
