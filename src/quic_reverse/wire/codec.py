@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import NoReturn
 
 from ..errors import EncodeError, ProtocolError
 from .messages import (
@@ -339,6 +340,10 @@ def _dec_hello_ack(buf: bytes, n: int) -> HelloAck:
     return HelloAck(selected_version=version, selected_features=_features(features))
 
 
+class _Malformed(Exception):
+    """Internal: the fast structured-metadata loop met bad input; diagnose precisely."""
+
+
 def _dec_metadata(buf: bytes, pos: int, n: int) -> tuple[Metadata, int]:
     start = pos
     kind = _read_u32(buf, pos, n, "OpenRequest.metadata")
@@ -361,10 +366,56 @@ def _dec_metadata(buf: bytes, pos: int, n: int) -> tuple[Metadata, int]:
             f"OpenRequest.metadata.Structured: map count {count} cannot fit in the "
             f"{n - pos} bytes left (offset {pos - 8})"
         )
+    # Fast loop: bounds are enforced by struct/indexing errors and explicit length
+    # checks; any failure is handed to the precise (slower) diagnosis below.
     entries: list[tuple[str, MetadataValue]] = []
+    append = entries.append
+    u32 = _u32_unpack
+    u64 = _u64_unpack
+    value: MetadataValue
+    try:
+        for _ in range(count):
+            end = pos + 8 + u64(buf, pos)[0]
+            if end > n:
+                raise _Malformed
+            key = buf[pos + 8 : end].decode("utf-8")
+            tag = u32(buf, end)[0]
+            pos = end + 4
+            if tag == 0:
+                end = pos + 8 + u64(buf, pos)[0]
+                if end > n:
+                    raise _Malformed
+                value = buf[pos + 8 : end].decode("utf-8")
+                pos = end
+            elif tag == 1:
+                value = _i64_unpack(buf, pos)[0]
+                pos += 8
+            elif tag == 2:
+                byte = buf[pos]
+                if byte > 1:
+                    raise _Malformed
+                value = byte == 1
+                pos += 1
+            elif tag == 3:
+                end = pos + 8 + u64(buf, pos)[0]
+                if end > n:
+                    raise _Malformed
+                value = buf[pos + 8 : end]
+                pos = end
+            else:
+                raise _Malformed
+            append((key, value))
+    except (_Malformed, struct.error, IndexError, UnicodeDecodeError):
+        _diagnose_structured(buf, start + 12, n, count)
+    if len({key for key, _ in entries}) != count:
+        _diagnose_structured(buf, start + 12, n, count)
+    return Metadata._make(MetadataKind.STRUCTURED, None, tuple(entries), buf[start:pos]), pos
+
+
+def _diagnose_structured(buf: bytes, pos: int, n: int, count: int) -> NoReturn:
+    """Re-read structured entries with a check at every step; raise the precise error."""
     seen: set[str] = set()
     for index in range(count):
-        where = "OpenRequest.metadata.Structured"
         try:
             key, pos = _read_str(buf, pos, n, "key")
             if key in seen:
@@ -372,13 +423,11 @@ def _dec_metadata(buf: bytes, pos: int, n: int) -> tuple[Metadata, int]:
             seen.add(key)
             tag = _read_u32(buf, pos, n, "value")
             pos += 4
-            value: MetadataValue
             if tag == 0:
-                value, pos = _read_str(buf, pos, n, "value.String")
+                _, pos = _read_str(buf, pos, n, "value.String")
             elif tag == 1:
                 if pos + 8 > n:
                     raise _eof("value.Integer", pos, 8, n)
-                value = _i64_unpack(buf, pos)[0]
                 pos += 8
             elif tag == 2:
                 if pos >= n:
@@ -388,16 +437,14 @@ def _dec_metadata(buf: bytes, pos: int, n: int) -> tuple[Metadata, int]:
                     raise ProtocolError(
                         f"value.Boolean: invalid bool byte {byte} at offset {pos} (expected 0 or 1)"
                     )
-                value = byte == 1
                 pos += 1
             elif tag == 3:
-                value, pos = _read_raw(buf, pos, n, "value.Bytes")
+                _, pos = _read_raw(buf, pos, n, "value.Bytes")
             else:
                 raise ProtocolError(f"value: unknown MetadataValue variant {tag}")
         except ProtocolError as exc:
-            raise ProtocolError(f"{where} entry {index} {exc}") from None
-        entries.append((key, value))
-    return Metadata._make(MetadataKind.STRUCTURED, None, tuple(entries), buf[start:pos]), pos
+            raise ProtocolError(f"OpenRequest.metadata.Structured entry {index} {exc}") from None
+    raise ProtocolError("OpenRequest.metadata.Structured: malformed entries")  # unreachable
 
 
 def _dec_open_request(buf: bytes, n: int) -> OpenRequest:
