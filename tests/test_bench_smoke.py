@@ -290,3 +290,44 @@ def test_cli_rejects_unknown_module() -> None:
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
     assert set(MODULES) == {"wire", "transport", "session", "tunnel"}
+
+
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def test_cli_quick_wire_run(tmp_path: Path) -> None:
+    """The real command on the real wire benchmark, as CI's smoke run uses it."""
+    out = tmp_path / "quick.json"
+    doc_before = _mtime(ROOT / "docs" / "BENCHMARKS.md")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--only",
+            "wire",
+            "--no-doc",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    assert doc["quick"] is True
+    assert [m["module"] for m in doc["modules"]] == ["wire"]
+    assert doc["modules"][0]["status"] == "ok"
+    assert doc["rows"], "the wire benchmark returned no rows"
+    for row in doc["rows"]:
+        assert row["module"] == "wire"
+        assert "error" not in row
+        assert h.validate_row(row) == [], row
+        assert row["name"] in proc.stdout  # the summary table names every figure
+    doc_after = _mtime(ROOT / "docs" / "BENCHMARKS.md")
+    assert doc_after == doc_before, "--no-doc run touched docs/BENCHMARKS.md"
