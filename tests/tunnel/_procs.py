@@ -126,10 +126,11 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.kill()
         self.popen.wait(10)
-        if self.popen.stdin is not None:
-            self.popen.stdin.close()
         for t in self._threads:
             t.join(5)
+        for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 @contextmanager

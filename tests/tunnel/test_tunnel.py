@@ -1,0 +1,311 @@
+"""End-to-end tunnel tests: ``python -m quic_reverse relay`` and ``edge`` as real
+subprocesses, real QUIC over UDP and real TCP on 127.0.0.1, a separate local services
+process (echo, count), and TCP clients in the test.
+
+Every wait is bounded; processes are always killed in teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from quic_reverse.tunnel.auth import generate_token, write_token_file
+
+from ._procs import Proc, RelayProc, Services, start_edge, start_relay, start_services
+
+WAIT = 30.0
+PROMPT = 3.0  # "closed promptly"
+
+
+@dataclass
+class Tunnel:
+    services: Services
+    relay: RelayProc
+    edge: Proc
+    tmp: Path
+    tokens: dict[str, str]
+
+    def port(self, target: str) -> int:
+        return self.relay.forwards[target]
+
+
+def _write_tokens(tmp: Path, names: list[str]) -> dict[str, str]:
+    tokens = {name: generate_token() for name in names}
+    path = tmp / "tokens.toml"
+    path.write_text("".join(f'{n} = "{t}"\n' for n, t in tokens.items()), encoding="utf-8")
+    path.chmod(0o600)
+    for name, token in tokens.items():
+        write_token_file(tmp / f"{name}.token", token)
+    return tokens
+
+
+FORWARDS = [
+    "127.0.0.1:0=edgeA/echo",
+    "127.0.0.1:0=edgeA/count",
+    "127.0.0.1:0=edgeA/secret",  # not on edgeA's allow-list
+    "127.0.0.1:0=edgeB/echo",  # edgeB has a token but presents a wrong one
+    "127.0.0.1:0=ghost/echo",  # never connects
+]
+
+
+@pytest.fixture(scope="module")
+def services() -> Iterator[Services]:
+    svc = start_services()
+    try:
+        yield svc
+    finally:
+        svc.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tunnel(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tunnel]:
+    tmp = tmp_path_factory.mktemp("tunnel")
+    tokens = _write_tokens(tmp, ["edgeA", "edgeB", "ghost"])
+    relay = start_relay(tmp / "state", tmp / "tokens.toml", FORWARDS)
+    edge: Proc | None = None
+    try:
+        edge = start_edge(
+            "edgeA",
+            tmp / "edgeA.token",
+            relay,
+            [f"echo=127.0.0.1:{services.echo}", f"count=127.0.0.1:{services.count}"],
+        )
+        yield Tunnel(services=services, relay=relay, edge=edge, tmp=tmp, tokens=tokens)
+    finally:
+        if edge is not None:
+            edge.kill()
+        relay.proc.kill()
+    for name, token in tokens.items():  # tokens never reach any log
+        assert token not in relay.proc.text, f"relay logged the token of {name}"
+        if edge is not None:
+            assert token not in edge.text, f"edge logged the token of {name}"
+
+
+async def _echo_roundtrip(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        writer.write_eof()
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+async def _closed_within(port: int, seconds: float) -> str:
+    """Connect and report how the relay ended it: 'eof' or 'reset' (fails on a hang)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(seconds):
+            try:
+                data = await reader.read(1)
+            except ConnectionResetError:
+                return "reset"
+        assert data == b"", "a closed forward must not deliver data"
+        return "eof"
+    finally:
+        writer.close()
+
+
+# ------------------------------------------------------------------------- data path
+
+
+async def test_64_mib_sha256_both_directions(tunnel: Tunnel) -> None:
+    size = 64 * 1024 * 1024
+    payload = os.urandom(size)
+    sent_digest = hashlib.sha256(payload).hexdigest()
+    reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port("edgeA/echo"))
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for i in range(0, size, 1 << 20):
+            writer.write(view[i : i + (1 << 20)])
+            await writer.drain()
+        writer.write_eof()
+
+    digest = hashlib.sha256()
+    received = 0
+    async with asyncio.timeout(90):
+        sender = asyncio.create_task(send())
+        while chunk := await reader.read(1 << 20):
+            digest.update(chunk)
+            received += len(chunk)
+        await sender
+    writer.close()
+    assert received == size
+    assert digest.hexdigest() == sent_digest
+    m = await asyncio.to_thread(
+        tunnel.relay.proc.wait_for, rf"edgeA/echo: stream \d+ closed; {size} bytes up, {size}"
+    )
+    assert m is not None
+
+
+async def test_100_concurrent_connections(tunnel: Tunnel) -> None:
+    port = tunnel.port("edgeA/echo")
+    payloads = [os.urandom(16 * 1024) + f"client {i}".encode() for i in range(100)]
+    async with asyncio.timeout(WAIT * 2):
+        replies = await asyncio.gather(*(_echo_roundtrip(port, p) for p in payloads))
+    assert replies == payloads
+
+
+async def test_half_close_client_still_gets_reply(tunnel: Tunnel) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port("edgeA/count"))
+    async with asyncio.timeout(WAIT):
+        writer.write(b"y" * 300_000)
+        writer.write_eof()  # shutdown(SHUT_WR) travels as stream FIN to the service
+        reply = await reader.read()
+    writer.close()
+    assert reply == b"got 300000"
+
+
+async def test_service_not_on_allow_list_is_refused(tunnel: Tunnel) -> None:
+    mark = tunnel.relay.proc.mark()
+    assert await _closed_within(tunnel.port("edgeA/secret"), PROMPT) in ("eof", "reset")
+    await asyncio.to_thread(
+        tunnel.relay.proc.wait_for, r"edgeA/secret: edge rejected .*UNSUPPORTED_SERVICE", after=mark
+    )
+
+
+async def test_edge_not_connected_client_closed_promptly(tunnel: Tunnel) -> None:
+    mark = tunnel.relay.proc.mark()
+    started = time.monotonic()
+    assert await _closed_within(tunnel.port("ghost/echo"), PROMPT) in ("eof", "reset")
+    assert time.monotonic() - started < PROMPT
+    await asyncio.to_thread(
+        tunnel.relay.proc.wait_for, r"ghost/echo: edge 'ghost' is not connected", after=mark
+    )
+
+
+async def test_wrong_token_rejected_and_nothing_routed(tunnel: Tunnel) -> None:
+    wrong = tunnel.tmp / "wrong.token"
+    write_token_file(wrong, generate_token())
+    mark = tunnel.relay.proc.mark()
+    edge = start_edge(
+        "edgeB",
+        wrong,
+        tunnel.relay,
+        [f"echo=127.0.0.1:{tunnel.services.echo}"],
+        wait=False,
+    )
+    try:
+        code = await asyncio.to_thread(edge.wait_exit, WAIT)
+        assert code == 1, edge.tail()
+        assert edge.find(r"authentication as 'edgeB' rejected")
+        await asyncio.to_thread(
+            tunnel.relay.proc.wait_for, r"failed authentication as 'edgeB'", after=mark
+        )
+        # No session was registered: the edgeB forward is unreachable.
+        assert await _closed_within(tunnel.port("edgeB/echo"), PROMPT) in ("eof", "reset")
+        assert not tunnel.relay.proc.find(r"edge 'edgeB' authenticated", after=mark)
+        assert tunnel.tokens["edgeB"] not in edge.text
+    finally:
+        edge.kill()
+    # The good edge was not disturbed.
+    assert await _echo_roundtrip(tunnel.port("edgeA/echo"), b"still fine") == b"still fine"
+
+
+# ------------------------------------------------------------------------- staying up
+
+
+@pytest.fixture
+def private(services: Services, tmp_path: Path) -> Iterator[tuple[Path, RelayProc]]:
+    """A relay of its own (tests that kill and restart processes)."""
+    _write_tokens(tmp_path, ["edgeA"])
+    relay = start_relay(tmp_path / "state", tmp_path / "tokens.toml", ["127.0.0.1:0=edgeA/echo"])
+    try:
+        yield tmp_path, relay
+    finally:
+        relay.proc.kill()
+
+
+async def test_edge_killed_and_restarted(
+    services: Services, private: tuple[Path, RelayProc]
+) -> None:
+    tmp, relay = private
+    expose = [f"echo=127.0.0.1:{services.echo}"]
+    port = relay.forwards["edgeA/echo"]
+    first = start_edge("edgeA", tmp / "edgeA.token", relay, expose)
+    second: Proc | None = None
+    try:
+        # A long-lived TCP client through the first edge's session.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"before")
+        async with asyncio.timeout(WAIT):
+            assert await reader.readexactly(6) == b"before"
+        first.kill()  # SIGKILL: no goodbye to the relay
+        mark = relay.proc.mark()
+        second = start_edge("edgeA", tmp / "edgeA.token", relay, expose)
+        await asyncio.to_thread(
+            relay.proc.wait_for, r"edge 'edgeA' reconnected .* replacing its session", after=mark
+        )
+        # The dead session's TCP client is closed...
+        async with asyncio.timeout(WAIT):
+            try:
+                rest = await reader.read()
+            except ConnectionResetError:
+                rest = b""
+        assert rest == b""
+        writer.close()
+        # ...and new clients are served by the new session.
+        async with asyncio.timeout(WAIT):
+            assert await _echo_roundtrip(port, b"after") == b"after"
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+async def test_relay_restarted_edge_reconnects(
+    services: Services, private: tuple[Path, RelayProc]
+) -> None:
+    tmp, relay = private
+    cap = 1.0  # --backoff-cap given to the edge by start_edge
+    connect_timeout = 2.0  # --connect-timeout given to the edge by start_edge
+    edge = start_edge("edgeA", tmp / "edgeA.token", relay, [f"echo=127.0.0.1:{services.echo}"])
+    relay2: RelayProc | None = None
+    try:
+        port = relay.forwards["edgeA/echo"]
+        assert await _echo_roundtrip(port, b"one") == b"one"
+        assert relay.proc.terminate() == 0  # graceful stop on SIGTERM
+        await asyncio.to_thread(edge.wait_for, r"reconnecting to")
+        mark = edge.mark()
+        relay2 = start_relay(
+            tmp / "state",  # same state dir: same certificate, so the pin still matches
+            tmp / "tokens.toml",
+            [f"127.0.0.1:{port}=edgeA/echo"],
+            listen=f"127.0.0.1:{relay.quic_port}",
+        )
+        started = time.monotonic()
+        await asyncio.to_thread(edge.wait_for, r"authenticated to relay", after=mark)
+        # One in-flight attempt may have to time out, then at most one backoff delay.
+        assert time.monotonic() - started < cap + connect_timeout + 3.0
+        async with asyncio.timeout(WAIT):
+            assert await _echo_roundtrip(port, b"two") == b"two"
+    finally:
+        edge.kill()
+        if relay2 is not None:
+            relay2.proc.kill()
+
+
+def test_sigterm_stops_edge_gracefully(services: Services, tmp_path: Path) -> None:
+    _write_tokens(tmp_path, ["edgeA"])
+    relay = start_relay(tmp_path / "state", tmp_path / "tokens.toml", [])
+    try:
+        edge = start_edge("edgeA", tmp_path / "edgeA.token", relay, ["x=127.0.0.1:9"])
+        try:
+            assert edge.terminate() == 0
+            assert edge.find(r"edge stopped")
+            relay.proc.wait_for(r"edge 'edgeA' .*closed the session")
+        finally:
+            edge.kill()
+    finally:
+        relay.proc.kill()
+    assert re.search(r"relay ready", relay.proc.text)
