@@ -553,17 +553,17 @@ class SessionCore:
         if not msg.status.accepted:
             assert msg.status.code is not None
             logger.debug("%s: open %d rejected: %s", self.role.value, rid, msg.status.code.name)
-            self._drop_local(rid)
+            self._drop_local(rid, now)
             self._outputs.append(OpenFailed(rid, StreamRejected(msg.status.code, msg.reason)))
             return
         if not lsid or lsid in self._by_lsid:
-            self._drop_local(rid)
+            self._drop_local(rid, now)
             what = "without a logical_stream_id" if not lsid else f"with duplicate id {lsid}"
             self._outputs.append(OpenFailed(rid, ProtocolError(f"OpenResponse accepted {what}")))
             return
         early = self._early.pop(lsid, None)
         if early is not None:
-            self._drop_local(rid)
+            self._drop_local(rid, now)
             self._bind(rid, lsid, early.token)
             return
         rec.state = _OpenState.AWAIT_BIND
@@ -647,14 +647,20 @@ class SessionCore:
         self._out += rec.frame
         logger.debug("%s: OpenRequest %d sent", self.role.value, rec.request_id)
 
-    def _pump_queue(self) -> None:
+    def _pump_queue(self, now: float) -> None:
+        """Send queued opens while slots are free; expired ones wait for their timer."""
         while self._queued and self._inflight < self.config.max_inflight_opens:
-            rid = self._queued.popleft()
+            rid = self._queued[0]
             rec = self._local.get(rid)
-            if rec is not None and rec.state is _OpenState.QUEUED:
-                self._send_open(rec)
+            if rec is None or rec.state is not _OpenState.QUEUED:
+                self._queued.popleft()
+                continue
+            if rec.deadline <= now:
+                return  # its timer fails it next; do not send a request nobody awaits
+            self._queued.popleft()
+            self._send_open(rec)
 
-    def _drop_local(self, rid: int) -> _LocalOpen | None:
+    def _drop_local(self, rid: int, now: float) -> _LocalOpen | None:
         """Remove a local open from every table, freeing its slot."""
         rec = self._local.pop(rid, None)
         if rec is None:
@@ -666,7 +672,7 @@ class SessionCore:
             self._inflight -= 1
             if rec.state is _OpenState.AWAIT_BIND and rec.logical_stream_id is not None:
                 self._by_lsid.pop(rec.logical_stream_id, None)
-            self._pump_queue()
+        self._pump_queue(now)
         return rec
 
     def cancel_open(self, request_id: int, now: float) -> None:
@@ -677,7 +683,7 @@ class SessionCore:
         state = rec.state
         if state is _OpenState.AWAIT_RESPONSE:
             self._awaiting_response -= 1
-        self._drop_local(request_id)
+        self._drop_local(request_id, now)
         if state is _OpenState.AWAIT_RESPONSE:
             self._orphan_request(request_id, now)
         elif state is _OpenState.AWAIT_BIND and rec.logical_stream_id is not None:
@@ -750,7 +756,7 @@ class SessionCore:
             return
         rid = self._by_lsid.get(lsid)
         if rid is not None:
-            self._drop_local(rid)
+            self._drop_local(rid, now)
             self._bind(rid, lsid, token)
             return
         if self._orphan_lsids.pop(lsid, None) is not None:
