@@ -92,11 +92,15 @@ class FrameReader:
     failing chunk are not returned.
     """
 
-    __slots__ = ("_buf", "_error")
+    __slots__ = ("_buf", "_error", "_need")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._error: str | None = None
+        # Bytes the buffer must hold before anything new can be parsed: 4 while the
+        # next prefix is incomplete, else 4 + the pending frame's (validated) length.
+        # Lets a small chunk into a large pending frame return without re-parsing.
+        self._need = FRAME_HEADER_SIZE
 
     @property
     def buffered(self) -> int:
@@ -121,34 +125,41 @@ class FrameReader:
             src = data if type(data) is bytes else bytes(data)
             n = len(src)
             pos = 0
+            need = FRAME_HEADER_SIZE
             while n - pos >= FRAME_HEADER_SIZE:
                 length: int = _len_unpack(src, pos)[0]
                 if length > MAX_FRAME_PAYLOAD:
                     self._fail(length)
                 end = pos + FRAME_HEADER_SIZE + length
                 if end > n:
+                    need = end - pos
                     break
                 frames.append(src[pos + FRAME_HEADER_SIZE : end])
                 pos = end
             if pos < n:
                 buf += memoryview(src)[pos:]
+            self._need = need
             return frames
         buf += data
         n = len(buf)
+        if n < self._need:
+            return frames
         pos = 0
+        need = FRAME_HEADER_SIZE
         with memoryview(buf) as view:
             while n - pos >= FRAME_HEADER_SIZE:
                 length = _len_unpack(view, pos)[0]
                 if length > MAX_FRAME_PAYLOAD:
-                    # Drop the rest so a broken reader holds nothing.
                     self._fail(length)
                 end = pos + FRAME_HEADER_SIZE + length
                 if end > n:
+                    need = end - pos
                     break
                 frames.append(view[pos + FRAME_HEADER_SIZE : end].tobytes())
                 pos = end
         if pos:
             del buf[:pos]
+        self._need = need
         return frames
 
     def feed_eof(self) -> None:
@@ -161,6 +172,7 @@ class FrameReader:
     def _fail(self, length: int) -> None:
         error = _too_large(length)
         self._error = str(error)
-        self._buf = bytearray()
+        self._buf = bytearray()  # a broken reader holds nothing
+        self._need = FRAME_HEADER_SIZE
         logger.debug("frame reader: %s", error)
         raise error
