@@ -11,7 +11,11 @@ sample timing a loop of many operations; baselines are measured in the same run:
   ``struct.pack`` + ``struct.unpack_from`` + ``Ping(...)`` (goal: within 2x of it);
 * ``FrameReader`` parsing a stream of 1000 framed Pings delivered in 1400-byte chunks,
   against a bare loop of ``unpack_from`` + slicing over the same bytes in one piece
-  (goal: at least half its rate).
+  (goal: at least half its rate);
+* ``FrameReader`` fed one maximal (64 KiB) frame one byte at a time, in ns per byte,
+  against appending the same bytes one at a time to a ``bytearray`` (the cost of merely
+  buffering them). The per-byte cost staying flat is what "no quadratic copying"
+  means; goal: within 4x of the bare append.
 
 Ratios are "better than baseline" when above 1 (for µs figures, baseline / value).
 """
@@ -26,6 +30,7 @@ from collections.abc import Callable
 
 from bench._harness import Row, make_row, print_table
 from quic_reverse.wire import (
+    MAX_FRAME_PAYLOAD,
     FrameReader,
     Metadata,
     OpenFlags,
@@ -33,6 +38,7 @@ from quic_reverse.wire import (
     Ping,
     decode,
     encode,
+    encode_frame,
     encode_message_frame,
 )
 
@@ -170,7 +176,46 @@ def run(quick: bool) -> list[Row]:
             goal=">= 0.5x the bare loop",
         )
     )
+
+    frame = encode_frame(bytes(MAX_FRAME_PAYLOAD))
+    byte_samples = 1 if quick else 5
+    rows.append(
+        make_row(
+            "wire: FrameReader, one 64 KiB frame fed 1 byte at a time",
+            "ns/byte",
+            _byte_feed_ns(frame, byte_samples, reader=True),
+            baseline="bytearray += 1 byte",
+            baseline_value=_median(_byte_feed_ns(frame, byte_samples, reader=False)),
+            higher_is_better=False,
+            goal=">= 0.25x bytearray append",
+        )
+    )
     return rows
+
+
+def _byte_feed_ns(frame: bytes, samples: int, *, reader: bool) -> list[float]:
+    """ns per byte of feeding ``frame`` one byte per call (to a FrameReader or a bytearray)."""
+    view = memoryview(frame)
+    size = len(frame)
+    out: list[float] = []
+    for _ in range(samples):
+        if reader:
+            frame_reader = FrameReader()
+            got: list[bytes] = []
+            t0 = time.perf_counter()
+            for i in range(size):
+                got += frame_reader.feed(view[i : i + 1])
+            elapsed = time.perf_counter() - t0
+            if len(got) != 1 or len(got[0]) != size - 4:
+                raise RuntimeError("FrameReader did not return the frame")
+        else:
+            buf = bytearray()
+            t0 = time.perf_counter()
+            for i in range(size):
+                buf += view[i : i + 1]
+            elapsed = time.perf_counter() - t0
+        out.append(elapsed / size * 1e9)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

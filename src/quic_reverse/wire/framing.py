@@ -31,6 +31,7 @@ FRAME_HEADER_SIZE = 4
 """Size of the length prefix in bytes."""
 
 _LEN = struct.Struct(">I")
+_BYTES_LIKE = (bytes, bytearray, memoryview)
 _len_pack = _LEN.pack
 _len_unpack = _LEN.unpack_from
 
@@ -116,7 +117,7 @@ class FrameReader:
         """
         if self._error is not None:
             raise ProtocolError(f"frame reader already failed: {self._error}")
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if not isinstance(data, _BYTES_LIKE):
             raise ProtocolError(f"frame data must be bytes-like, got {type(data).__name__}")
         buf = self._buf
         frames: list[bytes] = []
