@@ -66,6 +66,15 @@ DEFAULT_SEND_BUFFER = 1024 * 1024
 #: Concurrent bidirectional streams the peer may open.
 DEFAULT_MAX_STREAMS = 1024
 
+# While receiving is paused (qh3): datagrams up to this size are still fed ...
+_SMALL_DATAGRAM = 256
+# ... as long as unread bytes stay below high-water + this slack ...
+_PAUSED_SLACK = 256 * 1024
+# ... and bigger ones are held up to this many bytes, then dropped.
+_PAUSED_HOLD = 1024 * 1024
+# Datagrams handed to the stack per call (the pause is checked between calls).
+_FEED_SLICE = 32
+
 # TLS alerts that mean "your certificate is not acceptable" (RFC 8446 6.2),
 # carried in QUIC as CRYPTO_ERROR 0x100 + alert.
 _CERT_ALERTS = frozenset({42, 43, 44, 45, 46, 48, 49})
@@ -247,9 +256,12 @@ class StackConnection(Connection):
         self._paused_datagrams: deque[tuple[list[bytes], Any]] = deque()
         self._paused_bytes = 0
         self._receiving_paused = False
-        # Next peer-initiated bidirectional stream id: lower ids absent from
-        # ``_streams`` are finished and late frames for them are ignored.
+        # Next peer-initiated bidirectional stream id. Lower ids are either in
+        # ``_unseen_peer_ids`` (implicitly opened by the peer, no frame yet) or were
+        # already surfaced; those absent from ``_streams`` are finished and late
+        # frames for them are ignored.
         self._next_peer_bidi = 1 if is_client else 0
+        self._unseen_peer_ids: set[int] = set()
 
     # ------------------------------------------------------------------ hooks
 
@@ -319,28 +331,50 @@ class StackConnection(Connection):
         if self._closed.is_set():
             return
         if self._receiving_paused:
-            # Hold them (bounded) until the reader catches up; beyond the bound they
-            # are dropped like a full socket buffer would, and QUIC retransmits.
-            size = sum(len(d) for d in datagrams)
-            if self._paused_bytes + size <= 4 * self._recv_high_water:
-                self._paused_datagrams.append((datagrams, addr))
-                self._paused_bytes += size
+            self._hold(datagrams, addr)
             return
         self._feed_now(datagrams, addr)
+
+    def _hold(self, datagrams: list[bytes], addr: Any) -> None:
+        """Receiving is paused: keep big datagrams (bounded), still feed small ones.
+
+        Small datagrams carry ACKs, CONNECTION_CLOSE, flow-control updates and short
+        control messages; feeding them keeps the connection responsive (a close is
+        seen, a control stream keeps working) while bulk data waits. They are fed
+        only while unread bytes stay under the high-water mark plus a fixed slack,
+        so the memory bound holds even against a peer sending many small packets.
+        Big datagrams beyond the hold limit are dropped, as a full socket buffer
+        would; QUIC retransmits them after the reader catches up.
+        """
+        small = [d for d in datagrams if len(d) <= _SMALL_DATAGRAM]
+        if small and self._recv_buffered_total <= self._recv_high_water + _PAUSED_SLACK:
+            self._feed_now(small, addr)
+            big = [d for d in datagrams if len(d) > _SMALL_DATAGRAM]
+        else:
+            big = datagrams
+        size = sum(len(d) for d in big)
+        if big and self._paused_bytes + size <= _PAUSED_HOLD:
+            self._paused_datagrams.append((big, addr))
+            self._paused_bytes += size
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         """Single-datagram entry point (asyncio.DatagramProtocol compatible)."""
         self.datagrams_received([data], addr)
 
     def _feed_now(self, datagrams: list[bytes], addr: Any) -> None:
-        try:
-            self._stack_feed(datagrams, addr, self._loop.time())
-        except Exception as exc:
-            logger.warning("%s: stack failed on incoming datagrams: %r", self.stack_name, exc)
-        self._process_events()
+        # Feed in slices so a pause takes effect within a large burst.
+        for start in range(0, len(datagrams), _FEED_SLICE):
+            if start and self._receiving_paused:
+                self._hold(datagrams[start:], addr)
+                return
+            try:
+                self._stack_feed(datagrams[start : start + _FEED_SLICE], addr, self._loop.time())
+            except Exception as exc:
+                logger.warning("%s: stack failed on incoming datagrams: %r", self.stack_name, exc)
+            self._process_events()
+            if self._receive_paused():
+                self._receiving_paused = True
         self._transmit()
-        if self._receive_paused():
-            self._receiving_paused = True
 
     def _maybe_resume_receiving(self) -> None:
         if not self._receiving_paused or self._receive_paused():
@@ -352,7 +386,7 @@ class StackConnection(Connection):
         while pending and not self._closed.is_set():
             datagrams, addr = pending.popleft()
             if self._receiving_paused:
-                self.datagrams_received(datagrams, addr)
+                self._hold(datagrams, addr)
             else:
                 self._feed_now(datagrams, addr)
 
@@ -449,9 +483,38 @@ class StackConnection(Connection):
             elif isinstance(event, ev.ConnectionTerminated):
                 self._on_terminated(event.error_code, event.reason_phrase)
             event = quic.next_event()
+        if self._is_open:
+            self._check_stack_closing()
         if self._open_waiters and self._is_open:
             for fut in self._open_waiters:
                 _wake(fut)
+
+    def _check_stack_closing(self) -> None:
+        """Notice a close the stack knows about before it reports termination.
+
+        Both stacks record a peer's CONNECTION_CLOSE (or a fatal local error) in
+        ``_close_event`` right away but emit ``ConnectionTerminated`` only after
+        the draining period; pending operations must not wait that long.
+        """
+        info = getattr(self._quic, "_close_event", None)
+        if info is None:
+            return
+        code = int(getattr(info, "error_code", 0))
+        reason = str(getattr(info, "reason_phrase", ""))
+        logger.info(
+            "%s: connection closing (code %#x%s)",
+            self.stack_name,
+            code,
+            f", {reason!r}" if reason else "",
+        )
+        self._is_open = False
+        self._close_error = ConnectionClosed(
+            f"connection closed (code {code:#x})" + (f": {reason}" if reason else ""),
+            error_code=code,
+            reason=reason,
+        )
+        self._fail_handshake()
+        self._wake_all()
 
     def _is_peer_initiated(self, stream_id: int) -> bool:
         return (stream_id & 1) == (0 if not self._is_client else 1)
@@ -470,18 +533,20 @@ class StackConnection(Connection):
                     self._quic.stop_stream(stream_id, 0)
             return None
         if stream_id < self._next_peer_bidi:
-            return None
-        # QUIC opens lower-numbered streams implicitly: surface them in order.
-        for sid in range(self._next_peer_bidi, stream_id + 4, 4):
-            state = _StreamState(sid)
-            self._streams[sid] = state
-            if self._is_open:
-                self._accept_queue.append(
-                    (QuicSendStream(self, state), QuicRecvStream(self, state))
-                )
-        self._next_peer_bidi = stream_id + 4
-        _wake(self._accept_waiter)
-        return self._streams[stream_id]
+            if stream_id not in self._unseen_peer_ids:
+                return None
+            self._unseen_peer_ids.discard(stream_id)
+        else:
+            # Lower ids are open in QUIC terms but become visible (accept_bi) only
+            # when their first frame arrives, like the stream written first.
+            self._unseen_peer_ids.update(range(self._next_peer_bidi, stream_id, 4))
+            self._next_peer_bidi = stream_id + 4
+        state = _StreamState(stream_id)
+        self._streams[stream_id] = state
+        if self._is_open:
+            self._accept_queue.append((QuicSendStream(self, state), QuicRecvStream(self, state)))
+            _wake(self._accept_waiter)
+        return state
 
     def _on_stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         state = self._state_for_event(stream_id)
@@ -540,14 +605,7 @@ class StackConnection(Connection):
                 error_code=error_code,
                 reason=reason,
             )
-        if not self._handshake_done.done():
-            exc: TransportError
-            if is_certificate_alert(error_code):
-                exc = CertificateError(f"TLS certificate rejected: {reason or hex(error_code)}")
-            else:
-                exc = self._close_error
-            self._handshake_done.set_exception(exc)
-            self._handshake_done.exception()  # mark retrieved
+        self._fail_handshake()
         self._is_open = False
         self._closed.set()
         if self._timer is not None:
@@ -560,6 +618,19 @@ class StackConnection(Connection):
                 callback(self)
             except Exception:  # pragma: no cover - defensive
                 logger.exception("terminated callback failed")
+
+    def _fail_handshake(self) -> None:
+        """Fail a pending :meth:`wait_handshake` with the close reason."""
+        if self._handshake_done.done():
+            return
+        error = self._error()
+        exc: TransportError = error
+        if is_certificate_alert(error.error_code):
+            exc = CertificateError(
+                f"TLS certificate rejected: {error.reason or hex(error.error_code)}"
+            )
+        self._handshake_done.set_exception(exc)
+        self._handshake_done.exception()  # retrieved: no "never retrieved" warning
 
     def _wake_all(self) -> None:
         _wake(self._accept_waiter)
@@ -695,8 +766,7 @@ class StackConnection(Connection):
         while offset < total:
             self._check_writable(state)
             piece = view[offset : offset + limit]
-            with convert_stack_errors(f"stream {sid}: write"):
-                self._quic.send_stream_data(sid, piece)
+            self._stack_send(state, piece, False)
             offset += len(piece)
             self._transmit_soon()
             while self._send_queue_size(sid) >= limit:
@@ -711,6 +781,16 @@ class StackConnection(Connection):
                     self._blocked_writers.discard(state)
         self._check_writable(state)
 
+    def _stack_send(self, state: _StreamState, data: Any, fin: bool) -> None:
+        try:
+            self._quic.send_stream_data(state.stream_id, data, end_stream=fin)
+        except Exception as exc:
+            # Most failures here mean the connection or stream is going away:
+            # report that precisely if we can tell, else as a TransportError.
+            self._check_stack_closing()
+            self._check_writable(state)
+            raise TransportError(f"stream {state.stream_id}: send failed: {exc}") from exc
+
     async def _finish(self, state: _StreamState) -> None:
         if state.fin_sent:
             return
@@ -720,8 +800,7 @@ class StackConnection(Connection):
             raise self._error()
         if state.reset_sent:
             return
-        with convert_stack_errors(f"stream {state.stream_id}: finish"):
-            self._quic.send_stream_data(state.stream_id, b"", end_stream=True)
+        self._stack_send(state, b"", True)
         state.fin_sent = True
         self._transmit_soon()
         self._maybe_forget(state)
@@ -797,9 +876,7 @@ class StackConnection(Connection):
             logger.debug("%s: close failed: %r", self.stack_name, exc)
         self._transmit()
         self._wake_all()
-        if not self._handshake_done.done():
-            self._handshake_done.set_exception(self._close_error)
-            self._handshake_done.exception()
+        self._fail_handshake()
 
     @property
     def is_open(self) -> bool:

@@ -127,6 +127,7 @@ class _CreditQuicConnection(QuicConnection):
     def __init__(self, *, max_streams: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._local_max_streams_bidi.value = max_streams
+        self._local_max_streams_bidi.sent = max_streams
         self._qr_stream_window = self._local_max_stream_data_bidi_remote
         self._qr_connection_window = self._local_max_data.value
         self._qr_consumed: dict[int, int] = {}
@@ -217,6 +218,16 @@ class AioquicConnection(StackConnection):
         super()._maybe_forget(state)
         if state.stream_id not in self._streams:
             self._quic.qr_forget(state.stream_id)
+
+    def _transmit(self) -> None:
+        super()._transmit()
+        # aioquic discards finished streams (raising MAX_STREAMS) while building a
+        # packet, after it already wrote the connection limits into that packet;
+        # with nothing else to send the new limit would wait for unrelated traffic
+        # and a peer waiting for a stream slot would stall. Flush it now.
+        limit = self._quic._local_max_streams_bidi
+        if limit.value != limit.sent and limit.sent - limit.used < limit.value - limit.sent:
+            super()._transmit()
 
     def _peer_certificate_der(self) -> bytes | None:
         cert = self._quic.tls._peer_certificate
