@@ -13,6 +13,7 @@ from quic_reverse.wire import (
     MESSAGE_TYPES,
     CloseCode,
     Features,
+    FrameReader,
     Hello,
     HelloAck,
     Metadata,
@@ -24,9 +25,12 @@ from quic_reverse.wire import (
     Ping,
     Pong,
     RejectCode,
+    StreamBind,
     StreamClose,
     decode,
+    decode_frame,
     encode,
+    encode_frame,
 )
 
 U64_MAX = 2**64 - 1
@@ -297,3 +301,21 @@ def test_duplicate_key_rejected_on_decode() -> None:
     assert dup != good
     with pytest.raises(ProtocolError, match="entry 1 duplicate key 'k'"):
         decode(dup)
+
+
+def test_unusual_buffers_only_raise_typed_errors() -> None:
+    """Released and non-contiguous views: decoders raise ProtocolError, encoders EncodeError."""
+
+    released = memoryview(encode(Ping(sequence=1)))
+    released.release()
+    decoders = (decode, decode_frame, FrameReader().feed, StreamBind.decode)
+    for decoder in decoders:
+        with pytest.raises(ProtocolError, match="not a readable byte buffer"):
+            decoder(released)
+    with pytest.raises(EncodeError, match="not a readable byte buffer"):
+        encode_frame(released)
+    with pytest.raises(EncodeError, match="unreadable buffer"):
+        Metadata.from_bytes(released)
+    strided = memoryview(b"x".join(bytes([b]) for b in encode(Ping(sequence=3))))[::2]
+    assert decode(strided) == Ping(sequence=3)
+    assert FrameReader().feed(memoryview(encode_frame(b"ab") * 2)[::1]) == [b"ab", b"ab"]

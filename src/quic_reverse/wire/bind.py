@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import EncodeError, ProtocolError
+from .codec import input_bytes
 
 __all__ = ["STREAM_BIND_MAGIC", "STREAM_BIND_SIZE", "STREAM_BIND_VERSION", "StreamBind"]
 
@@ -45,9 +46,7 @@ class StreamBind:
         Raises :class:`ProtocolError` for a wrong length, magic or version; no other
         exception escapes for any input.
         """
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise ProtocolError(f"StreamBind: expected bytes-like, got {type(data).__name__}")
-        raw = data if type(data) is bytes else bytes(data)
+        raw = data if type(data) is bytes else input_bytes(data, "StreamBind")
         if len(raw) != STREAM_BIND_SIZE:
             raise ProtocolError(f"StreamBind: expected {STREAM_BIND_SIZE} bytes, got {len(raw)}")
         magic, version, lsid = _BIND.unpack(raw)

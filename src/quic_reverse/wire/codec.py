@@ -249,6 +249,22 @@ def encode(message: Message) -> bytes:
 # decoding
 
 
+def input_bytes(data: object, what: str) -> bytes:
+    """``data`` as ``bytes`` for a decoder, or :class:`ProtocolError`.
+
+    Accepts bytes, bytearray and memoryview (any shape); a released view or a non-bytes
+    object is reported as a ProtocolError so that nothing else escapes the decoders.
+    """
+    if type(data) is bytes:
+        return data
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError(f"{what} must be bytes-like, got {type(data).__name__}")
+    try:
+        return bytes(data)
+    except (TypeError, ValueError, BufferError) as exc:
+        raise ProtocolError(f"{what} is not a readable byte buffer ({exc})") from None
+
+
 def _eof(where: str, pos: int, need: int, total: int) -> ProtocolError:
     have = max(total - pos, 0)
     return ProtocolError(
@@ -560,15 +576,7 @@ def decode(payload: bytes | bytearray | memoryview) -> Message:
     bytes, duplicate structured keys, trailing bytes, or a payload over
     :data:`MAX_FRAME_PAYLOAD`. No other exception type escapes, for any input.
     """
-    if type(payload) is bytes:
-        buf = payload
-    elif isinstance(payload, bytes | bytearray | memoryview):
-        try:
-            buf = bytes(payload)
-        except (TypeError, ValueError, BufferError) as exc:
-            raise ProtocolError(f"payload is not a readable byte buffer ({exc})") from None
-    else:
-        raise ProtocolError(f"payload must be bytes-like, got {type(payload).__name__}")
+    buf = payload if type(payload) is bytes else input_bytes(payload, "payload")
     n = len(buf)
     if n > MAX_FRAME_PAYLOAD:
         raise ProtocolError(

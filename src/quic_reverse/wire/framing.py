@@ -13,7 +13,7 @@ import logging
 import struct
 
 from ..errors import EncodeError, ProtocolError
-from .codec import MAX_FRAME_PAYLOAD, encode
+from .codec import MAX_FRAME_PAYLOAD, encode, input_bytes
 from .messages import Message
 
 __all__ = [
@@ -31,7 +31,6 @@ FRAME_HEADER_SIZE = 4
 """Size of the length prefix in bytes."""
 
 _LEN = struct.Struct(">I")
-_BYTES_LIKE = (bytes, bytearray, memoryview)
 _len_pack = _LEN.pack
 _len_unpack = _LEN.unpack_from
 
@@ -41,12 +40,17 @@ def encode_frame(payload: bytes | bytearray | memoryview) -> bytes:
 
     Raises :class:`EncodeError` if the payload is longer than :data:`MAX_FRAME_PAYLOAD`.
     """
-    if not isinstance(payload, bytes | bytearray | memoryview):
-        raise EncodeError(f"frame payload must be bytes-like, got {type(payload).__name__}")
-    size = len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+    if type(payload) is not bytes:
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise EncodeError(f"frame payload must be bytes-like, got {type(payload).__name__}")
+        try:
+            payload = bytes(payload)
+        except (TypeError, ValueError, BufferError) as exc:
+            raise EncodeError(f"frame payload is not a readable byte buffer ({exc})") from None
+    size = len(payload)
     if size > MAX_FRAME_PAYLOAD:
         raise EncodeError(f"frame payload of {size} bytes exceeds the maximum {MAX_FRAME_PAYLOAD}")
-    return _len_pack(size) + bytes(payload)
+    return _len_pack(size) + payload
 
 
 def encode_message_frame(message: Message) -> bytes:
@@ -65,9 +69,7 @@ def decode_frame(data: bytes | bytearray | memoryview) -> tuple[bytes, int]:
     Returns ``(payload, consumed)``; bytes after the frame are left to the caller.
     Raises :class:`ProtocolError` for an oversized length prefix or an incomplete frame.
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise ProtocolError(f"frame data must be bytes-like, got {type(data).__name__}")
-    buf = data if type(data) is bytes else bytes(data)
+    buf = data if type(data) is bytes else input_bytes(data, "frame data")
     n = len(buf)
     if n < FRAME_HEADER_SIZE:
         raise ProtocolError(f"unexpected end of input: expected 4 bytes, got {n}")
@@ -117,13 +119,13 @@ class FrameReader:
         """
         if self._error is not None:
             raise ProtocolError(f"frame reader already failed: {self._error}")
-        if not isinstance(data, _BYTES_LIKE):
-            raise ProtocolError(f"frame data must be bytes-like, got {type(data).__name__}")
+        if type(data) is not bytes:
+            data = input_bytes(data, "frame data")
         buf = self._buf
         frames: list[bytes] = []
         if not buf:
             # Fast path: parse straight from the caller's chunk, buffer only the tail.
-            src = data if type(data) is bytes else bytes(data)
+            src = data
             n = len(src)
             pos = 0
             need = FRAME_HEADER_SIZE

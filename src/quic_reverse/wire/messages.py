@@ -204,7 +204,10 @@ class Metadata:
         """Opaque metadata bytes (``Metadata::Bytes``). ``b""`` is distinct from EMPTY."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise EncodeError(f"Metadata.from_bytes: expected bytes, got {type(data).__name__}")
-        raw = bytes(data)
+        try:
+            raw = bytes(data)
+        except (TypeError, ValueError, BufferError) as exc:
+            raise EncodeError(f"Metadata.from_bytes: unreadable buffer ({exc})") from None
         return cls._make(MetadataKind.BYTES, raw, (), _TAG_BYTES_META + _U64.pack(len(raw)) + raw)
 
     @classmethod
