@@ -1,0 +1,564 @@
+"""The transport conformance suite: the contract of ``quic_reverse.transport.base``.
+
+Every transport (in-memory, qh3, aioquic) must pass every test here; the
+``transport_kind`` fixture (``conftest.py``) parametrises them. The tests describe
+what QUIC guarantees, not how a particular transport is built: chunk boundaries,
+the order in which streams are accepted and the exact window sizes are free.
+
+Time only bounds waits (``T``); it is never used to synchronise. Where a test has
+to show that something does *not* happen (an opener that must wait, a writer that
+must block), it waits a short, bounded time and then checks state in bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from quic_reverse.errors import (
+    ConnectionClosed,
+    IncompleteReadError,
+    QuicReverseError,
+    StreamReset,
+    StreamStopped,
+    TransportError,
+)
+from quic_reverse.transport.base import Connection, RecvStream, SendStream
+
+from .conftest import Pair, PairFactory
+
+T = 20.0  # upper bound for anything that should happen "promptly" on a loaded 2-core box
+NEGATIVE_WAIT = 0.3  # how long we watch for something that must not happen
+MiB = 1024 * 1024
+
+# Bytes per large transfer and direction (aioquic moves ~25 MB/s here).
+LARGE_TRANSFER = {"memory": 16 * MiB, "qh3": 16 * MiB, "aioquic": 8 * MiB}
+
+# Slow-reader test: small receive buffers/windows so that the bound is tight and
+# the data moved stays small. QUIC: a receiver that does not read stops granting
+# credit past ``connection_window``; credit already granted can add a stream window.
+SLOW_READER_OPTS: dict[str, dict[str, int]] = {
+    "memory": {"buffer_size": 256 * 1024},
+    "qh3": {"stream_window": 256 * 1024, "connection_window": MiB, "send_buffer": 256 * 1024},
+    "aioquic": {"stream_window": 256 * 1024, "connection_window": MiB, "send_buffer": 256 * 1024},
+}
+
+
+def slow_reader_bounds(kind: str) -> tuple[int, int]:
+    """(max bytes the receiver may hold, max bytes ``write`` may have accepted)."""
+    opts = SLOW_READER_OPTS[kind]
+    if kind == "memory":
+        return opts["buffer_size"], opts["buffer_size"]
+    recv_bound = opts["connection_window"] + opts["stream_window"]
+    return recv_bound, recv_bound + opts["send_buffer"]
+
+
+X = TypeVar("X")
+
+
+async def bounded(aw: Awaitable[X], seconds: float = T) -> X:
+    """Await ``aw`` with the suite-wide deadline (or ``seconds``)."""
+    return await asyncio.wait_for(aw, seconds)
+
+
+async def accept(conn: Connection) -> tuple[SendStream, RecvStream]:
+    accepted = await bounded(conn.accept_bi())
+    assert accepted is not None, "accept_bi returned None on an open connection"
+    return accepted
+
+
+async def read_to_eof(recv: RecvStream, expected_max: int, max_bytes: int = 65536) -> bytes:
+    """Read until FIN; fails if more than ``expected_max`` bytes arrive."""
+    data = bytearray()
+    for _ in range(expected_max + 2):  # every read returns >= 1 byte until FIN
+        chunk = await bounded(recv.read(max_bytes))
+        if not chunk:
+            return bytes(data)
+        assert len(chunk) <= max_bytes
+        data += chunk
+        assert len(data) <= expected_max, "more data than was sent"
+    raise AssertionError("no FIN")
+
+
+async def still_pending(task: asyncio.Future[Any], seconds: float = NEGATIVE_WAIT) -> bool:
+    """True if ``task`` is still not done after a bounded wait."""
+    await asyncio.wait({task}, timeout=seconds)
+    return not task.done()
+
+
+async def discard(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait for it, ignoring its outcome."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, QuicReverseError):
+        await task
+
+
+def sides(pair: Pair, opener: str) -> tuple[Connection, Connection]:
+    """(opening side, accepting side) for ``opener`` in {"client", "server"}."""
+    client, server = pair
+    return (client, server) if opener == "client" else (server, client)
+
+
+def pattern(total: int, seed: int) -> Iterator[bytes]:
+    """Deterministic, non-repeating chunks of varying size adding up to ``total``."""
+    rng = random.Random(seed)
+    base = rng.randbytes(MiB + 4096)
+    sizes = (1, 1000, 65536, 300_000, MiB, 7, 150_000)
+    sent = 0
+    i = 0
+    while sent < total:
+        size = min(sizes[i % len(sizes)], total - sent)
+        start = rng.randrange(4096)
+        chunk = i.to_bytes(4, "big") + base[start : start + size]
+        chunk = chunk[:size]
+        yield chunk
+        sent += len(chunk)
+        i += 1
+
+
+OPENERS = pytest.mark.parametrize("opener", ["client", "server"])
+
+
+# --- open / accept / data -------------------------------------------------------
+
+
+@OPENERS
+async def test_open_accept_and_echo(transport_pair: Pair, opener: str) -> None:
+    a, b = sides(transport_pair, opener)
+    send, recv = await bounded(a.open_bi())
+    await bounded(send.write(b"hello"))
+    peer_send, peer_recv = await accept(b)
+    assert peer_send.stream_id == send.stream_id == recv.stream_id == peer_recv.stream_id
+    assert await bounded(peer_recv.read_exactly(5)) == b"hello"
+    await bounded(peer_send.write(b"world!"))
+    await bounded(peer_send.finish())
+    assert await read_to_eof(recv, 6) == b"world!"
+    await bounded(send.finish())
+    assert await read_to_eof(peer_recv, 0) == b""
+    for conn in transport_pair:
+        assert conn.is_open
+        host, port = conn.remote_address
+        assert isinstance(host, str)
+        assert isinstance(port, int)
+
+
+async def test_stream_ids_distinct_and_role_numbered(transport_pair: Pair) -> None:
+    client, server = transport_pair
+    client_ids = [(await bounded(client.open_bi()))[0].stream_id for _ in range(3)]
+    server_ids = [(await bounded(server.open_bi()))[0].stream_id for _ in range(3)]
+    assert len(set(client_ids + server_ids)) == 6
+    # QUIC: bit 0 is the initiator (0 = client), bit 1 the direction (0 = bidi).
+    assert all(sid % 4 == 0 for sid in client_ids)
+    assert all(sid % 4 == 1 for sid in server_ids)
+
+
+async def test_stream_visible_only_after_write_or_finish(transport_pair: Pair) -> None:
+    client, server = transport_pair
+    send1, _ = await bounded(client.open_bi())
+    send2, _ = await bounded(client.open_bi())
+    accepting = asyncio.ensure_future(server.accept_bi())
+    try:
+        assert await still_pending(accepting), "peer saw a stream nobody wrote to"
+        await bounded(send2.finish())  # FIN alone makes a stream visible
+        first = await bounded(accepting)
+    finally:
+        await discard(accepting)
+    assert first is not None
+    assert first[1].stream_id == send2.stream_id
+    assert await read_to_eof(first[1], 0) == b""
+    await bounded(send1.write(b"x"))
+    second = await accept(server)
+    assert second[1].stream_id == send1.stream_id
+    assert await bounded(second[1].read_exactly(1)) == b"x"
+
+
+async def test_data_both_ways_concurrently(transport_pair: Pair) -> None:
+    client, server = transport_pair
+    size = 2 * MiB
+    up = b"".join(pattern(size, 1))
+    down = b"".join(pattern(size, 2))
+    send, recv = await bounded(client.open_bi())
+    await bounded(send.write(up[:10]))
+    peer_send, peer_recv = await accept(server)
+
+    async def client_writer() -> None:
+        await send.write(up[10:])
+        await send.finish()
+
+    async def server_writer() -> None:
+        await peer_send.write(down)
+        await peer_send.finish()
+
+    results = await bounded(
+        asyncio.gather(
+            client_writer(),
+            server_writer(),
+            read_to_eof(peer_recv, size),
+            read_to_eof(recv, size),
+        )
+    )
+    assert results[2] == up
+    assert results[3] == down
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+async def test_large_transfer_sha256(
+    transport_pair: Pair, transport_kind: str, direction: str
+) -> None:
+    total = LARGE_TRANSFER[transport_kind]
+    a, b = sides(transport_pair, "client" if direction == "upload" else "server")
+    send, _ = await bounded(a.open_bi())
+    sent_hash = hashlib.sha256()
+
+    async def writer() -> None:
+        for chunk in pattern(total, 3):
+            sent_hash.update(chunk)
+            await send.write(chunk)
+        await send.finish()
+
+    async def reader() -> tuple[int, str]:
+        _, recv = await accept(b)
+        got = hashlib.sha256()
+        count = 0
+        for _ in range(total + 2):
+            chunk = await recv.read(256 * 1024)
+            if not chunk:
+                return count, got.hexdigest()
+            count += len(chunk)
+            got.update(chunk)
+        raise AssertionError("no FIN")
+
+    _, (count, digest) = await bounded(asyncio.gather(writer(), reader()), 60.0)
+    assert count == total
+    assert digest == sent_hash.hexdigest()
+
+
+async def test_small_writes_and_one_byte_reads(transport_pair: Pair) -> None:
+    """Byte-at-a-time in both directions: 1-byte writes, 1-byte reads."""
+    client, server = transport_pair
+    payload = bytes(range(256)) * 2
+    send, recv = await bounded(client.open_bi())
+    for i in range(len(payload)):
+        await bounded(send.write(payload[i : i + 1]))
+    await bounded(send.finish())
+    peer_send, peer_recv = await accept(server)
+    got = bytearray()
+    for _ in range(len(payload) + 1):
+        chunk = await bounded(peer_recv.read(1))
+        if not chunk:
+            break
+        assert len(chunk) == 1
+        got += chunk
+    assert bytes(got) == payload
+    await bounded(peer_send.write(b"ok"))
+    await bounded(peer_send.finish())
+    assert await read_to_eof(recv, 2, max_bytes=1) == b"ok"
+
+
+async def test_read_exactly_and_incomplete_read(transport_pair: Pair) -> None:
+    client, server = transport_pair
+    send, _ = await bounded(client.open_bi())
+    await bounded(send.write(b"abcde"))
+    await bounded(send.finish())
+    _, recv = await accept(server)
+    assert await bounded(recv.read_exactly(3)) == b"abc"
+    with pytest.raises(IncompleteReadError) as info:
+        await bounded(recv.read_exactly(5))
+    assert info.value.partial == b"de"
+    assert info.value.expected == 5
+    assert await bounded(recv.read()) == b""  # FIN stays visible
+    with pytest.raises(ValueError):
+        await recv.read(0)
+
+
+async def test_write_after_finish_or_reset_is_a_transport_error(transport_pair: Pair) -> None:
+    client, server = transport_pair
+    send, _ = await bounded(client.open_bi())
+    await bounded(send.write(b"x"))
+    await bounded(send.finish())
+    await bounded(send.finish())  # idempotent
+    with pytest.raises(TransportError):
+        await bounded(send.write(b"late"))
+    send.reset(1)  # after FIN: a no-op, never raises
+    _, recv = await accept(server)
+    assert await read_to_eof(recv, 1) == b"x"
+
+    send2, _ = await bounded(client.open_bi())
+    await bounded(send2.write(b"y"))
+    send2.reset(5)
+    send2.reset(6)  # idempotent
+    with pytest.raises(TransportError):
+        await bounded(send2.write(b"late"))
+
+
+# --- half-close, reset, stop ---------------------------------------------------
+
+
+@pytest.mark.parametrize("first_fin", ["opener", "acceptor"])
+async def test_half_close_each_direction_independently(
+    transport_pair: Pair, first_fin: str
+) -> None:
+    client, server = transport_pair
+    send, recv = await bounded(client.open_bi())
+    await bounded(send.write(b"hi"))
+    peer_send, peer_recv = await accept(server)
+    assert await bounded(peer_recv.read_exactly(2)) == b"hi"
+    # One direction gets FIN; the other keeps carrying data both ways after it.
+    if first_fin == "opener":
+        done_send, done_recv, live_send, live_recv = send, peer_recv, peer_send, recv
+    else:
+        done_send, done_recv, live_send, live_recv = peer_send, recv, send, peer_recv
+    await bounded(done_send.finish())
+    assert await read_to_eof(done_recv, 0) == b""
+    assert await bounded(done_recv.read()) == b""  # EOF is sticky
+    body = b"".join(pattern(300_000, 4))
+    for _ in range(3):
+        _, echoed = await bounded(
+            asyncio.gather(live_send.write(body), live_recv.read_exactly(len(body)))
+        )
+        assert echoed == body
+    await bounded(live_send.finish())
+    assert await read_to_eof(live_recv, 0) == b""
+
+
+@OPENERS
+async def test_reset_is_a_typed_error_at_the_reader(transport_pair: Pair, opener: str) -> None:
+    a, b = sides(transport_pair, opener)
+    send, _ = await bounded(a.open_bi())
+    await bounded(send.write(b"partial data"))
+    _, recv = await accept(b)
+    send.reset(42)
+    with pytest.raises(StreamReset) as info:
+        # Data that arrived before the reset may or may not be delivered; EOF never is.
+        for _ in range(100):
+            chunk = await bounded(recv.read())
+            assert chunk, "a reset stream must not look like EOF"
+    assert info.value.error_code == 42
+
+
+@OPENERS
+async def test_stop_is_a_typed_error_at_the_writer(transport_pair: Pair, opener: str) -> None:
+    a, b = sides(transport_pair, opener)
+    send, recv = await bounded(a.open_bi())
+    await bounded(send.write(b"first"))
+    peer_send, peer_recv = await accept(b)
+    assert await bounded(peer_recv.read_exactly(5)) == b"first"
+    peer_recv.stop(43)
+    chunk = b"z" * 16384
+    with pytest.raises(StreamStopped) as info:
+        for _ in range(10_000):  # writes succeed until STOP_SENDING arrives
+            await bounded(send.write(chunk))
+    assert info.value.error_code == 43
+    with pytest.raises(StreamStopped):
+        await bounded(send.finish())
+    # The other direction is unaffected.
+    await bounded(peer_send.write(b"still here"))
+    await bounded(peer_send.finish())
+    assert await read_to_eof(recv, 10) == b"still here"
+
+
+# --- connection close ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("closer", ["client", "server"])
+async def test_close_wakes_every_pending_operation(
+    transport_pair: Pair, transport_kind: str, closer: str
+) -> None:
+    client, server = transport_pair
+    # Stream 1 carries one byte each way, then both sides wait on a read.
+    send, recv = await bounded(client.open_bi())
+    await bounded(send.write(b"."))
+    peer_send, peer_recv = await accept(server)
+    assert await bounded(peer_recv.read_exactly(1)) == b"."
+    await bounded(peer_send.write(b"."))
+    assert await bounded(recv.read_exactly(1)) == b"."
+    # Stream 2: the server never reads it, so a large write blocks on backpressure.
+    blocked_send, _ = await bounded(client.open_bi())
+    await bounded(blocked_send.write(b"."))
+    await accept(server)
+    tasks = {
+        "client accept": asyncio.ensure_future(client.accept_bi()),
+        "server accept": asyncio.ensure_future(server.accept_bi()),
+        "client read": asyncio.ensure_future(recv.read()),
+        "server read": asyncio.ensure_future(peer_recv.read()),
+        "client write": asyncio.ensure_future(blocked_send.write(bytes(64 * MiB))),
+    }
+    try:
+        await asyncio.wait(tasks.values(), timeout=NEGATIVE_WAIT)
+        assert not [name for name, task in tasks.items() if task.done()], "woke before close"
+        closing = client if closer == "client" else server
+        closing.close(7, b"going away")
+        await asyncio.wait(tasks.values(), timeout=T)
+        stuck = [name for name, task in tasks.items() if not task.done()]
+        assert not stuck, f"not woken by close: {stuck}"
+    finally:
+        for task in tasks.values():
+            await discard(task)
+    outcome = {name: task.exception() or task.result() for name, task in tasks.items()}
+    assert outcome["client accept"] is None
+    assert outcome["server accept"] is None
+    for name in ("client read", "server read", "client write"):
+        assert isinstance(outcome[name], ConnectionClosed), (name, outcome[name])
+    peer_error = outcome["server read" if closer == "client" else "client read"]
+    assert isinstance(peer_error, ConnectionClosed)
+    assert peer_error.error_code == 7
+    await bounded(client.wait_closed())
+    await bounded(server.wait_closed())
+    assert not client.is_open
+    assert not server.is_open
+    # After close: accept_bi -> None, open_bi/write/finish -> ConnectionClosed,
+    # close/reset/stop are no-ops.
+    assert await bounded(server.accept_bi()) is None
+    with pytest.raises(ConnectionClosed):
+        await bounded(client.open_bi())
+    with pytest.raises(ConnectionClosed):
+        await bounded(send.write(b"x"))
+    with pytest.raises(ConnectionClosed):
+        await bounded(send.finish())
+    send.reset(1)
+    recv.stop(1)
+    client.close()
+    server.close(9)
+
+
+async def test_close_wakes_opener_waiting_for_a_stream_slot(make_pair: PairFactory) -> None:
+    async with make_pair(max_streams=2) as (client, server):
+        for _ in range(2):
+            send, _ = await bounded(client.open_bi())
+            await bounded(send.write(b"."))
+        opener = asyncio.ensure_future(client.open_bi())
+        try:
+            assert await still_pending(opener), "open_bi went past the stream limit"
+            server.close(3)
+            with pytest.raises(ConnectionClosed):
+                await bounded(opener)
+        finally:
+            await discard(opener)
+
+
+# --- many streams, stream limit, backpressure ----------------------------------
+
+
+async def test_many_concurrent_streams(transport_pair: Pair) -> None:
+    client, server = transport_pair
+    count = 500
+
+    async def echo_server() -> int:
+        async def echo(send: SendStream, recv: RecvStream) -> None:
+            data = await recv.read_exactly(4)
+            assert await recv.read() == b""
+            await send.write(data[::-1])
+            await send.finish()
+
+        handlers = []
+        for _ in range(count):
+            peer_send, peer_recv = await accept(server)
+            handlers.append(asyncio.ensure_future(echo(peer_send, peer_recv)))
+        await asyncio.gather(*handlers)
+        return len(handlers)
+
+    serving = asyncio.ensure_future(echo_server())
+    try:
+        # All `count` streams are open at once before any finishes.
+        streams = [await bounded(client.open_bi()) for _ in range(count)]
+        for i, (send, _) in enumerate(streams):
+            await bounded(send.write(i.to_bytes(4, "big")))
+
+        async def finish_and_check(i: int, send: SendStream, recv: RecvStream) -> None:
+            await send.finish()
+            assert await read_to_eof(recv, 4) == i.to_bytes(4, "big")[::-1]
+
+        await bounded(
+            asyncio.gather(*(finish_and_check(i, s, r) for i, (s, r) in enumerate(streams))),
+            60.0,
+        )
+        assert await bounded(serving) == count
+    finally:
+        await discard(serving)
+
+
+async def test_stream_limit_makes_opener_wait(make_pair: PairFactory) -> None:
+    limit = 4
+    async with make_pair(max_streams=limit) as (client, server):
+        streams = []
+        for i in range(limit):
+            send, recv = await bounded(client.open_bi())
+            await bounded(send.write(bytes([i])))
+            streams.append((send, recv))
+        accepted = [await accept(server) for _ in range(limit)]
+        opener = asyncio.ensure_future(client.open_bi())
+        try:
+            assert await still_pending(opener), "open_bi went past the peer's stream limit"
+            # Finish one stream in both directions: a slot frees up and the opener proceeds.
+            send, recv = streams[0]
+            await bounded(send.finish())
+            for peer_send, peer_recv in accepted:
+                if peer_recv.stream_id == send.stream_id:
+                    assert await read_to_eof(peer_recv, 1) == b"\x00"
+                    await bounded(peer_send.finish())
+            assert await read_to_eof(recv, 0) == b""
+            new_send, new_recv = await bounded(opener)
+        finally:
+            await discard(opener)
+        # The new stream works (a stack that broke past its limit would fail here).
+        await bounded(new_send.write(b"new"))
+        await bounded(new_send.finish())
+        peer_send, peer_recv = await accept(server)
+        assert peer_recv.stream_id == new_send.stream_id
+        assert await read_to_eof(peer_recv, 3) == b"new"
+        await bounded(peer_send.write(b"ok"))
+        await bounded(peer_send.finish())
+        assert await read_to_eof(new_recv, 2) == b"ok"
+
+
+async def test_slow_reader_blocks_writer_and_bounds_buffers(
+    make_pair: PairFactory, transport_kind: str
+) -> None:
+    recv_bound, written_bound = slow_reader_bounds(transport_kind)
+    chunk = b"".join(pattern(256 * 1024, 5))
+    chunks = 64  # 16 MiB would be accepted by write() if nothing pushed back
+    async with make_pair(**SLOW_READER_OPTS[transport_kind]) as (client, server):
+        send, _ = await bounded(client.open_bi())
+        await bounded(send.write(b"!"))
+        _, peer_recv = await accept(server)
+        assert await bounded(peer_recv.read_exactly(1)) == b"!"
+        written = 0
+
+        async def writer() -> None:
+            nonlocal written
+            for _ in range(chunks):
+                await send.write(chunk)
+                written += len(chunk)
+            await send.finish()
+
+        writing = asyncio.ensure_future(writer())
+        try:
+            # Watch until the writer makes no more progress (it must block somewhere).
+            last = -1
+            for _ in range(100):
+                await asyncio.wait({writing}, timeout=0.2)
+                assert not writing.done(), "writer finished although nobody read"
+                if written == last:
+                    break
+                last = written
+            assert written == last, "writer never stopped making progress"
+            assert peer_recv.buffered_bytes <= recv_bound
+            assert send.buffered_bytes <= written_bound
+            assert written <= written_bound
+
+            # Reading resumes the writer; everything arrives intact, still bounded.
+            expected = hashlib.sha256(chunk).digest()
+            for _ in range(chunks):
+                block = await bounded(peer_recv.read_exactly(len(chunk)))
+                assert hashlib.sha256(block).digest() == expected
+                assert peer_recv.buffered_bytes <= recv_bound
+            assert await bounded(peer_recv.read()) == b""
+            await bounded(writing)
+        finally:
+            await discard(writing)
