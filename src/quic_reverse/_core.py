@@ -277,6 +277,7 @@ class SessionCore:
         self._next_lsid = 1
         self._used_lsids: set[int] = set()
         self.active_streams = 0
+        self._limit_rejects = 0
 
         # pings
         self._next_ping_seq = 1
@@ -507,13 +508,18 @@ class SessionCore:
         if rid in self._incoming:
             raise ProtocolError(f"OpenRequest: request_id {rid} is already pending")
         if self.active_streams + len(self._incoming) >= self.config.max_concurrent_streams:
-            logger.warning(
-                "%s: rejecting OpenRequest %d for %r: LIMIT_EXCEEDED (%d streams active)",
-                self.role.value,
-                rid,
-                msg.service,
-                self.active_streams,
-            )
+            self._limit_rejects += 1
+            if self._limit_rejects & (self._limit_rejects - 1) == 0:  # 1, 2, 4, 8...: no flood
+                logger.warning(
+                    "%s: rejecting OpenRequest %d for %r: LIMIT_EXCEEDED "
+                    "(%d active, %d unanswered; %d rejected so far)",
+                    self.role.value,
+                    rid,
+                    msg.service,
+                    self.active_streams,
+                    len(self._incoming),
+                    self._limit_rejects,
+                )
             self._send(
                 OpenResponse(
                     request_id=rid,

@@ -173,6 +173,7 @@ class SessionHandle:
         self._ended = asyncio.Event()  # the core reached CLOSED
         self._closed = asyncio.Event()  # shutdown finished: transport closed, tasks done
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._refused_streams = 0
 
     # ------------------------------------------------------------------ properties
 
@@ -594,11 +595,14 @@ class SessionHandle:
                 return
             token = self._core.stream_arrived(self._loop.time())
             if token is None:
-                logger.warning(
-                    "%s: resetting unexpected data stream %d (nothing awaits it)",
-                    self._role.value,
-                    pair[0].stream_id,
-                )
+                self._refused_streams += 1
+                if self._refused_streams & (self._refused_streams - 1) == 0:  # 1, 2, 4...
+                    logger.warning(
+                        "%s: resetting unexpected data stream %d (nothing awaits it; %d so far)",
+                        self._role.value,
+                        pair[0].stream_id,
+                        self._refused_streams,
+                    )
                 _reset_pair(pair)
                 continue
             self._streams_by_token[token] = pair
