@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP = 20.0  # seconds: generous for a loaded 2-core CI machine
+AUTH_TIMEOUT = 3.0  # the relays' --auth-timeout
 
 
 class Proc:
@@ -179,7 +180,7 @@ def start_relay(
         "--tokens",
         str(tokens),
         "--auth-timeout",
-        "5",
+        str(AUTH_TIMEOUT),
         "--open-timeout",
         "5",
         "--grace",

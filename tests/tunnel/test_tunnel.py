@@ -18,9 +18,21 @@ from pathlib import Path
 
 import pytest
 
+from quic_reverse import Config, Metadata, RejectCode, Role, Session, StreamRejected
+from quic_reverse.transport import quic
 from quic_reverse.tunnel.auth import generate_token, write_token_file
+from quic_reverse.tunnel.config import DEFAULT_ALPN
 
-from ._procs import Proc, RelayProc, Services, start_edge, start_relay, start_services
+from ._procs import (
+    AUTH_TIMEOUT,
+    STARTUP,
+    Proc,
+    RelayProc,
+    Services,
+    start_edge,
+    start_relay,
+    start_services,
+)
 
 WAIT = 30.0
 PROMPT = 3.0  # "closed promptly"
@@ -295,17 +307,113 @@ async def test_relay_restarted_edge_reconnects(
             relay2.proc.kill()
 
 
-def test_sigterm_stops_edge_gracefully(services: Services, tmp_path: Path) -> None:
+async def test_relay_killed_edge_notices_within_seconds(
+    services: Services, private: tuple[Path, RelayProc]
+) -> None:
+    tmp, relay = private
+    edge = start_edge("edgeA", tmp / "edgeA.token", relay, [f"echo=127.0.0.1:{services.echo}"])
+    try:
+        mark = edge.mark()
+        relay.proc.kill()  # SIGKILL: no session close, the edge must notice by itself
+        started = time.monotonic()
+        await asyncio.to_thread(edge.wait_for, r"session with the relay lost", after=mark)
+        # --ping-interval 1 --ping-timeout 2: dead relay noticed within a few seconds.
+        assert time.monotonic() - started < 1 + 2 + 3
+        await asyncio.to_thread(edge.wait_for, r"reconnecting to", after=mark)
+    finally:
+        edge.kill()
+
+
+async def test_unauthenticated_session_is_refused_and_closed(tunnel: Tunnel) -> None:
+    """A peer that skips authentication gets nothing routed and is closed at the deadline."""
+    mark = tunnel.relay.proc.mark()
+    conn = await quic.connect(
+        "127.0.0.1",
+        tunnel.relay.quic_port,
+        tls=quic.ClientTLS(alpn=(DEFAULT_ALPN,), pin_sha256=tunnel.relay.fingerprint),
+    )
+    try:
+        handle = await Session(conn, Role.CLIENT, Config()).start()
+        with pytest.raises(StreamRejected) as info:
+            await handle.open("echo", Metadata.EMPTY)
+        assert info.value.code == RejectCode.UNAUTHORIZED
+        async with asyncio.timeout(AUTH_TIMEOUT + 5):
+            await handle.wait_closed()  # the relay closed it at the auth deadline
+        assert handle.is_closed
+    finally:
+        conn.close()
+        await conn.wait_closed()
+    await asyncio.to_thread(tunnel.relay.proc.wait_for, r"did not authenticate within", after=mark)
+
+
+def test_config_file_with_flag_override_and_sigterm(services: Services, tmp_path: Path) -> None:
+    """The edge reads its settings from --config; a flag overrides the file; SIGTERM
+    stops it gracefully with status 0 and the relay sees a clean session close."""
     _write_tokens(tmp_path, ["edgeA"])
     relay = start_relay(tmp_path / "state", tmp_path / "tokens.toml", [])
     try:
-        edge = start_edge("edgeA", tmp_path / "edgeA.token", relay, ["x=127.0.0.1:9"])
+        config = tmp_path / "edge.toml"
+        config.write_text(
+            f"""
+[edge]
+relay = "127.0.0.1:1"            # wrong on purpose: --relay on the command line wins
+name = "edgeA"
+token_file = "edgeA.token"       # relative to this file
+fingerprint = "{relay.fingerprint}"
+expose = {{ echo = "127.0.0.1:{services.echo}" }}
+ping_interval = 1.0
+""",
+            encoding="utf-8",
+        )
+        edge = Proc(
+            "edge (config file)",
+            ["edge", "--config", str(config), "--relay", f"127.0.0.1:{relay.quic_port}"],
+        )
         try:
+            edge.wait_for(r"authenticated to relay 127.0.0.1:\d+ as 'edgeA'; exposing echo=")
             assert edge.terminate() == 0
             assert edge.find(r"edge stopped")
-            relay.proc.wait_for(r"edge 'edgeA' .*closed the session")
+            relay.proc.wait_for(r"edge 'edgeA' .*closed the session: NORMAL")
         finally:
             edge.kill()
     finally:
         relay.proc.kill()
-    assert re.search(r"relay ready", relay.proc.text)
+
+
+def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[edge]\nrelay = 5\n", encoding="utf-8")
+    cases = [
+        ([], r"usage: quic-reverse"),
+        (["edge", "--config", str(bad)], r"configuration error: \[edge\] relay: wrong type"),
+        (["relay", "--self-signed"], r"configuration error: relay: --tokens FILE is required"),
+        (
+            ["edge", "--relay", "h:1", "--name", "a", "--token-file", "t", "--expose", "x=h:1"],
+            r"must be verified",
+        ),
+        (["relay", "--bogus"], r"unrecognized arguments"),
+    ]
+    for args, pattern in cases:
+        proc = Proc("cli", args)
+        try:
+            assert proc.wait_exit(STARTUP) == 2, (args, proc.tail())
+            assert re.search(pattern, proc.text), (args, proc.tail())
+        finally:
+            proc.kill()
+    helper = Proc("cli", ["relay", "--help"])
+    try:
+        assert helper.wait_exit(STARTUP) == 0
+        for flag in (
+            "--listen",
+            "--cert",
+            "--key",
+            "--self-signed",
+            "--tokens",
+            "--forward",
+            "--config",
+            "--grace",
+            "--auth-timeout",
+        ):
+            assert flag in helper.text
+    finally:
+        helper.kill()
