@@ -319,3 +319,40 @@ def test_unusual_buffers_only_raise_typed_errors() -> None:
     strided = memoryview(b"x".join(bytes([b]) for b in encode(Ping(sequence=3))))[::2]
     assert decode(strided) == Ping(sequence=3)
     assert FrameReader().feed(memoryview(encode_frame(b"ab") * 2)[::1]) == [b"ab", b"ab"]
+
+
+_HEAD = struct.pack("<IQQ", 2, 1, 1) + b"e" + struct.pack("<IQ", 2, 1)  # 1-entry map
+
+
+def _key(raw: bytes) -> bytes:
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize(
+    ("tail", "match"),
+    [
+        (struct.pack("<Q", 50) + bytes(10), r"entry 0 key: length 50 at offset 33 exceeds"),
+        (_key(b"\xff") + struct.pack("<I", 1) + bytes(9), r"entry 0 key: invalid UTF-8 at byte 0"),
+        (_key(b"k") + struct.pack("<I", 1) + bytes(3) + bytes(2), r"entry 0 value\.Integer: unex"),
+        (
+            _key(b"k") + struct.pack("<IQ", 0, 2**64 - 1) + bytes(4),
+            r"entry 0 value\.String: length 1844",
+        ),
+        (
+            _key(b"k") + struct.pack("<IQ", 0, 1) + b"\xc3\x00",
+            r"entry 0 value\.String: invalid UTF-8",
+        ),
+        (_key(b"k") + struct.pack("<I", 2), r"entry 0 value\.Boolean: unexpected end"),
+        (
+            _key(b"k") + struct.pack("<IQ", 3, 99) + bytes(3),
+            r"entry 0 value\.Bytes: length 99 at offset",
+        ),
+        (
+            _key(b"k") + struct.pack("<I", 9) + bytes(3),
+            r"entry 0 value: unknown MetadataValue variant 9",
+        ),
+    ],
+)
+def test_structured_metadata_errors_name_the_entry(tail: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=r"OpenRequest\.metadata\.Structured " + match):
+        decode(_HEAD + tail)
