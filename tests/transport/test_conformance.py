@@ -277,6 +277,37 @@ async def test_read_exactly_and_incomplete_read(transport_pair: Pair) -> None:
         await recv.read(0)
 
 
+async def test_write_copies_the_callers_buffer(transport_pair: Pair) -> None:
+    """Once ``write`` returned, the caller may reuse its bytearray/memoryview."""
+    client, server = transport_pair
+    send, _ = await bounded(client.open_bi())
+    buf = bytearray(b"A" * 100_000)
+    await bounded(send.write(buf))
+    buf[:] = b"B" * 100_000
+    await bounded(send.write(memoryview(buf)[:50_000]))
+    buf[:] = b"C" * 100_000
+    await bounded(send.finish())
+    _, recv = await accept(server)
+    assert await read_to_eof(recv, 150_000) == b"A" * 100_000 + b"B" * 50_000
+
+
+async def test_cancelled_read_and_accept_lose_nothing(transport_pair: Pair) -> None:
+    client, server = transport_pair
+    accepting = asyncio.ensure_future(server.accept_bi())
+    assert await still_pending(accepting, 0.05)
+    await discard(accepting)
+    send, _ = await bounded(client.open_bi())
+    await bounded(send.write(b"first"))
+    _, recv = await accept(server)  # the cancelled accept did not swallow the stream
+    assert await bounded(recv.read_exactly(5)) == b"first"
+    reading = asyncio.ensure_future(recv.read())
+    assert await still_pending(reading, 0.05)
+    await discard(reading)
+    await bounded(send.write(b"second"))
+    await bounded(send.finish())
+    assert await read_to_eof(recv, 6) == b"second"  # nor did the cancelled read
+
+
 async def test_write_after_finish_or_reset_is_a_transport_error(transport_pair: Pair) -> None:
     client, server = transport_pair
     send, _ = await bounded(client.open_bi())
@@ -408,6 +439,7 @@ async def test_close_wakes_every_pending_operation(
     peer_error = outcome["server read" if closer == "client" else "client read"]
     assert isinstance(peer_error, ConnectionClosed)
     assert peer_error.error_code == 7
+    assert peer_error.reason == "going away"
     await bounded(client.wait_closed())
     await bounded(server.wait_closed())
     assert not client.is_open
@@ -432,21 +464,22 @@ async def test_close_wakes_opener_waiting_for_a_stream_slot(make_pair: PairFacto
         for _ in range(2):
             send, _ = await bounded(client.open_bi())
             await bounded(send.write(b"."))
-        opener = asyncio.ensure_future(client.open_bi())
+        waiting_open = asyncio.ensure_future(client.open_bi())
         try:
-            assert await still_pending(opener), "open_bi went past the stream limit"
+            assert await still_pending(waiting_open), "open_bi went past the stream limit"
             server.close(3)
             with pytest.raises(ConnectionClosed):
-                await bounded(opener)
+                await bounded(waiting_open)
         finally:
-            await discard(opener)
+            await discard(waiting_open)
 
 
 # --- many streams, stream limit, backpressure ----------------------------------
 
 
-async def test_many_concurrent_streams(transport_pair: Pair) -> None:
-    client, server = transport_pair
+@OPENERS
+async def test_many_concurrent_streams(transport_pair: Pair, opener: str) -> None:
+    client, server = sides(transport_pair, opener)
     count = 500
 
     async def echo_server() -> int:
@@ -483,18 +516,20 @@ async def test_many_concurrent_streams(transport_pair: Pair) -> None:
         await discard(serving)
 
 
-async def test_stream_limit_makes_opener_wait(make_pair: PairFactory) -> None:
+@OPENERS
+async def test_stream_limit_makes_opener_wait(make_pair: PairFactory, opener: str) -> None:
     limit = 4
-    async with make_pair(max_streams=limit) as (client, server):
+    async with make_pair(max_streams=limit) as pair:
+        client, server = sides(pair, opener)
         streams = []
         for i in range(limit):
             send, recv = await bounded(client.open_bi())
             await bounded(send.write(bytes([i])))
             streams.append((send, recv))
         accepted = [await accept(server) for _ in range(limit)]
-        opener = asyncio.ensure_future(client.open_bi())
+        waiting_open = asyncio.ensure_future(client.open_bi())
         try:
-            assert await still_pending(opener), "open_bi went past the peer's stream limit"
+            assert await still_pending(waiting_open), "open_bi went past the peer's stream limit"
             # Finish one stream in both directions: a slot frees up and the opener proceeds.
             send, recv = streams[0]
             await bounded(send.finish())
@@ -503,9 +538,9 @@ async def test_stream_limit_makes_opener_wait(make_pair: PairFactory) -> None:
                     assert await read_to_eof(peer_recv, 1) == b"\x00"
                     await bounded(peer_send.finish())
             assert await read_to_eof(recv, 0) == b""
-            new_send, new_recv = await bounded(opener)
+            new_send, new_recv = await bounded(waiting_open)
         finally:
-            await discard(opener)
+            await discard(waiting_open)
         # The new stream works (a stack that broke past its limit would fail here).
         await bounded(new_send.write(b"new"))
         await bounded(new_send.finish())
@@ -517,13 +552,15 @@ async def test_stream_limit_makes_opener_wait(make_pair: PairFactory) -> None:
         assert await read_to_eof(new_recv, 2) == b"ok"
 
 
+@OPENERS
 async def test_slow_reader_blocks_writer_and_bounds_buffers(
-    make_pair: PairFactory, transport_kind: str
+    make_pair: PairFactory, transport_kind: str, opener: str
 ) -> None:
     recv_bound, written_bound = slow_reader_bounds(transport_kind)
     chunk = b"".join(pattern(256 * 1024, 5))
     chunks = 64  # 16 MiB would be accepted by write() if nothing pushed back
-    async with make_pair(**SLOW_READER_OPTS[transport_kind]) as (client, server):
+    async with make_pair(**SLOW_READER_OPTS[transport_kind]) as pair:
+        client, server = sides(pair, opener)
         send, _ = await bounded(client.open_bi())
         await bounded(send.write(b"!"))
         _, peer_recv = await accept(server)
@@ -562,3 +599,34 @@ async def test_slow_reader_blocks_writer_and_bounds_buffers(
             await bounded(writing)
         finally:
             await discard(writing)
+
+
+async def test_streams_beyond_the_limit_all_complete(make_pair: PairFactory) -> None:
+    """Many more concurrent opens than the limit: each waits its turn, none fails."""
+    limit, count = 8, 48
+    async with make_pair(max_streams=limit) as (client, server):
+
+        async def echo_server() -> None:
+            async def echo(send: SendStream, recv: RecvStream) -> None:
+                data = await read_to_eof(recv, 4)
+                await send.write(data)
+                await send.finish()
+
+            handlers = []
+            for _ in range(count):
+                handlers.append(asyncio.ensure_future(echo(*await accept(server))))
+            await asyncio.gather(*handlers)
+
+        async def one(i: int) -> bytes:
+            send, recv = await client.open_bi()
+            await send.write(i.to_bytes(4, "big"))
+            await send.finish()
+            return await read_to_eof(recv, 4)
+
+        serving = asyncio.ensure_future(echo_server())
+        try:
+            results = await bounded(asyncio.gather(*(one(i) for i in range(count))), 60.0)
+            await bounded(serving)
+        finally:
+            await discard(serving)
+        assert results == [i.to_bytes(4, "big") for i in range(count)]
