@@ -18,6 +18,7 @@ from typing import Any
 from quic_reverse.transport.base import Connection
 from quic_reverse.transport.quic import (
     ClientTLS,
+    QuicServer,
     ServerTLS,
     Stack,
     TransportOptions,
@@ -26,7 +27,7 @@ from quic_reverse.transport.quic import (
 )
 from quic_reverse.transport.tls import write_self_signed
 
-__all__ = ["dev_certificate", "quic_pair"]
+__all__ = ["dev_certificate", "quic_pair", "quic_server"]
 
 _TMP: tempfile.TemporaryDirectory[str] | None = None
 
@@ -88,5 +89,26 @@ async def quic_pair(
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5):
                     await client.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def quic_server(
+    on_connection: Any, stack: Stack = "qh3", **opts: Any
+) -> AsyncIterator[QuicServer]:
+    """A server on 127.0.0.1 (random port) with the shared dev certificate."""
+    cert, key = dev_certificate()
+    server = await serve(
+        "127.0.0.1",
+        0,
+        tls=ServerTLS(certfile=cert, keyfile=key),
+        on_connection=on_connection,
+        stack=stack,
+        options=TransportOptions(**opts),
+    )
+    try:
+        yield server
+    finally:
         server.close()
         await server.wait_closed()

@@ -262,6 +262,7 @@ class StackConnection(Connection):
         # frames for them are ignored.
         self._next_peer_bidi = 1 if is_client else 0
         self._unseen_peer_ids: set[int] = set()
+        self._recv_activity = asyncio.Event()
 
     # ------------------------------------------------------------------ hooks
 
@@ -321,6 +322,20 @@ class StackConnection(Connection):
         await asyncio.shield(self._handshake_done)
 
     @property
+    def receiving_paused(self) -> bool:
+        """True while incoming datagrams are held back (receive high-water reached)."""
+        return self._receiving_paused
+
+    async def wait_receive_activity(self) -> None:
+        """Wait until stream data arrives or receiving pauses (diagnostics, tests).
+
+        Check your condition, then call this; nothing can slip in between because
+        the check and the wait start in the same event-loop step.
+        """
+        self._recv_activity.clear()
+        await self._recv_activity.wait()
+
+    @property
     def handshake_complete(self) -> bool:
         return self._handshake_done.done() and self._handshake_done.exception() is None
 
@@ -374,6 +389,7 @@ class StackConnection(Connection):
             self._process_events()
             if self._receive_paused():
                 self._receiving_paused = True
+                self._recv_activity.set()
         self._transmit()
 
     def _maybe_resume_receiving(self) -> None:
@@ -559,6 +575,7 @@ class StackConnection(Connection):
         if end_stream:
             state.fin_received = True
         _wake(state.read_waiter)
+        self._recv_activity.set()
 
     def _on_stream_reset(self, stream_id: int, error_code: int) -> None:
         state = self._state_for_event(stream_id)

@@ -1,0 +1,253 @@
+"""The qh3 adapter and the stack-neutral ``connect``/``serve`` over real UDP on 127.0.0.1.
+
+Certificate handling (pin, direct trust, verification failure) is checked on both
+stacks since it lives in ``transport.quic``; the rest is qh3-specific: raised
+stream limit, batched server receive, socket buffers, receive pause, close paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from quic_reverse.errors import (
+    CertificateError,
+    ConnectionClosed,
+    StreamReset,
+    TransportError,
+)
+from quic_reverse.transport import qh3 as qh3_adapter
+from quic_reverse.transport._common import StackConnection, convert_stack_errors
+from quic_reverse.transport.base import Connection
+from quic_reverse.transport.quic import ClientTLS, Stack, TransportOptions, connect
+from quic_reverse.transport.tls import certificate_fingerprint, write_self_signed
+from tests.support.quic import dev_certificate, quic_pair, quic_server
+
+T = 15.0
+STACKS: tuple[Stack, ...] = ("qh3", "aioquic")
+
+
+def _rmem_max() -> int:
+    return int(Path("/proc/sys/net/core/rmem_max").read_text())
+
+
+async def _hold(conn: Connection) -> None:
+    """Server handler: keep the connection until the client goes."""
+    await conn.wait_closed()
+
+
+def _cert_der() -> bytes:
+    cert, _ = dev_certificate()
+    return x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+async def test_pinned_certificate_is_accepted_and_exposed(stack: Stack) -> None:
+    async with quic_server(_hold, stack) as server:
+        pin = certificate_fingerprint(_cert_der())
+        async with asyncio.timeout(T):
+            conn = await connect(*server.address, tls=ClientTLS(pin_sha256=pin), stack=stack)
+        try:
+            assert conn.is_open
+            assert conn.peer_certificate == _cert_der()
+            assert conn.remote_address == server.address
+        finally:
+            conn.close()
+            await asyncio.wait_for(conn.wait_closed(), T)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+async def test_wrong_pin_and_untrusted_certificate_are_rejected(
+    stack: Stack, tmp_path: Path
+) -> None:
+    other_cert, _ = write_self_signed(tmp_path)
+    async with quic_server(_hold, stack) as server:
+        with pytest.raises(CertificateError, match="does not match"):
+            await asyncio.wait_for(
+                connect(*server.address, tls=ClientTLS(pin_sha256="ab" * 32), stack=stack), T
+            )
+        # A cafile holding a different self-signed certificate: not trusted.
+        with pytest.raises(CertificateError):
+            await asyncio.wait_for(
+                connect(*server.address, tls=ClientTLS(cafile=other_cert), stack=stack), T
+            )
+        # Default verification (system store) rejects a self-signed certificate.
+        with pytest.raises(CertificateError):
+            await asyncio.wait_for(connect(*server.address, tls=ClientTLS(), stack=stack), T)
+
+
+async def test_verify_off_without_pin_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    async with quic_server(_hold) as server:
+        with caplog.at_level(logging.WARNING, logger="quic_reverse.transport.quic"):
+            conn = await asyncio.wait_for(connect(*server.address, tls=ClientTLS(verify=False)), T)
+        conn.close()
+        await asyncio.wait_for(conn.wait_closed(), T)
+    assert any("verification is DISABLED" in r.getMessage() for r in caplog.records)
+
+
+async def test_connect_to_silent_port_times_out_with_transport_error() -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))  # bound but never answers
+    try:
+        with pytest.raises(TransportError, match="timed out"):
+            await asyncio.wait_for(
+                connect(
+                    *sock.getsockname(),
+                    tls=ClientTLS(verify=False),
+                    options=TransportOptions(handshake_timeout=0.5),
+                ),
+                T,
+            )
+    finally:
+        sock.close()
+
+
+async def test_handler_return_closes_connection_and_server_close_wakes_clients() -> None:
+    done = asyncio.Event()
+
+    async def short(conn: Connection) -> None:
+        done.set()
+
+    cert, _ = dev_certificate()
+    async with quic_server(short) as server:
+        conn = await asyncio.wait_for(connect(*server.address, tls=ClientTLS(cafile=cert)), T)
+        await asyncio.wait_for(done.wait(), T)
+        await asyncio.wait_for(conn.wait_closed(), T)
+        assert not conn.is_open
+        assert await conn.accept_bi() is None
+        with pytest.raises(ConnectionClosed):
+            await conn.open_bi()
+
+    async with quic_server(_hold) as server:
+        conn = await asyncio.wait_for(connect(*server.address, tls=ClientTLS(cafile=cert)), T)
+        send, recv = await conn.open_bi()
+        await send.write(b"x")
+        reading = asyncio.ensure_future(recv.read())
+        server.close()
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(reading, T)
+        await asyncio.wait_for(conn.wait_closed(), T)
+
+
+async def test_idle_timeout_closes_both_sides() -> None:
+    async with quic_pair("qh3", idle_timeout=0.5) as (client, server):
+        await asyncio.wait_for(client.wait_closed(), T)
+        await asyncio.wait_for(server.wait_closed(), T)
+        assert not client.is_open and not server.is_open
+
+
+async def test_stream_limit_is_raised_past_qh3_default() -> None:
+    # qh3 hard-codes 100 concurrent streams; the adapter advertises 1024 by default.
+    count = 300
+    async with quic_pair("qh3") as (client, server):
+        streams = []
+        async with asyncio.timeout(T):
+            for _ in range(count):
+                send, recv = await client.open_bi()
+                await send.write(b"s")
+                streams.append((send, recv))
+            for _ in range(count):
+                pair = await server.accept_bi()
+                assert pair is not None
+                assert await pair[1].read_exactly(1) == b"s"
+        # ... and the 1025th opener waits until a slot is free.
+        core = server._quic._core  # type: ignore[attr-defined]
+        assert core.stream_limits[0] == 1024
+
+
+async def test_server_receives_in_batches_and_socket_buffers_are_large() -> None:
+    payload = bytes(range(256)) * (16 * 1024)  # 4 MiB
+    batch_sizes: list[int] = []
+    async with quic_pair("qh3") as (client, server):
+        real = server.datagrams_received  # type: ignore[attr-defined]
+
+        def spy(datagrams: list[bytes], addr: Any) -> None:
+            batch_sizes.append(len(datagrams))
+            real(datagrams, addr)
+
+        server.datagrams_received = spy  # type: ignore[attr-defined]
+        send, _ = await client.open_bi()
+        await send.write(payload)
+        await send.finish()
+        pair = await asyncio.wait_for(server.accept_bi(), T)
+        assert pair is not None
+        received = bytearray()
+        async with asyncio.timeout(T):
+            while chunk := await pair[1].read():
+                received += chunk
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        sock = server._transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert max(batch_sizes) > 1, "server never got more than one datagram per call"
+    rmem_max = _rmem_max()
+    # Linux doubles the request and caps it at rmem_max (for unprivileged callers).
+    assert rcvbuf >= min(4 * 1024 * 1024, rmem_max)
+
+
+async def test_non_reading_receiver_pauses_and_resumes() -> None:
+    window = 1024 * 1024
+    payload = bytes(range(256)) * (32 * 1024)  # 8 MiB, far more than the window
+    async with quic_pair(
+        "qh3", connection_window=window, stream_window=256 * 1024, send_buffer=256 * 1024
+    ) as (client, server):
+        assert isinstance(server, StackConnection)
+        send, _ = await client.open_bi()
+        await send.write(b"!")
+        pair = await asyncio.wait_for(server.accept_bi(), T)
+        assert pair is not None
+        _, recv = pair
+        writing = asyncio.ensure_future(send.write(payload))
+        try:
+            async with asyncio.timeout(T):
+                while not server.receiving_paused:
+                    await server.wait_receive_activity()
+            assert not writing.done()
+            assert recv.buffered_bytes <= window + 256 * 1024
+            # The reader catches up: everything arrives intact.
+            got = bytearray(await asyncio.wait_for(recv.read_exactly(1), T))
+            async with asyncio.timeout(T):
+                while len(got) < len(payload) + 1:
+                    got += await recv.read()
+            await asyncio.wait_for(writing, T)
+        finally:
+            writing.cancel()
+        assert bytes(got) == b"!" + payload
+
+
+async def test_reset_surfaces_as_typed_error_not_eof() -> None:
+    async with quic_pair("qh3") as (client, server):
+        send, _ = await client.open_bi()
+        await send.write(b"partial")
+        pair = await asyncio.wait_for(server.accept_bi(), T)
+        assert pair is not None
+        assert await asyncio.wait_for(pair[1].read_exactly(7), T) == b"partial"
+        send.reset(42)
+        with pytest.raises(StreamReset) as info:
+            await asyncio.wait_for(pair[1].read(), T)
+        assert info.value.error_code == 42
+
+
+async def test_stack_errors_are_converted_at_the_boundary() -> None:
+    with pytest.raises(TransportError) as info, convert_stack_errors("doing x"):
+        raise OSError(111, "refused")
+    assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(TransportError, match="ValueError"), convert_stack_errors("doing y"):
+        raise ValueError("stack internals")
+    with pytest.raises(asyncio.CancelledError), convert_stack_errors("doing z"):
+        raise asyncio.CancelledError
+    # A client configuration handed to serve() is refused with a typed error.
+    with pytest.raises(TransportError):
+        await qh3_adapter.serve(
+            "127.0.0.1",
+            0,
+            configuration=qh3_adapter.client_configuration(),
+            on_connection=_hold,
+        )
