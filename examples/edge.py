@@ -1,0 +1,154 @@
+"""Edge: the side behind NAT that dials out and *serves* streams the relay opens.
+
+The edge is the QUIC *client* (session ``Role.CLIENT``): it makes the only outbound
+connection, then waits for the relay's open requests and serves two services:
+
+* ``echo`` sends back everything it receives, until the relay half-closes;
+* ``time`` writes the current Unix timestamp (seconds) and finishes.
+
+Anything else (the relay's ``foobar`` probe) is rejected with
+``UNSUPPORTED_SERVICE``. The edge exits 0 once the relay closes the session.
+
+::
+
+    python examples/relay.py            # terminal 1
+    python examples/edge.py             # terminal 2
+
+By default the edge trusts the certificate at ``$TMPDIR/quic-reverse-relay.der``,
+which both this project's ``relay.py`` and the Rust crate's relay example write, so
+it works against either with no flags (ALPN ``quic-reverse-example``, server name
+``localhost``, both changeable). ``--ca`` names another CA file (PEM or DER);
+``--insecure`` skips verification (development only: the library logs a warning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+from _common import (
+    DEFAULT_SERVER_NAME,
+    RUST_RELAY_CERT,
+    add_common_arguments,
+    default_cert_dir,
+    pem_ca_file,
+    run,
+    setup_logging,
+)
+
+from quic_reverse import Config, QuicReverseError, Role, Session, Stream
+from quic_reverse.transport.quic import ClientTLS, connect
+
+DEFAULT_PORT = 4434
+#: How long ``time`` waits for the relay to half-close after answering.
+REQUEST_DRAIN_TIMEOUT = 10.0
+log = logging.getLogger("quic_reverse.examples.edge")
+
+
+async def echo(stream: Stream) -> None:
+    """Send every chunk back as it arrives; FIN once the relay has FINed."""
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        stream.write(chunk)
+        await stream.drain()
+    await stream.write_eof()
+    print(f"echo: echoed {total} bytes", flush=True)
+
+
+async def unix_time(stream: Stream) -> None:
+    """Write the current Unix time in whole seconds, as text, and finish.
+
+    The request body is ignored, but read to its end (bounded), so that the relay's
+    FIN is always accepted: returning earlier would make the stream ask the relay to
+    stop sending (STOP_SENDING), and a relay that half-closes only after it got the
+    stream (as the Rust example does) would see that as an error.
+    """
+    timestamp = str(int(time.time()))
+    stream.write(timestamp.encode("ascii"))
+    await stream.write_eof()
+    print(f"time: sent {timestamp}", flush=True)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(REQUEST_DRAIN_TIMEOUT):
+            await stream.read()
+
+
+SERVICES = {"echo": echo, "time": unix_time}
+
+
+async def main(args: argparse.Namespace, tls: ClientTLS) -> int:
+    """Dial the relay, serve ``echo`` and ``time`` until the relay closes the session."""
+    try:
+        async with asyncio.timeout(args.timeout):
+            connection = await connect(args.host, args.port, tls=tls, stack=args.stack)
+    except (QuicReverseError, TimeoutError) as exc:
+        print(f"error: cannot connect to {args.host}:{args.port}: {exc!r}", file=sys.stderr)
+        return 1
+
+    try:
+        session = Session(connection, Role.CLIENT, Config(agent="edge/0.1"))
+        async with await session.start() as handle:
+            print(
+                f"connected to relay {args.host}:{args.port} (agent {handle.remote_agent!r}); "
+                f"exposing {', '.join(SERVICES)}",
+                flush=True,
+            )
+            await handle.serve(SERVICES)
+        print("relay closed the session", flush=True)
+        return 0
+    except QuicReverseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+        await connection.wait_closed()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (``--help`` lists them)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, port=DEFAULT_PORT)
+    parser.add_argument(
+        "--ca",
+        type=Path,
+        help=f"relay CA certificate, PEM or DER (default {RUST_RELAY_CERT})",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify the relay's certificate (development only)",
+    )
+    parser.add_argument(
+        "--server-name",
+        default=DEFAULT_SERVER_NAME,
+        help=f"TLS server name to verify (default {DEFAULT_SERVER_NAME})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="connect timeout in seconds (default 10)"
+    )
+    return parser.parse_args(argv)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Parse options, find the relay's CA certificate, run the edge; return the exit status."""
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    if args.insecure:
+        tls = ClientTLS(alpn=(args.alpn,), server_name=args.server_name, verify=False)
+    else:
+        ca: Path = args.ca if args.ca is not None else RUST_RELAY_CERT
+        if not ca.is_file():
+            print(f"error: CA certificate {ca} not found (is relay.py running?)", file=sys.stderr)
+            return 1
+        cafile = pem_ca_file(ca, default_cert_dir() / "edge")
+        tls = ClientTLS(alpn=(args.alpn,), server_name=args.server_name, cafile=str(cafile))
+    return run(main(args, tls))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,196 @@
+"""Relay: the public side of the reverse pattern.
+
+The relay listens for QUIC connections from edges (it is the QUIC *server* and the
+session's ``Role.SERVER``), yet it is the relay that opens streams, to services that
+live on the edge behind NAT. For every edge that connects, the relay:
+
+1. opens ``time`` and prints the edge's Unix timestamp,
+2. opens ``echo``, sends a message and prints the echo,
+3. tries ``foobar``, which the edge does not expose, and prints the rejection,
+4. closes the session gracefully.
+
+::
+
+    python examples/relay.py            # terminal 1
+    python examples/edge.py             # terminal 2
+
+It mirrors the Rust crate's ``relay`` example (same ALPN ``quic-reverse-example``,
+server name ``localhost``, certificate written as DER to
+``$TMPDIR/quic-reverse-relay.der``), so the Rust edge can dial this relay and the
+Python edge can dial the Rust relay. The relay prints ``listening on HOST:PORT`` when
+ready and runs until Ctrl-C/SIGTERM, or, with ``--once``, until the first edge's demo
+is done (exit 0 if every step behaved as expected, else 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from _common import (
+    RUST_RELAY_CERT,
+    add_common_arguments,
+    default_cert_dir,
+    run,
+    setup_logging,
+    shutdown_on_signals,
+    write_der_copy,
+    write_dev_certificate,
+)
+
+from quic_reverse import (
+    CloseCode,
+    Config,
+    Metadata,
+    QuicReverseError,
+    Role,
+    Session,
+    StreamRejected,
+)
+from quic_reverse.transport import Connection
+from quic_reverse.transport.quic import ServerTLS, serve
+
+DEFAULT_PORT = 4434
+ECHO_MESSAGE = "Hello from the relay!"
+log = logging.getLogger("quic_reverse.examples.relay")
+
+
+async def run_demo(connection: Connection) -> bool:
+    """Drive the reverse opens against one connected edge; True if all went as expected."""
+    peer = "{}:{}".format(*connection.remote_address)
+    ok = True
+    session = Session(connection, Role.SERVER, Config(agent="relay/0.1"))
+    async with await session.start() as handle:
+        print(f"edge connected from {peer} (agent {handle.remote_agent!r})", flush=True)
+
+        # 1. time: the edge writes its clock and FINs; we send nothing (FIN right away).
+        try:
+            async with await handle.open("time", Metadata.EMPTY) as stream:
+                await stream.write_eof()
+                timestamp = (await stream.read()).decode("utf-8", errors="replace")
+            print(f"time: {timestamp}", flush=True)
+        except QuicReverseError as exc:
+            print(f"time: failed: {exc}", flush=True)
+            ok = False
+
+        # 2. echo: send a message, FIN, read the echo to the end.
+        try:
+            async with await handle.open("echo", Metadata.EMPTY) as stream:
+                stream.write(ECHO_MESSAGE.encode("utf-8"))
+                await stream.drain()
+                await stream.write_eof()
+                reply = (await stream.read()).decode("utf-8", errors="replace")
+            print(f"echo: sent {ECHO_MESSAGE!r}, received {reply!r}", flush=True)
+            ok = ok and reply == ECHO_MESSAGE
+        except QuicReverseError as exc:
+            print(f"echo: failed: {exc}", flush=True)
+            ok = False
+
+        # 3. foobar: not exposed by the edge, so it must be rejected.
+        try:
+            stream = await handle.open("foobar", Metadata.EMPTY)
+        except StreamRejected as exc:
+            code = getattr(exc.code, "name", exc.code)
+            print(f"foobar: rejected as expected: {code} ({exc.reason or 'no reason'})", flush=True)
+        except QuicReverseError as exc:
+            print(f"foobar: failed: {exc}", flush=True)
+            ok = False
+        else:
+            print("foobar: unexpectedly accepted", flush=True)
+            stream.reset()
+            ok = False
+
+        # 4. graceful close: StreamClose(0), wait for the edge's answer.
+        await handle.close(CloseCode.NORMAL, "demo complete")
+    print(f"edge {peer}: session closed", flush=True)
+    return ok
+
+
+async def main(args: argparse.Namespace, tls: ServerTLS) -> int:
+    """Listen for edges and run the demo with each; ``--once`` stops after the first."""
+    stop = asyncio.Event()
+    results: list[bool] = []
+
+    async def on_connection(connection: Connection) -> None:
+        try:
+            ok = await run_demo(connection)
+        except QuicReverseError as exc:
+            print(f"edge session failed: {exc}", flush=True)
+            ok = False
+        results.append(ok)
+        if args.once:
+            stop.set()
+
+    with shutdown_on_signals(stop):
+        server = await serve(
+            args.host, args.port, tls=tls, on_connection=on_connection, stack=args.stack
+        )
+        async with server:
+            host, port = server.address
+            print(f"listening on {host}:{port}", flush=True)
+            await stop.wait()
+            print("shutting down", flush=True)
+    if args.once and not results:
+        return 1  # interrupted before any edge came
+    return 0 if all(results) else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (``--help`` lists them)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser, port=DEFAULT_PORT)
+    parser.add_argument("--cert", type=Path, help="certificate chain (PEM); needs --key")
+    parser.add_argument("--key", type=Path, help="private key (PEM); needs --cert")
+    parser.add_argument(
+        "--cert-dir",
+        type=Path,
+        default=default_cert_dir() / "relay",
+        help="where to write the generated development certificate (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cert-out",
+        type=Path,
+        default=RUST_RELAY_CERT,
+        help="also write the certificate as DER here, where edges (Python or Rust) look "
+        "by default (default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-cert-out",
+        dest="cert_out",
+        action="store_const",
+        const=None,
+        help="do not write the DER copy",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="exit after the first edge's demo (status 0 if it passed)",
+    )
+    return parser.parse_args(argv)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Parse options, prepare the certificate, run the server; return the exit status."""
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    if (args.cert is None) != (args.key is None):
+        print("error: --cert and --key go together", file=sys.stderr)
+        return 2
+    if args.cert is not None:
+        cert_path, key_path = args.cert, args.key
+    else:
+        cert_path, key_path = write_dev_certificate(args.cert_dir)
+        print(f"development certificate: {cert_path}", flush=True)
+    if args.cert_out is not None:
+        write_der_copy(cert_path, args.cert_out)
+        print(f"certificate (DER) for edges: {args.cert_out}", flush=True)
+    tls = ServerTLS(certfile=str(cert_path), keyfile=str(key_path), alpn=(args.alpn,))
+
+    return run(main(args, tls))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
