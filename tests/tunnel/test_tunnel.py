@@ -168,6 +168,46 @@ async def test_100_concurrent_connections(tunnel: Tunnel) -> None:
     assert replies == payloads
 
 
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+async def test_backpressure_slow_reader_bounds_memory(tunnel: Tunnel) -> None:
+    """A client that writes to the echo service but never reads: the whole chain
+    (relay, QUIC stream, edge, service, and back) fills its bounded buffers and then
+    stops the writer, instead of relay or edge buffering everything in memory."""
+    total_cap = 384 * 1024 * 1024
+    block = b"\x11" * (1 << 20)
+    reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port("edgeA/echo"))
+    accepted = 0
+    stalled = False
+    try:
+        async with asyncio.timeout(120):
+            while accepted < total_cap:
+                writer.write(block)
+                try:
+                    async with asyncio.timeout(2.0):  # no progress for 2 s: the chain is full
+                        await writer.drain()
+                except TimeoutError:
+                    stalled = True
+                    break
+                accepted += len(block)
+        relay_rss = _rss_mib(tunnel.relay.proc.popen.pid)
+        edge_rss = _rss_mib(tunnel.edge.popen.pid)
+    finally:
+        writer.transport.abort()
+    assert stalled, f"the writer never blocked after {accepted >> 20} MiB"
+    # In flight at most: socket buffers of four TCP legs, two QUIC stream windows
+    # (8 MiB each) and send buffers -- far less than what the client offered.
+    assert accepted < 160 * 1024 * 1024, accepted
+    assert relay_rss < 250 and edge_rss < 250, (relay_rss, edge_rss)
+    del reader
+
+
 async def test_half_close_client_still_gets_reply(tunnel: Tunnel) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port("edgeA/count"))
     async with asyncio.timeout(WAIT):
