@@ -1,0 +1,351 @@
+"""Session overhead: reverse opens and one-stream throughput, each beside raw QUIC (qh3).
+
+Run alone with ``.venv/bin/python -m bench.session [--quick]``. Both ends run in this
+process, over real UDP on 127.0.0.1, on one qh3 connection; every session figure has its
+raw-transport twin measured in the same run on a fresh connection of the same stack:
+
+* **open + echo, sequential**: one stream at a time. Raw: ``open_bi`` + 1-byte echo.
+  Session: ``handle.open("echo")`` (the reverse open: OpenRequest, OpenResponse, the peer
+  opens the stream, StreamBind pairing) + the same 1-byte echo. Opens/s and p50/p99 µs.
+* **open + echo, 64 concurrent**: 64 workers doing the same in parallel; opens/s and
+  p50/p99 latency per open.
+* **one-stream throughput**: a bulk upload (opener -> peer), MB/s until the peer has
+  read everything and acknowledged, session ``Stream.send`` vs raw ``SendStream.write``.
+
+Goals (issue 4): opens >= 0.8x raw; throughput >= 0.95x raw. Ratios above 1 are better
+than raw (for latency, raw / session).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from bench._harness import Row, make_row, percentile, print_table, summarize
+from quic_reverse import Config, Role, Session, SessionHandle, Stream
+from quic_reverse.transport.base import Connection
+from quic_reverse.transport.quic import ClientTLS, ServerTLS, connect, serve
+from quic_reverse.transport.tls import write_self_signed
+
+STACK = "qh3"
+CONCURRENCY = 64
+CHUNK = 64 * 1024
+
+
+@contextlib.asynccontextmanager
+async def quic_connection_pair(certdir: Path) -> AsyncIterator[tuple[Connection, Connection]]:
+    """A fresh (client, server) qh3 connection over loopback UDP."""
+    cert, key = write_self_signed(certdir)
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[Connection] = loop.create_future()
+
+    async def on_connection(conn: Connection) -> None:
+        if not accepted.done():
+            accepted.set_result(conn)
+        await conn.wait_closed()
+
+    server = await serve(
+        "127.0.0.1",
+        0,
+        tls=ServerTLS(certfile=str(cert), keyfile=str(key)),
+        on_connection=on_connection,
+        stack=STACK,
+    )
+    client: Connection | None = None
+    try:
+        host, port = server.address
+        client = await connect(host, port, tls=ClientTLS(cafile=str(cert)), stack=STACK)
+        async with asyncio.timeout(10):
+            server_conn = await accepted
+        yield client, server_conn
+    finally:
+        if client is not None:
+            client.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await client.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+
+# ----------------------------------------------------------------------------- raw
+
+
+async def _raw_echo_server(conn: Connection) -> None:
+    """Accept streams; echo each one's bytes back, then FIN."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def echo(pair: tuple[object, object]) -> None:
+        send, recv = pair
+        from quic_reverse.transport.base import RecvStream, SendStream
+
+        assert isinstance(send, SendStream) and isinstance(recv, RecvStream)
+        with contextlib.suppress(Exception):
+            while data := await recv.read(CHUNK):
+                await send.write(data)
+            await send.finish()
+
+    try:
+        while (pair := await conn.accept_bi()) is not None:
+            task = asyncio.create_task(echo(pair))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _raw_sink_server(conn: Connection) -> None:
+    """Accept one stream; read it to EOF, then answer with one byte and FIN."""
+    pair = await conn.accept_bi()
+    if pair is None:
+        return
+    send, recv = pair
+    while await recv.read(CHUNK):
+        pass
+    await send.write(b"k")
+    await send.finish()
+
+
+async def raw_open_echo(conn: Connection) -> None:
+    send, recv = await conn.open_bi()
+    await send.write(b"x")
+    await send.finish()
+    if await recv.read_exactly(1) != b"x" or await recv.read(1) != b"":
+        raise RuntimeError("raw echo mismatch")
+
+
+# ----------------------------------------------------------------------------- session
+
+
+async def _session_echo(stream: Stream) -> None:
+    async for chunk in stream:
+        await stream.send(chunk)
+
+
+async def _session_sink(stream: Stream) -> None:
+    while await stream.read(CHUNK):
+        pass
+    await stream.send(b"k")
+
+
+async def session_open_echo(handle: SessionHandle) -> None:
+    stream = await handle.open("echo")
+    await stream.send(b"x")
+    await stream.write_eof()
+    if await stream.readexactly(1) != b"x" or await stream.read(1) != b"":
+        raise RuntimeError("session echo mismatch")
+    await stream.aclose()
+
+
+@contextlib.asynccontextmanager
+async def session_pair(certdir: Path) -> AsyncIterator[SessionHandle]:
+    """Yield the relay-side (server) handle; the edge (client) serves echo and sink."""
+    async with quic_connection_pair(certdir) as (c, s):
+        edge, relay = await asyncio.gather(
+            Session(c, Role.CLIENT, Config(agent="bench-edge")).start(),
+            Session(s, Role.SERVER, Config(agent="bench-relay")).start(),
+        )
+        serving = asyncio.create_task(edge.serve({"echo": _session_echo, "sink": _session_sink}))
+        try:
+            yield relay
+        finally:
+            await relay.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await serving
+            await edge.close()
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+async def sequential(op: Callable[[], Awaitable[None]], n: int) -> list[float]:
+    """Latency (s) of ``n`` back-to-back operations, after a short warm-up."""
+    for _ in range(min(20, n)):
+        await op()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await op()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def concurrent(
+    op: Callable[[], Awaitable[None]], n: int, workers: int
+) -> tuple[float, list[float]]:
+    """Run ``n`` operations with ``workers`` in flight; return (ops/s, latencies)."""
+    await asyncio.gather(*(op() for _ in range(workers)))  # warm-up
+    latencies: list[float] = []
+    remaining = n
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t0 = time.perf_counter()
+            await op()
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return n / (time.perf_counter() - t0), latencies
+
+
+async def raw_upload(conn: Connection, peer: Connection, nbytes: int) -> float:
+    """MB/s of one raw stream carrying ``nbytes`` to a sink (on ``peer``) that
+    acknowledges at EOF."""
+    sink = asyncio.create_task(_raw_sink_server(peer))
+    payload = b"\xab" * CHUNK
+    t0 = time.perf_counter()
+    send, recv = await conn.open_bi()
+    sent = 0
+    while sent < nbytes:
+        await send.write(payload)
+        sent += len(payload)
+    await send.finish()
+    ack = await recv.read(1)
+    elapsed = time.perf_counter() - t0
+    await sink
+    if ack != b"k":
+        raise RuntimeError("raw upload not acknowledged")
+    return sent / elapsed / 1e6
+
+
+async def session_upload(handle: SessionHandle, nbytes: int) -> float:
+    payload = b"\xab" * CHUNK
+    t0 = time.perf_counter()
+    stream = await handle.open("sink")
+    sent = 0
+    while sent < nbytes:
+        await stream.send(payload)
+        sent += len(payload)
+    await stream.write_eof()
+    ack = await stream.read(1)
+    elapsed = time.perf_counter() - t0
+    await stream.aclose()
+    if ack != b"k":
+        raise RuntimeError("session upload not acknowledged")
+    return sent / elapsed / 1e6
+
+
+async def measure(quick: bool) -> list[Row]:
+    n_seq = 150 if quick else 1500
+    n_conc = 640 if quick else 6400
+    n_bytes = (8 if quick else 64) * 1024 * 1024
+    samples = 3
+    raw_seq: list[list[float]] = []
+    ses_seq: list[list[float]] = []
+    raw_conc: list[tuple[float, list[float]]] = []
+    ses_conc: list[tuple[float, list[float]]] = []
+    raw_tput: list[float] = []
+    ses_tput: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="qr-bench-") as tmp:
+        certdir = Path(tmp)
+        # Alternate raw and session samples so machine noise hits both alike.
+        for _ in range(samples):
+            async with quic_connection_pair(certdir) as (c, s):
+                echo_server = asyncio.create_task(_raw_echo_server(s))
+                raw_seq.append(await sequential(lambda c=c: raw_open_echo(c), n_seq))
+                raw_conc.append(await concurrent(lambda c=c: raw_open_echo(c), n_conc, CONCURRENCY))
+                echo_server.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await echo_server
+            async with session_pair(certdir) as relay:
+                ses_seq.append(await sequential(lambda r=relay: session_open_echo(r), n_seq))
+                ses_conc.append(
+                    await concurrent(lambda r=relay: session_open_echo(r), n_conc, CONCURRENCY)
+                )
+            async with quic_connection_pair(certdir) as (c, s):
+                raw_tput.append(await raw_upload(c, s, n_bytes))
+            async with session_pair(certdir) as relay:
+                ses_tput.append(await session_upload(relay, n_bytes))
+
+    rows: list[Row] = []
+
+    def rate(lat: list[float]) -> float:
+        return len(lat) / sum(lat)
+
+    raw_rate = summarize(rate(x) for x in raw_seq)
+    rows.append(
+        make_row(
+            "session open+echo sequential",
+            "opens/s",
+            [rate(x) for x in ses_seq],
+            goal=">= 0.8x raw qh3 open_bi+echo",
+            baseline="raw qh3 open_bi+echo sequential",
+            baseline_value=raw_rate.median,
+        )
+    )
+    for pct in (50, 99):
+        raw_p = summarize(percentile(x, pct) * 1e6 for x in raw_seq)
+        rows.append(
+            make_row(
+                f"session open+echo sequential p{pct}",
+                "µs",
+                [percentile(x, pct) * 1e6 for x in ses_seq],
+                goal="informational (ratio = raw / session)",
+                baseline=f"raw qh3 open_bi+echo p{pct}",
+                baseline_value=raw_p.median,
+                higher_is_better=False,
+            )
+        )
+    raw_c = summarize(r for r, _ in raw_conc)
+    rows.append(
+        make_row(
+            f"session open+echo {CONCURRENCY} concurrent",
+            "opens/s",
+            [r for r, _ in ses_conc],
+            goal=">= 0.8x raw qh3 open_bi+echo",
+            baseline=f"raw qh3 open_bi+echo {CONCURRENCY} concurrent",
+            baseline_value=raw_c.median,
+        )
+    )
+    for pct in (50, 99):
+        raw_p = summarize(percentile(lat, pct) * 1e6 for _, lat in raw_conc)
+        rows.append(
+            make_row(
+                f"session open+echo {CONCURRENCY} concurrent p{pct}",
+                "µs",
+                [percentile(lat, pct) * 1e6 for _, lat in ses_conc],
+                goal="informational (ratio = raw / session)",
+                baseline=f"raw qh3 p{pct}",
+                baseline_value=raw_p.median,
+                higher_is_better=False,
+            )
+        )
+    rows.append(
+        make_row(
+            f"session one-stream upload {n_bytes >> 20} MiB",
+            "MB/s",
+            ses_tput,
+            goal=">= 0.95x raw qh3 stream",
+            baseline="raw qh3 one-stream upload",
+            baseline_value=summarize(raw_tput).median,
+        )
+    )
+    return rows
+
+
+def run(quick: bool) -> list[Row]:
+    """Benchmark entry point for ``python -m bench`` (see the module docstring)."""
+    return asyncio.run(measure(quick))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="session benchmarks (qh3, loopback)")
+    parser.add_argument("--quick", action="store_true", help="small run (smoke test)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    print_table(run(args.quick))
+
+
+if __name__ == "__main__":
+    main()
