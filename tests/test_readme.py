@@ -123,3 +123,26 @@ def test_configuration_table_matches_config() -> None:
             assert text == f"Features({int(actual)})"
         else:
             assert ast.literal_eval(text) == actual, name
+
+
+def shell_commands(text: str) -> list[str]:
+    """The ``quic-reverse ...`` commands in ``text``'s sh blocks, continuations joined."""
+    commands = []
+    for lang, body in FENCE.findall(text):
+        if lang != "sh":
+            continue
+        for line in re.sub(r"\\\n\s*", " ", body).splitlines():
+            line = " ".join(line.split("#")[0].split())
+            if line.startswith("quic-reverse "):
+                commands.append(line)
+    return commands
+
+
+def test_tunnel_commands_match_tunnel_doc() -> None:
+    """The README's tunnel commands are exactly commands that docs/TUNNEL.md documents."""
+    documented = shell_commands((ROOT / "docs" / "TUNNEL.md").read_text(encoding="utf-8"))
+    commands = shell_commands(section("The tunnel tool"))
+    assert any(c.startswith("quic-reverse relay ") for c in commands), commands
+    assert any(c.startswith("quic-reverse edge ") for c in commands), commands
+    for command in commands:
+        assert command in documented, f"README tunnel command not in docs/TUNNEL.md: {command}"
