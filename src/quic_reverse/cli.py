@@ -232,7 +232,10 @@ async def _run_relay(args: argparse.Namespace) -> int:
     _install_signals(stop.set)
     try:
         await relay.start()
-    except OSError as exc:
+    except ConfigError:
+        await relay.shutdown()
+        raise
+    except (OSError, QuicReverseError) as exc:
         log.error("cannot start the relay: %s", exc)
         await relay.shutdown()
         return EXIT_FAILURE

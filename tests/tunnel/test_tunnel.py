@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -457,3 +458,31 @@ def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
             assert flag in helper.text
     finally:
         helper.kill()
+
+
+def test_relay_cannot_listen_exits_1(tmp_path: Path) -> None:
+    _write_tokens(tmp_path, ["edgeA"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = Proc(
+            "relay",
+            [
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--self-signed",
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--tokens",
+                str(tmp_path / "tokens.toml"),
+                "--forward",
+                f"127.0.0.1:{port}=edgeA/echo",
+            ],
+        )
+        try:
+            assert proc.wait_exit(STARTUP) == 1, proc.tail()
+            assert proc.find(r"cannot start the relay: .*address already in use")
+        finally:
+            proc.kill()

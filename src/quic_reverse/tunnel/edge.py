@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Coroutine
 from enum import Enum
@@ -40,6 +41,8 @@ __all__ = ["Edge", "EdgeExit"]
 log = logging.getLogger("quic_reverse.tunnel.edge")
 
 T = TypeVar("T")
+
+_CLIENT_RE = re.compile(r"^[0-9A-Za-z.:\[\]%_-]{1,64}$")
 
 #: How long connecting to an exposed local service may take.
 LOCAL_CONNECT_TIMEOUT = 5.0
@@ -238,7 +241,8 @@ class Edge:
     async def _forward(self, handle: SessionHandle, request: OpenRequest) -> None:
         rid, service = request.request_id, request.service
         client = request.metadata.get("client")
-        via = f" for {client}" if isinstance(client, str) and len(client) < 80 else ""
+        # The relay's note of who asked (shown in logs only if it looks like HOST:PORT).
+        via = f" for {client}" if isinstance(client, str) and _CLIENT_RE.match(client) else ""
         entry: Exposed | None = self.config.exposed(service)
         try:
             if entry is None or self._stop.is_set():

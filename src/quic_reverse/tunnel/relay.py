@@ -226,6 +226,9 @@ class Relay:
         if name is None:
             await self._abandon(handle, conn, "authentication failed")
             return
+        if self._stopping:
+            await self._abandon(handle, conn, "relay shutting down")
+            return
         edge = EdgeSession(name=name, handle=handle, connection=conn, address=peer)
         old = self._edges.get(name)
         self._edges[name] = edge  # atomic swap: new TCP clients use the new session now
