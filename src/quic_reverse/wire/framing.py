@@ -119,13 +119,11 @@ class FrameReader:
         """
         if self._error is not None:
             raise ProtocolError(f"frame reader already failed: {self._error}")
-        if type(data) is not bytes:
-            data = input_bytes(data, "frame data")
         buf = self._buf
         frames: list[bytes] = []
         if not buf:
             # Fast path: parse straight from the caller's chunk, buffer only the tail.
-            src = data
+            src = data if type(data) is bytes else input_bytes(data, "frame data")
             n = len(src)
             pos = 0
             need = FRAME_HEADER_SIZE
@@ -143,7 +141,10 @@ class FrameReader:
                 buf += memoryview(src)[pos:]
             self._need = need
             return frames
-        buf += data
+        if type(data) is bytes or isinstance(data, bytearray):
+            buf += data
+        else:  # memoryviews of any shape, and anything else: checked, converted
+            buf += input_bytes(data, "frame data")
         n = len(buf)
         if n < self._need:
             return frames
