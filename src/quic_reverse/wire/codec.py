@@ -136,7 +136,7 @@ def _int_error(message: object, exc: Exception) -> EncodeError:
         value = getattr(message, field)
         if value is None and field == "logical_stream_id" and cls is OpenResponse:
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not isinstance(value, int):
             return EncodeError(
                 f"{cls.__name__}.{field}: expected an integer ({kind}), got {type(value).__name__}"
             )
