@@ -170,6 +170,7 @@ class SessionHandle:
         self._outbox_ready = asyncio.Event()
         self._outbox_idle = asyncio.Event()
         self._outbox_idle.set()
+        self._writing = False
         self._ended = asyncio.Event()  # the core reached CLOSED
         self._closed = asyncio.Event()  # shutdown finished: transport closed, tasks done
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -302,6 +303,7 @@ class SessionHandle:
         self._open_waiters[rid] = (fut, service)
         self._pump()
         try:
+            await self._flush()
             return await fut
         except asyncio.CancelledError:
             self._open_waiters.pop(rid, None)
@@ -335,6 +337,7 @@ class SessionHandle:
                 self._pump()
 
         try:
+            await self._flush()
             send, recv = await self._conn.open_bi()
             await send.write(StreamBind(logical_stream_id=lsid).encode())
         except BaseException:
@@ -348,6 +351,7 @@ class SessionHandle:
         """Answer the peer's OpenRequest with Rejected(``code``)."""
         self._core.reject(request_id, RejectCode(code), reason)
         self._pump()
+        await self._flush()
 
     async def ping(self) -> float:
         """Send a Ping and return the round-trip time in seconds.
@@ -361,6 +365,7 @@ class SessionHandle:
         self._ping_waiters[seq] = fut
         self._pump()
         try:
+            await self._flush()
             return await fut
         finally:
             self._ping_waiters.pop(seq, None)
@@ -372,6 +377,7 @@ class SessionHandle:
         """Send an informational StreamClose for a logical stream (not the session)."""
         self._core.send_stream_close(logical_stream_id, CloseCode(code), reason)
         self._pump()
+        await self._flush()
 
     async def process_message(self) -> ControlEvent | None:
         """Return the next control event; ``None`` once the session ended cleanly.
@@ -565,6 +571,7 @@ class SessionHandle:
                     return
                 core.receive_data(data, self._loop.time())
                 self._pump()
+                await self._flush()
                 if len(self._outbox) > _OUTBOX_HIGH_WATER:
                     await self._outbox_idle.wait()
         except TransportError as exc:
@@ -572,21 +579,55 @@ class SessionHandle:
             self._pump()
 
     async def _write_loop(self, send: SendStream) -> None:
+        """Write whatever the core produced that no caller flushed directly."""
         try:
             while True:
-                if not self._outbox:
-                    self._outbox_idle.set()
+                if not self._outbox or self._writing:
+                    if not self._writing:
+                        self._outbox_idle.set()
                     self._outbox_ready.clear()
                     await self._outbox_ready.wait()
                     continue
+                await self._write_out(send)
+        except TransportError as exc:
+            self._write_failed(exc)
+
+    async def _write_out(self, send: SendStream) -> None:
+        """Write the outbox in order; only one writer at a time (``_writing``)."""
+        self._writing = True
+        try:
+            while self._outbox:
                 data = bytes(self._outbox)
                 self._outbox.clear()
                 await send.write(data)
+        finally:
+            self._writing = False
+            if self._outbox:
+                self._outbox_ready.set()
+            else:
+                self._outbox_idle.set()
+
+    async def _flush(self) -> None:
+        """Write pending control bytes now, from the calling task, unless a write is
+        already in progress (then the writer task carries them).
+
+        Writing in the caller's turn of the event loop lets the transport put, e.g., an
+        OpenResponse and the new stream's StreamBind into one datagram, and applies the
+        control stream's backpressure to the caller.
+        """
+        if self._writing or not self._outbox or self._writer_task is None:
+            return
+        assert self._control is not None
+        try:
+            await self._write_out(self._control[0])
         except TransportError as exc:
-            self._outbox.clear()
-            self._outbox_idle.set()
-            self._core.connection_lost(exc)
-            self._pump()
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: TransportError) -> None:
+        self._outbox.clear()
+        self._outbox_idle.set()
+        self._core.connection_lost(exc)
+        self._pump()
 
     async def _accept_loop(self) -> None:
         while True:
@@ -606,6 +647,10 @@ class SessionHandle:
                 _reset_pair(pair)
                 continue
             self._streams_by_token[token] = pair
+            if pair[1].buffered_bytes >= STREAM_BIND_SIZE:
+                # The header is already here: read it without a task (cannot block).
+                await self._read_header(token, pair[1])
+                continue
             self._header_tasks[token] = self._spawn(
                 self._read_header(token, pair[1]), f"stream-header {token}"
             )
