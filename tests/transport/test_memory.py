@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from quic_reverse.errors import ConnectionClosed, StreamReset, TransportError
+from quic_reverse.errors import ConnectionClosed, StreamReset, StreamStopped, TransportError
 from quic_reverse.transport.memory import connection_pair
 
 WAIT = 5.0  # upper bound for anything that should happen promptly
@@ -146,10 +146,146 @@ async def test_stream_slot_released_by_reset_and_stop() -> None:
     opener = asyncio.ensure_future(client.open_bi())
     accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
     assert accepted is not None
-    await asyncio.sleep(0)  # let the opener run once: it must still be waiting
-    assert not opener.done()
+    await asyncio.wait({opener}, timeout=0.05)
+    assert not opener.done(), "the opener must wait: the forward direction is still open"
     # Our receive direction ends when we stop it: the slot frees up.
     recv.stop(2)
     send2, _ = await asyncio.wait_for(opener, WAIT)
     assert send2.stream_id == 4
     client.close()
+
+
+async def test_stop_semantics_on_the_reading_side() -> None:
+    client, server = connection_pair()
+    send, _ = await client.open_bi()
+    await send.write(b"data")
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    _, recv = accepted
+    assert recv.buffered_bytes == 4
+    recv.stop(9)
+    recv.stop(10)  # idempotent: the first code wins
+    assert recv.buffered_bytes == 0  # buffered data is dropped
+    with pytest.raises(TransportError):
+        await recv.read()
+    with pytest.raises(StreamStopped) as info:
+        await send.write(b"more")
+    assert info.value.error_code == 9
+    send.reset(1)  # the direction already ended: a no-op, never raises
+    with pytest.raises(StreamStopped):
+        await send.finish()
+    client.close()
+
+
+async def test_stop_after_everything_was_read_is_a_no_op() -> None:
+    client, server = connection_pair()
+    send, _ = await client.open_bi()
+    await send.write(b"all")
+    await send.finish()
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    _, recv = accepted
+    assert await recv.read() == b"all"
+    assert await recv.read() == b""
+    recv.stop(4)
+    assert await recv.read() == b""  # still just EOF, no error
+    client.close()
+
+
+async def test_data_in_flight_when_stopped_is_discarded() -> None:
+    client, server = connection_pair(delay=0.05, max_streams=1)
+    send, recv = await client.open_bi()
+    await send.write(b"early")
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    peer_send, peer_recv = accepted
+    await send.write(b"in flight")
+    peer_recv.stop(2)
+    assert send.buffered_bytes == 0
+    assert peer_recv.buffered_bytes == 0
+    # Finish the other direction: the stream is done and its slot returns.
+    await peer_send.finish()
+    assert await asyncio.wait_for(recv.read(), WAIT) == b""
+    await asyncio.wait_for(client.open_bi(), WAIT)
+    client.close()
+
+
+async def test_stop_before_any_write_makes_the_stream_visible() -> None:
+    """As in QUIC, STOP_SENDING on a fresh stream opens it at the peer."""
+    client, server = connection_pair()
+    send, recv = await client.open_bi()
+    recv.stop(6)
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    peer_send, _ = accepted
+    assert peer_send.stream_id == send.stream_id
+    with pytest.raises(StreamStopped) as info:
+        await peer_send.write(b"x")
+    assert info.value.error_code == 6
+    client.close()
+
+
+async def test_one_byte_buffer_still_moves_everything() -> None:
+    client, server = connection_pair(buffer_size=1)
+    send, _ = await client.open_bi()
+    payload = bytes(range(200))
+
+    async def writer() -> None:
+        await send.write(payload)
+        await send.finish()
+
+    writing = asyncio.ensure_future(writer())
+    accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+    assert accepted is not None
+    _, recv = accepted
+    got = bytearray()
+    for _ in range(len(payload) + 1):
+        assert recv.buffered_bytes <= 1
+        chunk = await asyncio.wait_for(recv.read(), WAIT)
+        if not chunk:
+            break
+        got += chunk
+    await asyncio.wait_for(writing, WAIT)
+    assert bytes(got) == payload
+    client.close()
+
+
+async def test_stream_slots_are_returned_exactly() -> None:
+    """Finished streams give their slot back; nothing leaks over many rounds."""
+    limit = 2
+    client, server = connection_pair(max_streams=limit)
+    for round_no in range(3 * limit):
+        send, recv = await asyncio.wait_for(client.open_bi(), WAIT)
+        await send.write(bytes([round_no]))
+        await send.finish()
+        accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+        assert accepted is not None
+        peer_send, peer_recv = accepted
+        assert await peer_recv.read() == bytes([round_no])
+        assert await peer_recv.read() == b""
+        await peer_send.finish()
+        assert await recv.read() == b""
+    # All slots are free again: `limit` opens succeed, the next one waits.
+    for _ in range(limit):
+        send, _ = await asyncio.wait_for(client.open_bi(), WAIT)
+        await send.write(b".")
+    extra = asyncio.ensure_future(client.open_bi())
+    await asyncio.wait({extra}, timeout=0.05)
+    assert not extra.done()
+    client.close()
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(extra, WAIT)
+
+
+async def test_delayed_fin_alone_makes_the_stream_visible_later() -> None:
+    client, server = connection_pair(delay=0.05)
+    send, _ = await client.open_bi()
+    await send.finish()
+    accepting = asyncio.ensure_future(server.accept_bi())
+    accepted = await asyncio.wait_for(accepting, WAIT)
+    assert accepted is not None
+    assert await accepted[1].read() == b""
+    client.close()
+    await asyncio.wait_for(server.wait_closed(), WAIT)
+    assert not server.is_open
+    assert "closed" in repr(server)
