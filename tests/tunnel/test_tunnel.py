@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -486,3 +487,34 @@ def test_relay_cannot_listen_exits_1(tmp_path: Path) -> None:
             assert proc.find(r"cannot start the relay: .*address already in use")
         finally:
             proc.kill()
+
+
+async def test_relay_sigterm_lets_running_streams_finish(
+    services: Services, private: tuple[Path, RelayProc]
+) -> None:
+    tmp, relay = private
+    edge = start_edge("edgeA", tmp / "edgeA.token", relay, [f"echo=127.0.0.1:{services.echo}"])
+    port = relay.forwards["edgeA/echo"]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(WAIT):
+            writer.write(b"before")
+            assert await reader.readexactly(6) == b"before"
+            mark = relay.proc.mark()
+            relay.proc.popen.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(relay.proc.wait_for, r"shutting down", after=mark)
+            # No new clients once shutting down...
+            with pytest.raises(OSError):
+                _, w2 = await asyncio.open_connection("127.0.0.1", port)
+                w2.close()
+            # ...but the running stream keeps working within the grace period.
+            writer.write(b"during")
+            assert await reader.readexactly(6) == b"during"
+            writer.write_eof()
+            assert await reader.read() == b""
+        writer.close()
+        assert await asyncio.to_thread(relay.proc.wait_exit, WAIT) == 0
+        assert not relay.proc.find(r"grace period over", after=mark)
+        await asyncio.to_thread(edge.wait_for, r"relay closed the session: NORMAL")
+    finally:
+        edge.kill()
