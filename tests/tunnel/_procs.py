@@ -168,7 +168,12 @@ class RelayProc:
 
 
 def start_relay(
-    state: Path, tokens: Path, forwards: Sequence[str], *, listen: str = "127.0.0.1:0"
+    state: Path,
+    tokens: Path,
+    forwards: Sequence[str],
+    *,
+    listen: str = "127.0.0.1:0",
+    extra: Sequence[str] = (),
 ) -> RelayProc:
     args = [
         "relay",
@@ -191,6 +196,7 @@ def start_relay(
         "3",
         "--log-level",
         "info",
+        *extra,
     ]
     for f in forwards:
         args += ["--forward", f]

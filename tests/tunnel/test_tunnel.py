@@ -518,3 +518,27 @@ async def test_relay_sigterm_lets_running_streams_finish(
         await asyncio.to_thread(edge.wait_for, r"relay closed the session: NORMAL")
     finally:
         edge.kill()
+
+
+async def test_aioquic_relay_with_qh3_edge(services: Services, tmp_path: Path) -> None:
+    """``--stack`` works, and the two stacks interoperate through the tunnel."""
+    _write_tokens(tmp_path, ["edgeA"])
+    relay = start_relay(
+        tmp_path / "state",
+        tmp_path / "tokens.toml",
+        ["127.0.0.1:0=edgeA/echo"],
+        extra=["--stack", "aioquic"],
+    )
+    edge: Proc | None = None
+    try:
+        assert relay.proc.find(r"listening for edges on .*\(udp, aioquic\)")
+        edge = start_edge(
+            "edgeA", tmp_path / "edgeA.token", relay, [f"echo=127.0.0.1:{services.echo}"]
+        )
+        payload = os.urandom(256 * 1024)
+        async with asyncio.timeout(WAIT):
+            assert await _echo_roundtrip(relay.forwards["edgeA/echo"], payload) == payload
+    finally:
+        if edge is not None:
+            edge.kill()
+        relay.proc.kill()
