@@ -332,7 +332,8 @@ class ManagedProcess:
         return proc.returncode
 
     def __enter__(self) -> ManagedProcess:
-        return self.start()
+        # ``with ManagedProcess(...).start() as p`` works too (like ``subprocess.Popen``).
+        return self if self._proc is not None else self.start()
 
     def __exit__(
         self,
@@ -799,53 +800,95 @@ def render_markdown(result: Mapping[str, Any], *, chart: str | None) -> str:
     return "\n".join(lines)
 
 
+def _chart_label(row: Mapping[str, Any], limit: int = 70) -> str:
+    module, name = str(row.get("module", "?")), str(row.get("name", "?"))
+    text = name if name.lower().startswith(module.lower()) else f"{module}: {name}"
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+_LOG_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+
+
 def render_chart(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> int:
     """Draw a horizontal bar chart of every row's ratio to ``path`` (PNG, Agg backend).
 
-    Returns the number of bars drawn.  Rows without a ratio are left out (they are in the
-    table).  A row's ratio goal, if any, is drawn as a tick across its bar.
+    The x axis is logarithmic and every bar starts at parity (1.0): a bar to the right
+    is ahead of its baseline, to the left behind it, and "half as fast" looks as big as
+    "twice as fast" -- the ratios in this project span from ~0.01 (a figure against a
+    raw ceiling) to ~20 (latency against ``ssh -R``), which a linear axis cannot show.
+    Rows without a positive finite ratio are left out (they are in the table).  A row's
+    ratio goal, if any, is drawn as a black tick across its bar.  Returns the bar count.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+    from matplotlib.transforms import ScaledTranslation
 
     plotted = [
         r
         for r in rows
         if not r.get("error")
         and isinstance(r.get("ratio"), int | float)
+        and not isinstance(r.get("ratio"), bool)
         and math.isfinite(float(r["ratio"]))
+        and float(r["ratio"]) > 0
     ]
-    height = max(2.5, 0.45 * len(plotted) + 1.4)
-    fig, ax = plt.subplots(figsize=(9.0, height), dpi=100)
+    height = max(2.5, 0.32 * len(plotted) + 1.6)
+    fig, ax = plt.subplots(figsize=(10.0, height), dpi=100)
     try:
         if not plotted:
             ax.text(0.5, 0.5, "no figure with a baseline ratio", ha="center", va="center")
             ax.set_axis_off()
         else:
-            labels = [f"{r.get('module', '?')}: {r.get('name', '?')}" for r in plotted]
             ratios = [float(r["ratio"]) for r in plotted]
-            colors = []
-            for r in plotted:
-                met = r.get("met")
-                colors.append(
-                    "#2e7d32" if met is True else "#c62828" if met is False else "#9e9e9e"
-                )
+            colors = [
+                "#2e7d32"
+                if r.get("met") is True
+                else "#c62828"
+                if r.get("met") is False
+                else "#9e9e9e"
+                for r in plotted
+            ]
             ys = list(range(len(plotted)))[::-1]
-            ax.barh(ys, ratios, color=colors, height=0.6)
-            top = max([*ratios, 1.0])
+            ax.set_xscale("log")
+            ax.barh(ys, [x - 1.0 for x in ratios], left=1.0, color=colors, height=0.6)
+            extent = [*ratios, 1.0]
             for y, r, ratio in zip(ys, plotted, ratios, strict=True):
                 check = ratio_goal(r)
-                if check is not None:
-                    ax.plot([check.threshold] * 2, [y - 0.4, y + 0.4], color="black", lw=2)
-                    top = max(top, check.threshold)
-                ax.text(ratio, y, f" {ratio:.2f}", va="center", fontsize=8)
+                if check is not None and check.threshold > 0:
+                    ax.plot([check.threshold] * 2, [y - 0.42, y + 0.42], color="black", lw=2)
+                    extent.append(check.threshold)
+                ahead = ratio >= 1.0
+                ax.text(
+                    ratio,
+                    y,
+                    f" {format_number(ratio)} " if ahead else f"{format_number(ratio)} ",
+                    va="center",
+                    ha="left" if ahead else "right",
+                    fontsize=7,
+                )
             ax.axvline(1.0, color="#555555", ls="--", lw=1)
-            from matplotlib.lines import Line2D
-            from matplotlib.patches import Patch
-            from matplotlib.transforms import ScaledTranslation
-
+            lo, hi = min(extent) / 2.5, max(extent) * 2.5
+            ax.set_xlim(lo, hi)
+            ticks = [t for t in _LOG_TICKS if lo <= t <= hi]
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticklabels([f"{t:g}" for t in ticks], fontsize=8)
+            ax.set_yticks(ys)
+            ax.set_yticklabels([_chart_label(r) for r in plotted], fontsize=7)
+            ax.set_ylim(-0.7, len(plotted) - 0.3)
+            ax.grid(axis="x", color="#dddddd", lw=0.5)
+            ax.set_axisbelow(True)
+            ax.set_xlabel(
+                "ratio to baseline in the same run (log scale; > 1 = ahead of the baseline "
+                "as each goal defines it)",
+                fontsize=8,
+            )
             ax.legend(
                 handles=[
                     Patch(color="#2e7d32", label="goal met"),
@@ -862,10 +905,6 @@ def render_chart(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str) -
                 ncol=5,
                 frameon=False,
             )
-            ax.set_yticks(ys)
-            ax.set_yticklabels(labels, fontsize=8)
-            ax.set_xlim(0, top * 1.18)
-            ax.set_xlabel("ratio to baseline (same run)")
         ax.set_title(title, fontsize=10)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
