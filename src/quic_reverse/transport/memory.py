@@ -292,10 +292,13 @@ class _Pipe:
 class _Stream:
     """A bidirectional stream: two pipes, and its place in the opener's stream budget."""
 
-    def __init__(self, link: _Link, stream_id: int, opener: MemoryConnection) -> None:
+    def __init__(
+        self, link: _Link, stream_id: int, opener: MemoryConnection, acceptor: MemoryConnection
+    ) -> None:
         self.link = link
         self.stream_id = stream_id
         self.opener = opener
+        self.acceptor = acceptor
         self.forward = _Pipe(self, stream_id)  # opener -> acceptor
         self.backward = _Pipe(self, stream_id)  # acceptor -> opener
         self.visible = False
@@ -305,8 +308,7 @@ class _Stream:
         if self.visible:
             return
         self.visible = True
-        peer = self.opener._peer
-        assert peer is not None  # set by connection_pair before any stream exists
+        peer = self.acceptor
         peer._incoming.append((MemorySendStream(self.backward), MemoryRecvStream(self.forward)))
         peer._accept_signal.notify()
         logger.debug("stream %d visible to the peer", self.stream_id)
@@ -431,8 +433,11 @@ class MemoryConnection(Connection):
                 break
             logger.debug("%s: stream limit %d reached, waiting", self._name, self._open_streams)
             await self._slot_signal.wait()
+        peer = self._peer
+        if peer is None:
+            raise TransportError("memory connection is not paired (use connection_pair())")
         self._open_streams += 1
-        stream = _Stream(self._link, self._next_stream_id, self)
+        stream = _Stream(self._link, self._next_stream_id, self, peer)
         self._next_stream_id += 4
         self._link.streams.add(stream)
         logger.debug("%s: opened stream %d", self._name, stream.stream_id)
