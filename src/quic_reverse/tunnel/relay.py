@@ -55,7 +55,7 @@ def ensure_self_signed(state_dir: Path) -> tuple[Path, Path, str]:
     cert = state_dir / "relay-cert.pem"
     key = state_dir / "relay-key.pem"
     if not (cert.exists() and key.exists()):
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         cert_pem, key_pem = generate_self_signed(("localhost",), ("127.0.0.1",))
         fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
