@@ -239,26 +239,34 @@ async def test_large_transfer_sha256(
     assert digest == sent_hash.hexdigest()
 
 
-async def test_small_writes_and_one_byte_reads(transport_pair: Pair) -> None:
-    """Byte-at-a-time in both directions: 1-byte writes, 1-byte reads."""
-    client, server = transport_pair
+async def test_small_writes_and_one_byte_reads(make_pair: PairFactory, transport_kind: str) -> None:
+    """Byte-at-a-time: 1-byte writes, reads that return one byte each.
+
+    QUIC transports are asked for one byte per read (``read(1)``); the in-memory
+    pair is put in its ``trickle`` mode, where even ``read(4096)`` yields one byte.
+    """
+    trickle = transport_kind == "memory"
+    max_bytes = 4096 if trickle else 1
     payload = bytes(range(256)) * 2
-    send, recv = await bounded(client.open_bi())
-    for i in range(len(payload)):
-        await bounded(send.write(payload[i : i + 1]))
-    await bounded(send.finish())
-    peer_send, peer_recv = await accept(server)
-    got = bytearray()
-    for _ in range(len(payload) + 1):
-        chunk = await bounded(peer_recv.read(1))
-        if not chunk:
-            break
-        assert len(chunk) == 1
-        got += chunk
-    assert bytes(got) == payload
-    await bounded(peer_send.write(b"ok"))
-    await bounded(peer_send.finish())
-    assert await read_to_eof(recv, 2, max_bytes=1) == b"ok"
+    async with make_pair(**({"trickle": True} if trickle else {})) as (client, server):
+        send, recv = await bounded(client.open_bi())
+        for i in range(len(payload)):
+            await bounded(send.write(payload[i : i + 1]))
+        await bounded(send.write(b"tail"))
+        await bounded(send.finish())
+        peer_send, peer_recv = await accept(server)
+        got = bytearray()
+        for _ in range(len(payload) + 5):
+            chunk = await bounded(peer_recv.read(max_bytes))
+            if not chunk:
+                break
+            assert len(chunk) == 1
+            got += chunk
+        assert bytes(got) == payload + b"tail"
+        await bounded(peer_send.write(b"ok"))
+        await bounded(peer_send.finish())
+        assert await bounded(recv.read_exactly(2)) == b"ok"
+        assert await bounded(recv.read(max_bytes)) == b""
 
 
 async def test_read_exactly_and_incomplete_read(transport_pair: Pair) -> None:
