@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Literal
 
 from bench._harness import Row, make_row, percentile, print_table, summarize
 from quic_reverse import Config, Role, Session, SessionHandle, Stream
@@ -33,7 +35,7 @@ from quic_reverse.transport.base import Connection
 from quic_reverse.transport.quic import ClientTLS, ServerTLS, connect, serve
 from quic_reverse.transport.tls import write_self_signed
 
-STACK = "qh3"
+STACK: Literal["qh3", "aioquic"] = "qh3"
 CONCURRENCY = 64
 CHUNK = 64 * 1024
 
@@ -113,6 +115,17 @@ async def _raw_sink_server(conn: Connection) -> None:
     await send.finish()
 
 
+async def raw_open(conn: Connection) -> None:
+    """A raw stream open, used and ended: open_bi, 1 byte each way (the peer has
+    accepted it: usable at both ends), then FIN and stop reading."""
+    send, recv = await conn.open_bi()
+    await send.write(b"x")
+    if await recv.read_exactly(1) != b"x":
+        raise RuntimeError("raw open mismatch")
+    await send.finish()
+    recv.stop(0)
+
+
 async def raw_open_echo(conn: Connection) -> None:
     send, recv = await conn.open_bi()
     await send.write(b"x")
@@ -135,6 +148,18 @@ async def _session_sink(stream: Stream) -> None:
     await stream.send(b"k")
 
 
+async def _session_null(stream: Stream) -> None:
+    """Accept, wait for the opener's FIN, return (serve() then sends FIN)."""
+    await stream.read()
+
+
+async def session_open(handle: SessionHandle) -> None:
+    """A reverse open, used and ended: open() returns once the peer accepted it and its
+    StreamBind arrived (usable at both ends); then FIN and stop reading (aclose)."""
+    stream = await handle.open("null")
+    await stream.aclose()
+
+
 async def session_open_echo(handle: SessionHandle) -> None:
     stream = await handle.open("echo")
     await stream.send(b"x")
@@ -152,7 +177,9 @@ async def session_pair(certdir: Path) -> AsyncIterator[SessionHandle]:
             Session(c, Role.CLIENT, Config(agent="bench-edge")).start(),
             Session(s, Role.SERVER, Config(agent="bench-relay")).start(),
         )
-        serving = asyncio.create_task(edge.serve({"echo": _session_echo, "sink": _session_sink}))
+        serving = asyncio.create_task(
+            edge.serve({"echo": _session_echo, "sink": _session_sink, "null": _session_null})
+        )
         try:
             yield relay
         finally:
@@ -236,15 +263,86 @@ async def session_upload(handle: SessionHandle, nbytes: int) -> float:
     return sent / elapsed / 1e6
 
 
+Op = Callable[[], Awaitable[None]]
+
+
+def _latency_rows(
+    label: str, ses: list[list[float]], raw: list[list[float]], goal: str, baseline: str
+) -> list[Row]:
+    """Rate row (opens/s from the mean latency of each sample) plus p50/p99 rows."""
+
+    def rate(lat: list[float]) -> float:
+        return len(lat) / sum(lat)
+
+    rows = [
+        make_row(
+            label,
+            "opens/s",
+            [rate(x) for x in ses],
+            goal=goal,
+            baseline=baseline,
+            baseline_value=summarize(rate(x) for x in raw).median,
+        )
+    ]
+    for pct in (50, 99):
+        rows.append(
+            make_row(
+                f"{label} p{pct}",
+                "µs",
+                [percentile(x, pct) * 1e6 for x in ses],
+                goal="informational (ratio = raw / session)",
+                baseline=f"{baseline} p{pct}",
+                baseline_value=summarize(percentile(x, pct) * 1e6 for x in raw).median,
+                higher_is_better=False,
+            )
+        )
+    return rows
+
+
+def _concurrent_rows(
+    label: str,
+    ses: list[tuple[float, list[float]]],
+    raw: list[tuple[float, list[float]]],
+    goal: str,
+    baseline: str,
+) -> list[Row]:
+    rows = [
+        make_row(
+            label,
+            "opens/s",
+            [r for r, _ in ses],
+            goal=goal,
+            baseline=baseline,
+            baseline_value=summarize(r for r, _ in raw).median,
+        )
+    ]
+    for pct in (50, 99):
+        rows.append(
+            make_row(
+                f"{label} p{pct}",
+                "µs",
+                [percentile(lat, pct) * 1e6 for _, lat in ses],
+                goal="informational (ratio = raw / session)",
+                baseline=f"{baseline} p{pct}",
+                baseline_value=summarize(percentile(lat, pct) * 1e6 for _, lat in raw).median,
+                higher_is_better=False,
+            )
+        )
+    return rows
+
+
 async def measure(quick: bool) -> list[Row]:
     n_seq = 150 if quick else 1500
     n_conc = 640 if quick else 6400
     n_bytes = (8 if quick else 64) * 1024 * 1024
     samples = 3
-    raw_seq: list[list[float]] = []
-    ses_seq: list[list[float]] = []
-    raw_conc: list[tuple[float, list[float]]] = []
-    ses_conc: list[tuple[float, list[float]]] = []
+    seq: dict[str, list[list[float]]] = {"raw": [], "raw_echo": [], "open": [], "echo": []}
+    conc: dict[str, list[tuple[float, list[float]]]] = {
+        "raw": [],
+        "raw_echo": [],
+        "open": [],
+        "echo": [],
+    }
     raw_tput: list[float] = []
     ses_tput: list[float] = []
     with tempfile.TemporaryDirectory(prefix="qr-bench-") as tmp:
@@ -253,74 +351,42 @@ async def measure(quick: bool) -> list[Row]:
         for _ in range(samples):
             async with quic_connection_pair(certdir) as (c, s):
                 echo_server = asyncio.create_task(_raw_echo_server(s))
-                raw_seq.append(await sequential(lambda c=c: raw_open_echo(c), n_seq))
-                raw_conc.append(await concurrent(lambda c=c: raw_open_echo(c), n_conc, CONCURRENCY))
+                for key, raw_fn in (("raw", raw_open), ("raw_echo", raw_open_echo)):
+                    raw_op: Op = functools.partial(raw_fn, c)
+                    seq[key].append(await sequential(raw_op, n_seq))
+                    conc[key].append(await concurrent(raw_op, n_conc, CONCURRENCY))
                 echo_server.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await echo_server
             async with session_pair(certdir) as relay:
-                ses_seq.append(await sequential(lambda r=relay: session_open_echo(r), n_seq))
-                ses_conc.append(
-                    await concurrent(lambda r=relay: session_open_echo(r), n_conc, CONCURRENCY)
-                )
+                for key, fn in (("open", session_open), ("echo", session_open_echo)):
+                    op: Op = functools.partial(fn, relay)
+                    seq[key].append(await sequential(op, n_seq))
+                    conc[key].append(await concurrent(op, n_conc, CONCURRENCY))
             async with quic_connection_pair(certdir) as (c, s):
                 raw_tput.append(await raw_upload(c, s, n_bytes))
             async with session_pair(certdir) as relay:
                 ses_tput.append(await session_upload(relay, n_bytes))
 
+    raw_name = "raw qh3 stream open (open_bi + 1-byte answer)"
+    raw_echo = "raw qh3 open_bi + 1-byte echo, FIN both ways"
+    goal = ">= 0.8x raw qh3 stream open"
     rows: list[Row] = []
-
-    def rate(lat: list[float]) -> float:
-        return len(lat) / sum(lat)
-
-    raw_rate = summarize(rate(x) for x in raw_seq)
-    rows.append(
-        make_row(
-            "session open+echo sequential",
-            "opens/s",
-            [rate(x) for x in ses_seq],
-            goal=">= 0.8x raw qh3 open_bi+echo",
-            baseline="raw qh3 open_bi+echo sequential",
-            baseline_value=raw_rate.median,
-        )
+    rows += _latency_rows("reverse open sequential", seq["open"], seq["raw"], goal, raw_name)
+    rows += _concurrent_rows(
+        f"reverse open {CONCURRENCY} concurrent", conc["open"], conc["raw"], goal, raw_name
     )
-    for pct in (50, 99):
-        raw_p = summarize(percentile(x, pct) * 1e6 for x in raw_seq)
-        rows.append(
-            make_row(
-                f"session open+echo sequential p{pct}",
-                "µs",
-                [percentile(x, pct) * 1e6 for x in ses_seq],
-                goal="informational (ratio = raw / session)",
-                baseline=f"raw qh3 open_bi+echo p{pct}",
-                baseline_value=raw_p.median,
-                higher_is_better=False,
-            )
-        )
-    raw_c = summarize(r for r, _ in raw_conc)
-    rows.append(
-        make_row(
-            f"session open+echo {CONCURRENCY} concurrent",
-            "opens/s",
-            [r for r, _ in ses_conc],
-            goal=">= 0.8x raw qh3 open_bi+echo",
-            baseline=f"raw qh3 open_bi+echo {CONCURRENCY} concurrent",
-            baseline_value=raw_c.median,
-        )
-    )
-    for pct in (50, 99):
-        raw_p = summarize(percentile(lat, pct) * 1e6 for _, lat in raw_conc)
-        rows.append(
-            make_row(
-                f"session open+echo {CONCURRENCY} concurrent p{pct}",
-                "µs",
-                [percentile(lat, pct) * 1e6 for _, lat in ses_conc],
-                goal="informational (ratio = raw / session)",
-                baseline=f"raw qh3 p{pct}",
-                baseline_value=raw_p.median,
-                higher_is_better=False,
-            )
-        )
+    info = "informational (a reverse open costs one more round trip than a raw open)"
+    rows += _latency_rows(
+        "reverse open + 1-byte echo sequential", seq["echo"], seq["raw_echo"], info, raw_echo
+    )[:1]
+    rows += _concurrent_rows(
+        f"reverse open + 1-byte echo {CONCURRENCY} concurrent",
+        conc["echo"],
+        conc["raw_echo"],
+        info,
+        raw_echo,
+    )[:1]
     rows.append(
         make_row(
             f"session one-stream upload {n_bytes >> 20} MiB",

@@ -939,6 +939,21 @@ class SessionCore:
     def _schedule(self, deadline: float, kind: _Timer, key: int) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (deadline, self._timer_seq, kind, key))
+        if len(self._timers) > 2 * self._live_timers() + 64:
+            # Lazy deletion leaves stale entries until their time; compact so the heap
+            # stays proportional to the live records (amortised O(1) per schedule).
+            self._timers = [e for e in self._timers if self._timer_valid(e)]
+            heapq.heapify(self._timers)
+
+    def _live_timers(self) -> int:
+        return (
+            len(self._local)
+            + len(self._headers)
+            + len(self._early)
+            + len(self._orphan_requests)
+            + len(self._orphan_lsids)
+            + len(self._pings)
+        )
 
     def _timer_valid(self, entry: tuple[float, int, _Timer, int]) -> bool:
         deadline, _, kind, key = entry

@@ -521,6 +521,11 @@ class SessionHandle:
         when = self._core.next_deadline()
         if when == self._timer_when:
             return
+        if self._timer is not None and when is not None and self._timer_when is not None:
+            if self._timer_when <= when:
+                # An earlier timer is armed: keep it (when it fires with nothing due, the
+                # core does nothing and the timer is re-armed), saving a call_at per step.
+                return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -471,3 +471,13 @@ def test_config_defaults_and_ping_feature() -> None:
     assert Config(ping_interval=15).advertised_features == Features.PING_PONG
     with pytest.raises(AttributeError):
         cfg.open_timeout = 3  # type: ignore[misc]
+
+
+def test_timer_heap_stays_bounded_under_churn() -> None:
+    pair = open_pair()
+    for i in range(5000):
+        rid = pair.server.open_request("s", Metadata.EMPTY, NO_FLAGS, float(i))
+        pair.server.cancel_open(rid, float(i))  # tombstones are trimmed, timers compacted
+    sizes = pair.server.table_sizes()
+    assert sizes["orphan_requests"] <= 4 * pair.server.config.max_inflight_opens
+    assert sizes["timers"] <= 2 * sizes["orphan_requests"] + 64 + 1
