@@ -175,6 +175,7 @@ class SessionHandle:
         self._closed = asyncio.Event()  # shutdown finished: transport closed, tasks done
         self._shutdown_task: asyncio.Task[None] | None = None
         self._refused_streams = 0
+        self._serve_handlers: Mapping[str, Handler] | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -410,13 +411,35 @@ class SessionHandle:
         Raises:
             ProtocolError, Disconnected, OperationTimeout: the session died of an error.
         """
-        while (event := await self.process_message()) is not None:
+        if self._serve_handlers is not None:
+            raise RuntimeError("serve() is already running on this session")
+        self._serve_handlers = handlers
+        try:
+            self._route_events()  # whatever was queued before serve() started
+            self._pump()
+            await self._flush()
+            await self._ended.wait()
+        finally:
+            self._serve_handlers = None
+        end = self._core.end
+        if end is not None and not end.clean:
+            raise end.error
+
+    def _route_events(self) -> None:
+        """While serve() runs, dispatch queued events directly from the pump: one loop
+        iteration less per open than a process_message() loop would take."""
+        handlers = self._serve_handlers
+        if handlers is None:
+            return
+        core = self._core
+        while (event := core.next_user_event()) is not None:
             if not isinstance(event, OpenRequest):
+                logger.debug("%s: serve(): %r", self._role.value, event)
                 continue
             handler = handlers.get(event.service)
             if handler is None:
                 with contextlib.suppress(SessionClosed):
-                    await self.reject_open(
+                    core.reject(
                         event.request_id,
                         RejectCode.UNSUPPORTED_SERVICE,
                         f"unknown service {event.service!r}",
@@ -458,7 +481,17 @@ class SessionHandle:
             self._outbox_ready.set()
         for output in core.outputs():
             self._dispatch(output)
-        if core.end is not None or core.has_events:
+        if core.has_events:
+            if self._serve_handlers is not None:
+                self._route_events()
+                data = core.data_to_send()
+                if data and not self._closed.is_set():
+                    self._outbox += data
+                    self._outbox_idle.clear()
+                    self._outbox_ready.set()
+            else:
+                self._events_ready.set()
+        if core.end is not None:
             self._events_ready.set()
         self._rearm_timer()
 
@@ -521,11 +554,11 @@ class SessionHandle:
         when = self._core.next_deadline()
         if when == self._timer_when:
             return
-        if self._timer is not None and when is not None and self._timer_when is not None:
-            if self._timer_when <= when:
-                # An earlier timer is armed: keep it (when it fires with nothing due, the
-                # core does nothing and the timer is re-armed), saving a call_at per step.
-                return
+        armed = self._timer_when
+        if self._timer is not None and when is not None and armed is not None and armed <= when:
+            # An earlier timer is armed: keep it (when it fires with nothing due, the core
+            # does nothing and the timer is re-armed), saving a call_at per step.
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
