@@ -2,7 +2,8 @@
 
 Run alone with ``.venv/bin/python -m bench.wire [--quick]``; ``python -m bench`` runs it
 with the others. Each figure is the median (with min-max) of several samples, each
-sample timing a loop of many operations; baselines are measured in the same run:
+sample timing a loop of many operations; baseline samples are taken in the same run,
+alternating with the measured ones so that machine noise affects both alike:
 
 * ``OpenRequest`` with 4 structured metadata entries, ``decode(encode(m))`` against a
   ``pickle`` round trip of the same message object (a general-purpose serializer the
@@ -130,33 +131,56 @@ def _bare_rate(data: bytes, frames: int, samples: int, repeat: int) -> list[floa
     return out
 
 
+def _interleaved(
+    value: Callable[[], list[float]], base: Callable[[], list[float]], samples: int
+) -> tuple[list[float], float]:
+    """Alternate baseline and measured samples so machine noise hits both alike.
+
+    Returns the measured samples and the median of the baseline samples.
+    """
+    measured: list[float] = []
+    baseline: list[float] = []
+    for _ in range(samples):
+        baseline += base()
+        measured += value()
+    return measured, _median(baseline)
+
+
 def run(quick: bool) -> list[Row]:
     """Measure and return the rows (see the module docstring for what and why)."""
     ops = 2_000 if quick else 50_000
     samples = 3 if quick else 9
     rows: list[Row] = []
 
-    pickle_us = _per_op_us(_open_request_pickle, ops, samples)
+    measured, base = _interleaved(
+        lambda: _per_op_us(_open_request_round_trip, ops, 1),
+        lambda: _per_op_us(_open_request_pickle, ops, 1),
+        samples,
+    )
     rows.append(
         make_row(
             "wire: OpenRequest + 4 structured metadata entries, encode+decode",
             "µs",
-            _per_op_us(_open_request_round_trip, ops, samples),
+            measured,
             baseline="pickle round trip of the same message",
-            baseline_value=_median(pickle_us),
+            baseline_value=base,
             higher_is_better=False,
             goal=">= 2x pickle (ratio = pickle µs / codec µs)",
         )
     )
 
-    struct_us = _per_op_us(_ping_struct, ops, samples)
+    measured, base = _interleaved(
+        lambda: _per_op_us(_ping_round_trip, ops, 1),
+        lambda: _per_op_us(_ping_struct, ops, 1),
+        samples,
+    )
     rows.append(
         make_row(
             "wire: Ping encode+decode",
             "µs",
-            _per_op_us(_ping_round_trip, ops, samples),
+            measured,
             baseline="struct.pack + unpack_from + Ping() by hand",
-            baseline_value=_median(struct_us),
+            baseline_value=base,
             higher_is_better=False,
             goal=">= 0.5x the hand-written struct floor",
         )
@@ -165,28 +189,36 @@ def run(quick: bool) -> list[Row]:
     frames = 1000
     repeat = 2 if quick else 20
     data, chunks = _frame_stream(frames)
-    bare = _bare_rate(data, frames, samples, repeat)
+    measured, base = _interleaved(
+        lambda: _reader_rate(chunks, frames, 1, repeat),
+        lambda: _bare_rate(data, frames, 1, repeat),
+        samples,
+    )
     rows.append(
         make_row(
             "wire: FrameReader, 1000 Ping frames in 1400-byte chunks",
             "frames/s",
-            _reader_rate(chunks, frames, samples, repeat),
+            measured,
             baseline="bare unpack_from + slice loop, one piece",
-            baseline_value=_median(bare),
+            baseline_value=base,
             higher_is_better=True,
             goal=">= 0.5x the bare loop",
         )
     )
 
     frame = encode_frame(bytes(MAX_FRAME_PAYLOAD))
-    byte_samples = 1 if quick else 5
+    measured, base = _interleaved(
+        lambda: _byte_feed_ns(frame, 1, reader=True),
+        lambda: _byte_feed_ns(frame, 1, reader=False),
+        1 if quick else 5,
+    )
     rows.append(
         make_row(
             "wire: FrameReader, one 64 KiB frame fed 1 byte at a time",
             "ns/byte",
-            _byte_feed_ns(frame, byte_samples, reader=True),
+            measured,
             baseline="bytearray += 1 byte",
-            baseline_value=_median(_byte_feed_ns(frame, byte_samples, reader=False)),
+            baseline_value=base,
             higher_is_better=False,
             goal=">= 0.25x bytearray append",
         )
