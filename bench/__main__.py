@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -393,11 +394,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_child(args.child, args.quick, args.result_file, args.package)
     if args.render is not None:
         return _render(args.render)
+    # SIGTERM (a CI job being cancelled) unwinds like Ctrl-C, so the running module's
+    # process group is stopped by its ``with`` block instead of being orphaned.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return _run_all(args, argv)
     except KeyboardInterrupt:
         print("[bench] interrupted; child processes stopped, nothing written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":
