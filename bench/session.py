@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from bench._harness import Row, make_row, percentile, print_table, summarize
+from bench.transport import open_echo, serve_echo  # the transport bench's own ops
 from quic_reverse import Config, Role, Session, SessionHandle, Stream
 from quic_reverse.transport.base import Connection
 from quic_reverse.transport.quic import ClientTLS, ServerTLS, connect, serve
@@ -79,30 +80,6 @@ async def quic_connection_pair(certdir: Path) -> AsyncIterator[tuple[Connection,
 # ----------------------------------------------------------------------------- raw
 
 
-async def _raw_echo_server(conn: Connection) -> None:
-    """Accept streams; echo each one's bytes back, then FIN."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def echo(pair: tuple[object, object]) -> None:
-        send, recv = pair
-        from quic_reverse.transport.base import RecvStream, SendStream
-
-        assert isinstance(send, SendStream) and isinstance(recv, RecvStream)
-        with contextlib.suppress(Exception):
-            while data := await recv.read(CHUNK):
-                await send.write(data)
-            await send.finish()
-
-    try:
-        while (pair := await conn.accept_bi()) is not None:
-            task = asyncio.create_task(echo(pair))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
 async def _raw_sink_server(conn: Connection) -> None:
     """Accept one stream; read it to EOF, then answer with one byte and FIN."""
     pair = await conn.accept_bi()
@@ -124,14 +101,6 @@ async def raw_open(conn: Connection) -> None:
         raise RuntimeError("raw open mismatch")
     await send.finish()
     recv.stop(0)
-
-
-async def raw_open_echo(conn: Connection) -> None:
-    send, recv = await conn.open_bi()
-    await send.write(b"x")
-    await send.finish()
-    if await recv.read_exactly(1) != b"x" or await recv.read(1) != b"":
-        raise RuntimeError("raw echo mismatch")
 
 
 # ----------------------------------------------------------------------------- session
@@ -350,8 +319,8 @@ async def measure(quick: bool) -> list[Row]:
         # Alternate raw and session samples so machine noise hits both alike.
         for _ in range(samples):
             async with quic_connection_pair(certdir) as (c, s):
-                echo_server = asyncio.create_task(_raw_echo_server(s))
-                for key, raw_fn in (("raw", raw_open), ("raw_echo", raw_open_echo)):
+                echo_server = asyncio.create_task(serve_echo(s))
+                for key, raw_fn in (("raw", raw_open), ("raw_echo", open_echo)):
                     raw_op: Op = functools.partial(raw_fn, c)
                     seq[key].append(await sequential(raw_op, n_seq))
                     conc[key].append(await concurrent(raw_op, n_conc, CONCURRENCY))

@@ -37,7 +37,7 @@ from quic_reverse.errors import (
 )
 from quic_reverse.transport.memory import connection_pair
 
-from .helpers import WAIT, echo, session_pair
+from .helpers import WAIT, echo, session_pair, start_pair
 
 TRANSPORTS = ["memory", "qh3"]
 
@@ -298,9 +298,10 @@ async def test_handler_exception_resets_stream_and_session_survives(
             await serve
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("direction", ["client-closes", "server-closes"])
-async def test_session_close_both_directions(direction: str) -> None:
-    async with session_pair() as (client, server):
+async def test_session_close_both_directions(direction: str, transport: str) -> None:
+    async with session_pair(transport) as (client, server):
         closer, other = (client, server) if direction == "client-closes" else (server, client)
         events = asyncio.create_task(other.process_message())
         await closer.close(CloseCode.NORMAL, "bye")
@@ -409,3 +410,19 @@ async def test_metadata_passthrough_types() -> None:
             await server.open("m", md)
         assert (await got) == md
         await task
+
+
+async def test_byte_at_a_time_transport() -> None:
+    """Every read returns one byte: framing and StreamBind reading must not assume more."""
+    c, s = connection_pair(trickle=True)
+    client, server = await start_pair(c, s)
+    try:
+        serve = asyncio.create_task(client.serve({"upper": upper}))
+        results = await asyncio.gather(*(echo_roundtrip(server, "upper", b"abc") for _ in range(5)))
+        assert results == [b"ABC"] * 5
+        assert await client.ping() >= 0
+    finally:
+        await server.close(CloseCode.NORMAL, "bye")
+    async with asyncio.timeout(WAIT):
+        await serve
+        await client.wait_closed()
