@@ -331,3 +331,29 @@ def test_cli_quick_wire_run(tmp_path: Path) -> None:
         assert row["name"] in proc.stdout  # the summary table names every figure
     doc_after = _mtime(ROOT / "docs" / "BENCHMARKS.md")
     assert doc_after == doc_before, "--no-doc run touched docs/BENCHMARKS.md"
+
+
+@pytest.mark.slow
+def test_cli_quick_every_module(tmp_path: Path) -> None:
+    """``make bench-quick`` as CI runs it: every benchmark module runs and reports rows.
+
+    This keeps the benchmarks from rotting silently; it checks that each one runs and
+    returns well-formed figures, never how fast anything is.
+    """
+    out = tmp_path / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--no-doc", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=115,
+        check=False,
+    )
+    doc = json.loads(out.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    statuses = {m["module"]: m["status"] for m in doc["modules"]}
+    assert statuses == dict.fromkeys(MODULES, "ok"), proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for module in MODULES:
+        rows = [r for r in doc["rows"] if r["module"] == module]
+        assert rows, f"bench.{module} returned no rows"
+        assert all(h.validate_row(r) == [] for r in rows)
