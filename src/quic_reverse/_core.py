@@ -255,6 +255,7 @@ class SessionCore:
         self._timer_seq = 0
         self._negotiation_deadline: float | None = None
         self._close_deadline: float | None = None
+        self._new_deadline: float | None = None
         self._last_activity = 0.0
 
         # local opens (we asked the peer)
@@ -333,6 +334,11 @@ class SessionCore:
         return out
 
     @property
+    def has_outputs(self) -> bool:
+        """True when ``outputs()`` has something."""
+        return bool(self._outputs)
+
+    @property
     def has_events(self) -> bool:
         """True when ``next_user_event()`` has something."""
         return bool(self._events)
@@ -370,6 +376,7 @@ class SessionCore:
             raise SessionClosed("session already started")
         self.state = CoreState.AWAIT_HELLO
         self._negotiation_deadline = now + self.config.negotiation_timeout
+        self._note_deadline(self._negotiation_deadline)
         self._last_activity = now
         if self.role is Role.CLIENT:
             self._send(self._hello())
@@ -412,6 +419,8 @@ class SessionCore:
             if self.role is Role.SERVER:
                 self._send(self._hello_ack())
         self.state = nxt
+        if nxt is CoreState.OPEN and self.config.ping_interval is not None:
+            self._note_deadline(now + self.config.ping_interval)
         if nxt is CoreState.OPEN:
             self._negotiation_deadline = None
             self._last_activity = now
@@ -610,6 +619,9 @@ class SessionCore:
             return
         if msg.sequence == self._keepalive_seq:
             self._keepalive_seq = None
+            due = self._keepalive_due()
+            if due is not None:
+                self._note_deadline(due)
         else:
             self._outputs.append(PongReceived(msg.sequence, now - rec.sent_at))
         self._push_info(ev.Pong(sequence=msg.sequence))
@@ -896,6 +908,7 @@ class SessionCore:
         self._send(StreamClose(logical_stream_id=0, code=code, reason=reason))
         self.state = CoreState.CLOSING
         self._close_deadline = now + self.config.close_timeout
+        self._note_deadline(self._close_deadline)
         self._fail_local_work(SessionClosed("session closing", code=code, reason=reason))
         logger.debug("%s: session close sent (%s)", self.role.value, code.name)
         return True
@@ -936,7 +949,23 @@ class SessionCore:
             return None
         return self._last_activity + interval
 
+    def take_new_deadline(self) -> float | None:
+        """The earliest deadline added since the last call (then forgets it).
+
+        A driver that re-arms its timer whenever this is earlier than the armed time,
+        and recomputes :meth:`next_deadline` whenever the timer fires, never misses a
+        deadline: deadlines only ever move later except through this report.
+        """
+        new = self._new_deadline
+        self._new_deadline = None
+        return new
+
+    def _note_deadline(self, deadline: float) -> None:
+        if self._new_deadline is None or deadline < self._new_deadline:
+            self._new_deadline = deadline
+
     def _schedule(self, deadline: float, kind: _Timer, key: int) -> None:
+        self._note_deadline(deadline)
         self._timer_seq += 1
         heapq.heappush(self._timers, (deadline, self._timer_seq, kind, key))
         if len(self._timers) > 2 * self._live_timers() + 64:

@@ -479,8 +479,9 @@ class SessionHandle:
             self._outbox += data
             self._outbox_idle.clear()
             self._outbox_ready.set()
-        for output in core.outputs():
-            self._dispatch(output)
+        if core.has_outputs:
+            for output in core.outputs():
+                self._dispatch(output)
         if core.has_events:
             if self._serve_handlers is not None:
                 self._route_events()
@@ -551,26 +552,35 @@ class SessionHandle:
             self._on_end(output)
 
     def _rearm_timer(self) -> None:
-        when = self._core.next_deadline()
-        if when == self._timer_when:
+        """Arm the timer if the core added a deadline earlier than the armed one.
+
+        Invariant: while the core has a live deadline, a timer is armed at or before
+        it (the timer callback recomputes the next deadline from scratch).
+        """
+        new = self._core.take_new_deadline()
+        if new is None:
             return
         armed = self._timer_when
-        if self._timer is not None and when is not None and armed is not None and armed <= when:
-            # An earlier timer is armed: keep it (when it fires with nothing due, the core
-            # does nothing and the timer is re-armed), saving a call_at per step.
+        if self._timer is not None and armed is not None and armed <= new:
             return
+        self._arm(new)
+
+    def _arm(self, when: float | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._timer_when = when
-        if when is not None:
+        if when is not None and not self._core.is_closed:
             self._timer = self._loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_when = None
-        self._core.handle_timer(self._loop.time())
+        core = self._core
+        core.handle_timer(self._loop.time())
         self._pump()
+        core.take_new_deadline()  # folded into the full recomputation below
+        self._arm(core.next_deadline())
 
     # ------------------------------------------------------------------ tasks
 
