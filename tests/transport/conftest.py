@@ -1,8 +1,9 @@
 """Fixtures that give the conformance suite a connected pair of any transport.
 
 ``transport_kind`` is parametrised over every transport (``memory``, ``qh3``,
-``aioquic``); ``make_pair`` opens a (client, server) pair of that kind with
-optional limits, and ``transport_pair`` is the default pair. The QUIC pairs run
+``aioquic``; selected tests add the cross-stack pairs of ``CROSS_STACK``);
+``make_pair`` opens a (client, server) pair of that kind with optional limits,
+and ``transport_pair`` is the default pair. The QUIC pairs run
 over real UDP on 127.0.0.1 (``tests.support.quic.quic_pair``); the import is lazy
 so the memory tests run even while the QUIC helper is unavailable.
 """
@@ -19,6 +20,21 @@ from quic_reverse.transport.base import Connection
 from quic_reverse.transport.memory import connection_pair
 
 TRANSPORTS = ("memory", "qh3", "aioquic")
+# "<client>_to_<server>": a client of one QUIC stack against a server of the other.
+# Tests opt in with ``@pytest.mark.parametrize("transport_kind", ALL_KINDS)`` (which
+# overrides the fixture), since an aioquic client needs ~1 s to reach a qh3 server.
+CROSS_STACK = ("qh3_to_aioquic", "aioquic_to_qh3")
+ALL_KINDS = TRANSPORTS + CROSS_STACK
+
+StackName = Literal["qh3", "aioquic"]
+
+
+def stacks_of(kind: str) -> tuple[StackName, StackName]:
+    """(client stack, server stack) of a QUIC transport kind."""
+    client, _, server = kind.partition("_to_")
+    names: dict[str, StackName] = {"qh3": "qh3", "aioquic": "aioquic"}
+    return names[client], names[server or client]
+
 
 Pair = tuple[Connection, Connection]
 PairFactory = Callable[..., contextlib.AbstractAsyncContextManager[Pair]]
@@ -52,8 +68,11 @@ def make_pair(transport_kind: str) -> PairFactory:
         else:
             from tests.support.quic import quic_pair
 
-            stack: Literal["qh3", "aioquic"] = "aioquic" if transport_kind == "aioquic" else "qh3"
-            async with quic_pair(stack, **opts) as (client, server):
+            client_stack, server_stack = stacks_of(transport_kind)
+            async with quic_pair(server_stack, client_stack=client_stack, **opts) as (
+                client,
+                server,
+            ):
                 yield client, server
 
     return factory

@@ -31,28 +31,32 @@ from quic_reverse.errors import (
 )
 from quic_reverse.transport.base import Connection, RecvStream, SendStream
 
-from .conftest import Pair, PairFactory
+from .conftest import ALL_KINDS, Pair, PairFactory
 
 T = 20.0  # upper bound for anything that should happen "promptly" on a loaded 2-core box
 NEGATIVE_WAIT = 0.3  # how long we watch for something that must not happen
 MiB = 1024 * 1024
 
 # Bytes per large transfer and direction (aioquic moves ~25 MB/s here).
-LARGE_TRANSFER = {"memory": 16 * MiB, "qh3": 16 * MiB, "aioquic": 8 * MiB}
+LARGE_TRANSFER = {"memory": 16 * MiB, "qh3": 16 * MiB}  # anything with aioquic: 8 MiB
 
 # Slow-reader test: small receive buffers/windows so that the bound is tight and
 # the data moved stays small. QUIC: a receiver that does not read stops granting
 # credit past ``connection_window``; credit already granted can add a stream window.
-SLOW_READER_OPTS: dict[str, dict[str, int]] = {
-    "memory": {"buffer_size": 256 * 1024},
-    "qh3": {"stream_window": 256 * 1024, "connection_window": MiB, "send_buffer": 256 * 1024},
-    "aioquic": {"stream_window": 256 * 1024, "connection_window": MiB, "send_buffer": 256 * 1024},
+QUIC_SLOW_READER_OPTS = {
+    "stream_window": 256 * 1024,
+    "connection_window": MiB,
+    "send_buffer": 256 * 1024,
 }
+
+
+def slow_reader_opts(kind: str) -> dict[str, int]:
+    return {"buffer_size": 256 * 1024} if kind == "memory" else QUIC_SLOW_READER_OPTS
 
 
 def slow_reader_bounds(kind: str) -> tuple[int, int]:
     """(max bytes the receiver may hold, max bytes ``write`` may have accepted)."""
-    opts = SLOW_READER_OPTS[kind]
+    opts = slow_reader_opts(kind)
     if kind == "memory":
         return opts["buffer_size"], opts["buffer_size"]
     recv_bound = opts["connection_window"] + opts["stream_window"]
@@ -123,6 +127,8 @@ def pattern(total: int, seed: int) -> Iterator[bytes]:
 
 
 OPENERS = pytest.mark.parametrize("opener", ["client", "server"])
+# Also run against a client of one QUIC stack and a server of the other.
+CROSS_STACK = pytest.mark.parametrize("transport_kind", ALL_KINDS)
 
 
 # --- open / accept / data -------------------------------------------------------
@@ -207,11 +213,12 @@ async def test_data_both_ways_concurrently(transport_pair: Pair) -> None:
     assert results[3] == down
 
 
+@CROSS_STACK
 @pytest.mark.parametrize("direction", ["upload", "download"])
 async def test_large_transfer_sha256(
     transport_pair: Pair, transport_kind: str, direction: str
 ) -> None:
-    total = LARGE_TRANSFER[transport_kind]
+    total = LARGE_TRANSFER.get(transport_kind, 8 * MiB)
     a, b = sides(transport_pair, "client" if direction == "upload" else "server")
     send, _ = await bounded(a.open_bi())
     sent_hash = hashlib.sha256()
@@ -381,6 +388,7 @@ async def test_reset_is_a_typed_error_at_the_reader(transport_pair: Pair, opener
     assert info.value.error_code == 42
 
 
+@CROSS_STACK
 @OPENERS
 async def test_stop_is_a_typed_error_at_the_writer(transport_pair: Pair, opener: str) -> None:
     a, b = sides(transport_pair, opener)
@@ -405,6 +413,7 @@ async def test_stop_is_a_typed_error_at_the_writer(transport_pair: Pair, opener:
 # --- connection close ----------------------------------------------------------
 
 
+@CROSS_STACK
 @pytest.mark.parametrize("closer", ["client", "server"])
 async def test_close_wakes_every_pending_operation(
     transport_pair: Pair, transport_kind: str, closer: str
@@ -524,6 +533,7 @@ async def test_many_concurrent_streams(transport_pair: Pair, opener: str) -> Non
         await discard(serving)
 
 
+@CROSS_STACK
 @OPENERS
 async def test_stream_limit_makes_opener_wait(make_pair: PairFactory, opener: str) -> None:
     limit = 4
@@ -560,6 +570,7 @@ async def test_stream_limit_makes_opener_wait(make_pair: PairFactory, opener: st
         assert await read_to_eof(new_recv, 2) == b"ok"
 
 
+@CROSS_STACK
 @OPENERS
 async def test_slow_reader_blocks_writer_and_bounds_buffers(
     make_pair: PairFactory, transport_kind: str, opener: str
@@ -567,7 +578,7 @@ async def test_slow_reader_blocks_writer_and_bounds_buffers(
     recv_bound, written_bound = slow_reader_bounds(transport_kind)
     chunk = b"".join(pattern(256 * 1024, 5))
     chunks = 64  # 16 MiB would be accepted by write() if nothing pushed back
-    async with make_pair(**SLOW_READER_OPTS[transport_kind]) as pair:
+    async with make_pair(**slow_reader_opts(transport_kind)) as pair:
         client, server = sides(pair, opener)
         send, _ = await bounded(client.open_bi())
         await bounded(send.write(b"!"))
