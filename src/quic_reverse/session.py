@@ -338,7 +338,10 @@ class SessionHandle:
                 self._pump()
 
         try:
-            await self._flush()
+            # No _flush() here: the writer task's wake-up is already scheduled, so it
+            # writes the OpenResponse in the next loop turn, before the transport
+            # transmits; the response and the StreamBind share a datagram, and many
+            # concurrent accepts share one control write.
             send, recv = await self._conn.open_bi()
             await send.write(StreamBind(logical_stream_id=lsid).encode())
         except BaseException:
