@@ -93,6 +93,9 @@ async def open_udp_endpoint(
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     if not infos:
         raise OSError(f"cannot resolve {host!r}")
+    # UDP gives no "connection refused" to fall back on, so prefer IPv4 when a name
+    # resolves to both (``localhost`` -> 127.0.0.1 and ::1): servers here bind IPv4.
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
     family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
