@@ -410,6 +410,9 @@ class SessionHandle:
         Unknown services are rejected with UNSUPPORTED_SERVICE. When a handler returns
         the stream is closed gracefully; when it raises, the stream is reset and the
         error logged; the session carries on. Returns when the session ends cleanly.
+        While it runs it consumes every control event (informational ones are only
+        logged), so do not call :meth:`process_message` at the same time; ``open()``,
+        ``ping()`` and the rest work as usual from other tasks.
 
         Raises:
             ProtocolError, Disconnected, OperationTimeout: the session died of an error.
@@ -796,6 +799,8 @@ class SessionHandle:
                 if task is not current:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
-            await self._conn.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.close_timeout):
+                    await self._conn.wait_closed()
         finally:
             self._closed.set()
