@@ -676,6 +676,28 @@ def _met_cell(met: object) -> str:
     return "—"
 
 
+def _spread_cell(row: Mapping[str, Any]) -> str:
+    lo, hi = row.get("min"), row.get("max")
+    if lo == hi and isinstance(lo, int | float) and math.isfinite(float(lo)):
+        return "none (one sample)"
+    return f"{format_number(lo)} {EN_DASH} {format_number(hi)}"
+
+
+def _goal_summary(rows: Sequence[Mapping[str, Any]]) -> str:
+    checked = [r for r in rows if r.get("met") is not None]
+    met = sum(1 for r in checked if r.get("met") is True)
+    missed = [str(r.get("name", "?")) for r in checked if r.get("met") is False]
+    errors = sum(1 for r in rows if r.get("error"))
+    text = (
+        f"**{len(rows)} figures; {len(checked)} with a checkable goal: {met} met,"
+        f" {len(missed)} missed"
+    )
+    text += f"; {errors} error row(s).**" if errors else ".**"
+    if missed:
+        text += " Missed: " + "; ".join(_cell(m) for m in missed) + "."
+    return text
+
+
 def render_markdown(result: Mapping[str, Any], *, chart: str | None) -> str:
     """Render a result document (as written to JSON) as the BENCHMARKS.md page.
 
@@ -717,6 +739,8 @@ def render_markdown(result: Mapping[str, Any], *, chart: str | None) -> str:
         "",
         "## Results",
         "",
+        _goal_summary(rows),
+        "",
         "| Benchmark | Figure | Value | Spread (min-max) | Unit | Baseline | Baseline value"
         " | Ratio | Goal | Met? |",
         "|---|---|--:|--:|---|---|--:|--:|---|:-:|",
@@ -728,7 +752,7 @@ def render_markdown(result: Mapping[str, Any], *, chart: str | None) -> str:
                 " | — | — | — | — | — | see Errors | — |"
             )
             continue
-        spread = f"{format_number(row.get('min'))} {EN_DASH} {format_number(row.get('max'))}"
+        spread = _spread_cell(row)
         lines.append(
             "| "
             + " | ".join(

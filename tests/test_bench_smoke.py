@@ -123,12 +123,23 @@ def test_report_writes_json_markdown_and_chart(tmp_path: Path) -> None:
     assert "| broken | broken: ERROR | ERROR |" in md
     assert "- **broken: ERROR**: bench.broken: RuntimeError: boom" in md
     assert "![Ratio of each figure to its baseline](benchmarks.png)" in md
+    assert (
+        "**4 figures; 2 with a checkable goal: 1 met, 1 missed; 1 error row(s).**"
+        " Missed: download \\| fast." in md
+    )
     assert "make bench" in md and "make bench-quick" in md
     assert f"| CPUs | {os.cpu_count()} |" in md
 
     width, height = _png_size(png_path)
     assert width >= 400 and height >= 200
     assert not list(tmp_path.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_single_sample_has_no_spread(tmp_path: Path) -> None:
+    row = _row("one", 5.0, 10.0, 0.5, "ratio >= 1")
+    row["min"] = row["max"] = 5.0
+    md = h.render_markdown({"rows": [row]}, chart=None)
+    assert "| 5.00 | none (one sample) | MB/s |" in md
 
 
 def test_chart_draws_one_bar_per_finite_ratio(tmp_path: Path) -> None:
