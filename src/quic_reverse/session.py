@@ -35,7 +35,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar, cast
 
 from ._core import (
     Negotiated,
@@ -51,6 +51,7 @@ from ._core import (
 from .config import Config, Role
 from .errors import (
     ConnectionClosed,
+    EncodeError,
     IncompleteReadError,
     QuicReverseError,
     SessionClosed,
@@ -94,6 +95,17 @@ _OUTBOX_HIGH_WATER = 1 << 20
 _ERROR_CLOSE_CODE = 1
 
 _Pair: TypeAlias = tuple[SendStream, RecvStream]
+
+
+_E = TypeVar("_E", RejectCode, CloseCode)
+
+
+def _enum_value(kind: type[_E], value: object) -> _E:
+    """``kind(value)``, with a typed :class:`EncodeError` for a value that is not one."""
+    try:
+        return kind(cast(int, value))
+    except (ValueError, TypeError):
+        raise EncodeError(f"{value!r} is not a {kind.__name__}") from None
 
 
 def _reset_pair(pair: _Pair, code: int = int(CloseCode.RESET)) -> None:
@@ -353,7 +365,7 @@ class SessionHandle:
         self, request_id: int, code: RejectCode, reason: str | None = None
     ) -> None:
         """Answer the peer's OpenRequest with Rejected(``code``)."""
-        self._core.reject(request_id, RejectCode(code), reason)
+        self._core.reject(request_id, _enum_value(RejectCode, code), reason)
         self._pump()
         await self._flush()
 
@@ -379,7 +391,7 @@ class SessionHandle:
         self, logical_stream_id: int, code: CloseCode = CloseCode.NORMAL, reason: str | None = None
     ) -> None:
         """Send an informational StreamClose for a logical stream (not the session)."""
-        self._core.send_stream_close(logical_stream_id, CloseCode(code), reason)
+        self._core.send_stream_close(logical_stream_id, _enum_value(CloseCode, code), reason)
         self._pump()
         await self._flush()
 

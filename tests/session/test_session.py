@@ -275,6 +275,10 @@ async def test_accept_open_ids() -> None:
         assert sorted(s.logical_stream_id for s in opened) == [1, 2, 42]
         with pytest.raises(EncodeError, match="no pending"):
             await client.accept_open(999)
+        with pytest.raises(EncodeError, match="RejectCode"):
+            await client.reject_open(rids[0], 77)  # type: ignore[arg-type]
+        with pytest.raises(EncodeError, match="CloseCode"):
+            await client.close_stream(1, 9)  # type: ignore[arg-type]
 
 
 async def test_handler_exception_resets_stream_and_session_survives(
