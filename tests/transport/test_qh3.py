@@ -27,7 +27,14 @@ from quic_reverse.errors import (
 from quic_reverse.transport import qh3 as qh3_adapter
 from quic_reverse.transport._common import StackConnection, convert_stack_errors
 from quic_reverse.transport.base import Connection
-from quic_reverse.transport.quic import ClientTLS, Stack, TransportOptions, connect
+from quic_reverse.transport.quic import (
+    ClientTLS,
+    ServerTLS,
+    Stack,
+    TransportOptions,
+    connect,
+    serve,
+)
 from quic_reverse.transport.tls import certificate_fingerprint, write_self_signed
 from tests.support.quic import dev_certificate, quic_pair, quic_server
 
@@ -82,6 +89,104 @@ async def test_wrong_pin_and_untrusted_certificate_are_rejected(
         # Default verification (system store) rejects a self-signed certificate.
         with pytest.raises(CertificateError):
             await asyncio.wait_for(connect(*server.address, tls=ClientTLS(), stack=stack), T)
+
+
+def _ca_and_leaf(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA certificate and a leaf (localhost/127.0.0.1) it signed: (ca, leaf, leaf_key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "quic-reverse test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, leaf_path, key_path = (directory / n for n in ("ca.pem", "leaf.pem", "leaf.key"))
+    ca_path.write_bytes(ca.public_bytes(Encoding.PEM))
+    leaf_path.write_bytes(leaf.public_bytes(Encoding.PEM))
+    key_path.write_bytes(
+        leaf_key.private_bytes(
+            Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return ca_path, leaf_path, key_path
+
+
+@pytest.mark.parametrize("stack", STACKS)
+async def test_ca_signed_certificate_is_verified_by_the_stack(stack: Stack, tmp_path: Path) -> None:
+    ca, leaf, key = _ca_and_leaf(tmp_path)
+    server = await serve(
+        "127.0.0.1",
+        0,
+        tls=ServerTLS(certfile=leaf, keyfile=key),
+        on_connection=_hold,
+        stack=stack,
+    )
+    async with server:
+        conn = await asyncio.wait_for(
+            connect(*server.address, tls=ClientTLS(cafile=ca), stack=stack), T
+        )
+        assert conn.peer_certificate == x509.load_pem_x509_certificate(
+            leaf.read_bytes()
+        ).public_bytes(Encoding.DER)
+        conn.close()
+        await asyncio.wait_for(conn.wait_closed(), T)
+        # Right CA, wrong name: rejected by the stack's verifier.
+        with pytest.raises(CertificateError):
+            await asyncio.wait_for(
+                connect(
+                    *server.address,
+                    tls=ClientTLS(cafile=ca, server_name="other.example"),
+                    stack=stack,
+                ),
+                T,
+            )
 
 
 async def test_verify_off_without_pin_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
