@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -101,6 +101,18 @@ async def discard(task: asyncio.Future[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, QuicReverseError):
         await task
+
+
+async def wait_until_stalled(writing: asyncio.Future[None], progress: Callable[[], int]) -> None:
+    """Watch a writer until it makes no more progress; it must block, not finish."""
+    last = -1
+    for _ in range(100):
+        await asyncio.wait({writing}, timeout=0.2)
+        assert not writing.done(), "writer finished although nobody read"
+        if progress() == last:
+            return
+        last = progress()
+    raise AssertionError("writer never stopped making progress")
 
 
 def sides(pair: Pair, opener: str) -> tuple[Connection, Connection]:
@@ -595,15 +607,7 @@ async def test_slow_reader_blocks_writer_and_bounds_buffers(
 
         writing = asyncio.ensure_future(writer())
         try:
-            # Watch until the writer makes no more progress (it must block somewhere).
-            last = -1
-            for _ in range(100):
-                await asyncio.wait({writing}, timeout=0.2)
-                assert not writing.done(), "writer finished although nobody read"
-                if written == last:
-                    break
-                last = written
-            assert written == last, "writer never stopped making progress"
+            await wait_until_stalled(writing, lambda: written)
             assert peer_recv.buffered_bytes <= recv_bound
             assert send.buffered_bytes <= written_bound
             assert written <= written_bound
@@ -649,3 +653,39 @@ async def test_streams_beyond_the_limit_all_complete(make_pair: PairFactory) -> 
         finally:
             await discard(serving)
         assert results == [i.to_bytes(4, "big") for i in range(count)]
+
+
+async def test_slow_reader_with_default_settings_stays_bounded(
+    transport_pair: Pair, transport_kind: str
+) -> None:
+    """The default windows too keep a non-reading receiver bounded (no unbounded credit)."""
+    if transport_kind == "memory":
+        recv_bound = written_bound = 256 * 1024  # connection_pair() default buffer_size
+    else:
+        from quic_reverse.transport.quic import TransportOptions
+
+        defaults = TransportOptions()
+        recv_bound = defaults.connection_window + defaults.stream_window
+        written_bound = recv_bound + defaults.send_buffer
+    client, server = transport_pair
+    send, _ = await bounded(client.open_bi())
+    await bounded(send.write(b"!"))
+    _, peer_recv = await accept(server)
+    chunk = bytes(MiB)
+    attempt = written_bound + 16 * MiB
+    written = 0
+
+    async def writer() -> None:
+        nonlocal written
+        while written < attempt:
+            await send.write(chunk)
+            written += len(chunk)
+
+    writing = asyncio.ensure_future(writer())
+    try:
+        await wait_until_stalled(writing, lambda: written)
+        assert peer_recv.buffered_bytes <= recv_bound
+        assert send.buffered_bytes <= written_bound
+        assert written <= written_bound
+    finally:
+        await discard(writing)
