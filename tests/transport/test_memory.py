@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quic_reverse.errors import ConnectionClosed, StreamReset, StreamStopped, TransportError
 from quic_reverse.transport.memory import connection_pair
@@ -289,3 +291,47 @@ async def test_delayed_fin_alone_makes_the_stream_visible_later() -> None:
     await asyncio.wait_for(server.wait_closed(), WAIT)
     assert not server.is_open
     assert "closed" in repr(server)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    writes=st.lists(st.binary(min_size=0, max_size=3000), max_size=20),
+    read_sizes=st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=8),
+    buffer_size=st.integers(min_value=1, max_value=4096),
+    trickle=st.booleans(),
+    delay=st.sampled_from([0.0, 0.001]),
+)
+def test_any_write_and_read_pattern_delivers_in_order_and_bounded(
+    writes: list[bytes], read_sizes: list[int], buffer_size: int, trickle: bool, delay: float
+) -> None:
+    """Property: whatever the write sizes, read sizes and knobs, the reader gets exactly
+    the bytes written, in order, then EOF; the receive buffer never exceeds its bound."""
+
+    async def scenario() -> None:
+        client, server = connection_pair(buffer_size=buffer_size, trickle=trickle, delay=delay)
+        send, _ = await client.open_bi()
+
+        async def writer() -> None:
+            for data in writes:
+                await send.write(data)
+            await send.finish()
+
+        writing = asyncio.ensure_future(writer())
+        accepted = await asyncio.wait_for(server.accept_bi(), WAIT)
+        assert accepted is not None
+        _, recv = accepted
+        expected = b"".join(writes)
+        got = bytearray()
+        for i in range(len(expected) + 1):
+            assert recv.buffered_bytes <= buffer_size
+            size = read_sizes[i % len(read_sizes)]
+            chunk = await asyncio.wait_for(recv.read(size), WAIT)
+            if not chunk:
+                break
+            assert len(chunk) <= (1 if trickle else size)
+            got += chunk
+        await asyncio.wait_for(writing, WAIT)
+        assert bytes(got) == expected
+        client.close()
+
+    asyncio.run(scenario())
