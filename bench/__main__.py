@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -151,7 +152,8 @@ def _run_child(name: str, quick: bool, result_file: Path, package: str = "bench"
         rows = run(quick)
         if not isinstance(rows, list):
             raise TypeError(f"{qualified}.run() returned {type(rows).__name__}, not a list")
-        outcome = {"status": "ok", "rows": rows}
+        # The module's docstring says what it measures; the published page quotes it.
+        outcome = {"status": "ok", "rows": rows, "about": inspect.getdoc(module) or ""}
     except ModuleNotFoundError as exc:
         missing = exc.name == qualified
         outcome = {
@@ -253,6 +255,8 @@ def _run_module(
         if outcome.get("traceback"):
             print(outcome["traceback"], file=sys.stderr)
         return status, [error_row(name, f"{package}.{name}: {status['error']}")]
+    if isinstance(outcome.get("about"), str) and outcome["about"]:
+        status["about"] = outcome["about"]
     rows: list[Row] = []
     problems_seen = False
     raw_rows = outcome.get("rows", [])

@@ -698,6 +698,15 @@ def _goal_summary(rows: Sequence[Mapping[str, Any]]) -> str:
     return text
 
 
+_RST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def _rst_to_md(text: str) -> str:
+    """Docstring (reST-ish) to markdown: roles become code spans, ``::`` becomes ``:``."""
+    text = _RST_ROLE.sub(r"`\1`", text)
+    return re.sub(r"::\n", ":\n", text)
+
+
 def render_markdown(result: Mapping[str, Any], *, chart: str | None) -> str:
     """Render a result document (as written to JSON) as the BENCHMARKS.md page.
 
@@ -804,6 +813,13 @@ def render_markdown(result: Mapping[str, Any], *, chart: str | None) -> str:
                 f" | {_cell(mod.get('rows', 0))} | {format_number(mod.get('seconds'))} |"
             )
         lines.append("")
+    described = [m for m in modules if isinstance(m.get("about"), str) and m.get("about")]
+    if described:
+        lines += ["## What each benchmark measures", ""]
+        lines.append("_From each module's docstring._")
+        lines.append("")
+        for mod in described:
+            lines += [f"### `bench/{mod.get('module', '?')}.py`", "", _rst_to_md(mod["about"]), ""]
     lines += ["## Machine", "", "| | |", "|---|---|"]
     labels = (
         ("cpu_count", "CPUs"),

@@ -138,8 +138,11 @@ def test_report_writes_json_markdown_and_chart(tmp_path: Path) -> None:
 def test_single_sample_has_no_spread(tmp_path: Path) -> None:
     row = _row("one", 5.0, 10.0, 0.5, "ratio >= 1")
     row["min"] = row["max"] = 5.0
-    md = h.render_markdown({"rows": [row]}, chart=None)
+    about = "Measures X.\n\nSee :func:`measure` and::\n\n    a -> b"
+    modules = [{"module": "one", "status": "ok", "rows": 1, "about": about}]
+    md = h.render_markdown({"rows": [row], "modules": modules}, chart=None)
     assert "| 5.00 | none (one sample) | MB/s |" in md
+    assert "### `bench/one.py`\n\nMeasures X.\n\nSee `measure` and:\n\n    a -> b" in md
 
 
 def test_chart_draws_one_bar_per_finite_ratio(tmp_path: Path) -> None:
@@ -209,6 +212,7 @@ def test_make_row_and_validate_row() -> None:
 
 _FAKE_MODULES = {
     "good": """
+        \"\"\"Fake throughput benchmark.\"\"\"
         def run(quick):
             return [{"name": "tp", "unit": "MB/s", "value": 2.0, "min": 1.0, "max": 3.0,
                      "baseline": "bare", "baseline_value": 2.0, "ratio": 1.0,
@@ -266,6 +270,7 @@ def test_runner_turns_failures_into_error_rows(
 
     status, rows = run("good")
     assert status["status"] == "ok" and status["rows"] == 1
+    assert status["about"] == "Fake throughput benchmark."
     assert rows[0]["module"] == "good" and rows[0]["met"] is True and rows[0]["quick"] is True
 
     status, rows = run("boom")
@@ -282,7 +287,7 @@ def test_runner_turns_failures_into_error_rows(
     assert status["status"] == "missing" and rows[0]["error"]
 
     t0 = time.monotonic()
-    status, rows = run("hang", timeout=2.0)
+    status, rows = run("hang", timeout=5.0)
     assert status["status"] == "timeout" and rows[0]["error"]
     assert time.monotonic() - t0 < 30
     helper_pid = int(pidfile.read_text())
