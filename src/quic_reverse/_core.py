@@ -239,6 +239,7 @@ class SessionCore:
     def __init__(self, role: Role, config: Config) -> None:
         self.role = role
         self.config = config
+        self._tag = role.value  # for log lines (enum .value is a slow property)
         self.state = CoreState.IDLE
         self.negotiated_version: int | None = None
         self.negotiated_features: Features | None = None
@@ -252,6 +253,7 @@ class SessionCore:
         self._info_events = 0
 
         self._timers: list[tuple[float, int, _Timer, int]] = []
+        self._compact_at = 64
         self._timer_seq = 0
         self._negotiation_deadline: float | None = None
         self._close_deadline: float | None = None
@@ -380,7 +382,7 @@ class SessionCore:
         self._last_activity = now
         if self.role is Role.CLIENT:
             self._send(self._hello())
-        logger.debug("%s: negotiation started", self.role.value)
+        logger.debug("%s: negotiation started", self._tag)
 
     def _hello(self) -> Hello:
         return Hello(
@@ -431,7 +433,7 @@ class SessionCore:
             )
             logger.debug(
                 "%s: negotiated v%d features=%#x",
-                self.role.value,
+                self._tag,
                 self.negotiated_version,
                 int(self.negotiated_features),
             )
@@ -492,7 +494,7 @@ class SessionCore:
         if state is CoreState.CLOSING:
             # Only the peer's answering session close matters now.
             if isinstance(msg, StreamClose) and msg.logical_stream_id == 0:
-                logger.debug("%s: session close answered", self.role.value)
+                logger.debug("%s: session close answered", self._tag)
                 self._finish(SessionClosed("session closed", code=msg.code), True, False)
             elif isinstance(msg, Ping):
                 self._send(Pong(sequence=msg.sequence))
@@ -504,7 +506,7 @@ class SessionCore:
         elif isinstance(msg, StreamClose):
             self._on_stream_close(msg)
         elif isinstance(msg, Ping):
-            logger.debug("%s: ping %d received, answering", self.role.value, msg.sequence)
+            logger.debug("%s: ping %d received, answering", self._tag, msg.sequence)
             self._send(Pong(sequence=msg.sequence))
             self._push_info(ev.Ping(sequence=msg.sequence))
         elif isinstance(msg, Pong):
@@ -522,7 +524,7 @@ class SessionCore:
                 logger.warning(
                     "%s: rejecting OpenRequest %d for %r: LIMIT_EXCEEDED "
                     "(%d active, %d unanswered; %d rejected so far)",
-                    self.role.value,
+                    self._tag,
                     rid,
                     msg.service,
                     self.active_streams,
@@ -537,7 +539,7 @@ class SessionCore:
                 )
             )
             return
-        logger.debug("%s: OpenRequest %d for %r", self.role.value, rid, msg.service)
+        logger.debug("%s: OpenRequest %d for %r", self._tag, rid, msg.service)
         self._incoming[rid] = msg.service
         self._events.append(
             ev.OpenRequest(
@@ -556,18 +558,16 @@ class SessionCore:
         rec = self._local.get(rid)
         if rec is None or rec.state is not _OpenState.AWAIT_RESPONSE:
             if self._orphan_requests.pop(rid, None) is not None:
-                logger.debug("%s: late OpenResponse %d for an abandoned open", self.role.value, rid)
+                logger.debug("%s: late OpenResponse %d for an abandoned open", self._tag, rid)
                 if msg.status.accepted and lsid:
                     self._orphan_lsid(lsid, now)
             else:
-                logger.warning(
-                    "%s: ignoring OpenResponse for unknown request %d", self.role.value, rid
-                )
+                logger.warning("%s: ignoring OpenResponse for unknown request %d", self._tag, rid)
             return
         self._awaiting_response -= 1
         if not msg.status.accepted:
             assert msg.status.code is not None
-            logger.debug("%s: open %d rejected: %s", self.role.value, rid, msg.status.code.name)
+            logger.debug("%s: open %d rejected: %s", self._tag, rid, msg.status.code.name)
             self._drop_local(rid, now)
             self._outputs.append(OpenFailed(rid, StreamRejected(msg.status.code, msg.reason)))
             return
@@ -586,13 +586,13 @@ class SessionCore:
         rec.deadline = now + self.config.stream_bind_timeout
         self._schedule(rec.deadline, _Timer.OPEN, rid)
         self._by_lsid[lsid] = rid
-        logger.debug("%s: open %d accepted as lsid %d, awaiting stream", self.role.value, rid, lsid)
+        logger.debug("%s: open %d accepted as lsid %d, awaiting stream", self._tag, rid, lsid)
 
     def _on_stream_close(self, msg: StreamClose) -> None:
         if msg.logical_stream_id != 0:
             logger.debug(
                 "%s: peer closed logical stream %d (%s)",
-                self.role.value,
+                self._tag,
                 msg.logical_stream_id,
                 msg.code.name,
             )
@@ -602,7 +602,7 @@ class SessionCore:
                 )
             )
             return
-        logger.debug("%s: session close received (%s), answering", self.role.value, msg.code.name)
+        logger.debug("%s: session close received (%s), answering", self._tag, msg.code.name)
         self._send(StreamClose(logical_stream_id=0, code=CloseCode.NORMAL, reason=None))
         self._events.append(ev.CloseReceived(code=msg.code, reason=msg.reason))
         self._info_events += 1
@@ -615,7 +615,7 @@ class SessionCore:
     def _on_pong(self, msg: Pong, now: float) -> None:
         rec = self._pings.pop(msg.sequence, None)
         if rec is None:
-            logger.debug("%s: ignoring Pong %d (not ours or late)", self.role.value, msg.sequence)
+            logger.debug("%s: ignoring Pong %d (not ours or late)", self._tag, msg.sequence)
             return
         if msg.sequence == self._keepalive_seq:
             self._keepalive_seq = None
@@ -655,7 +655,7 @@ class SessionCore:
             self._send_open(rec)
         else:
             self._queued.append(rid)
-            logger.debug("%s: open %d queued (%d in flight)", self.role.value, rid, self._inflight)
+            logger.debug("%s: open %d queued (%d in flight)", self._tag, rid, self._inflight)
         return rid
 
     def _send_open(self, rec: _LocalOpen) -> None:
@@ -663,7 +663,7 @@ class SessionCore:
         self._inflight += 1
         self._awaiting_response += 1
         self._out += rec.frame
-        logger.debug("%s: OpenRequest %d sent", self.role.value, rec.request_id)
+        logger.debug("%s: OpenRequest %d sent", self._tag, rec.request_id)
 
     def _pump_queue(self, now: float) -> None:
         """Send queued opens while slots are free; expired ones wait for their timer."""
@@ -706,7 +706,7 @@ class SessionCore:
             self._orphan_request(request_id, now)
         elif state is _OpenState.AWAIT_BIND and rec.logical_stream_id is not None:
             self._orphan_lsid(rec.logical_stream_id, now)
-        logger.debug("%s: open %d abandoned (%s)", self.role.value, request_id, state.value)
+        logger.debug("%s: open %d abandoned (%s)", self._tag, request_id, state.value)
 
     def _orphan_request(self, rid: int, now: float) -> None:
         self._trim(self._orphan_requests)
@@ -732,16 +732,18 @@ class SessionCore:
 
     def _bind(self, rid: int, lsid: int, token: int) -> None:
         self.active_streams += 1
-        logger.debug("%s: open %d bound to lsid %d", self.role.value, rid, lsid)
+        logger.debug("%s: open %d bound to lsid %d", self._tag, rid, lsid)
         self._outputs.append(OpenResolved(rid, lsid, token))
 
     # ------------------------------------------------------------------ data streams
 
-    def stream_arrived(self, now: float) -> int | None:
+    def stream_arrived(self, now: float, *, header_ready: bool = False) -> int | None:
         """A peer-opened data stream arrived; returns its token, or ``None`` to refuse it.
 
         Refused when the session is not open or when more streams are unpaired than
-        there are opens awaiting one (a flood): memory stays bounded.
+        there are opens awaiting one (a flood): memory stays bounded. With
+        ``header_ready`` the caller passes the header to :meth:`stream_header` right
+        away, so no header deadline is armed.
         """
         if self.state is not CoreState.OPEN:
             return None
@@ -752,7 +754,8 @@ class SessionCore:
         self._next_token += 1
         deadline = now + self.config.stream_bind_timeout
         self._headers[token] = deadline
-        self._schedule(deadline, _Timer.HEADER, token)
+        if not header_ready:
+            self._schedule(deadline, _Timer.HEADER, token)
         return token
 
     def stream_header(self, token: int, header: bytes, now: float) -> None:
@@ -787,7 +790,7 @@ class SessionCore:
             deadline = now + self.config.stream_bind_timeout
             self._early[lsid] = _EarlyStream(token, deadline)
             self._schedule(deadline, _Timer.EARLY, lsid)
-            logger.debug("%s: stream %d arrived before its OpenResponse", self.role.value, lsid)
+            logger.debug("%s: stream %d arrived before its OpenResponse", self._tag, lsid)
             return
         self._outputs.append(StreamRefused(token, f"no open is waiting for stream id {lsid}"))
 
@@ -843,7 +846,7 @@ class SessionCore:
         del self._incoming[request_id]
         self._used_lsids.add(lsid)
         self.active_streams += 1
-        logger.debug("%s: accepted request %d as lsid %d", self.role.value, request_id, lsid)
+        logger.debug("%s: accepted request %d as lsid %d", self._tag, request_id, lsid)
         return lsid
 
     def reject(self, request_id: int, code: RejectCode, reason: str | None) -> None:
@@ -857,7 +860,7 @@ class SessionCore:
         service = self._incoming.pop(request_id)
         logger.warning(
             "%s: rejected request %d for %r: %s",
-            self.role.value,
+            self._tag,
             request_id,
             service,
             RejectCode(code).name,
@@ -876,9 +879,7 @@ class SessionCore:
         if keepalive:
             self._keepalive_seq = seq
         self._send(Ping(sequence=seq))
-        logger.debug(
-            "%s: ping %d sent%s", self.role.value, seq, " (keep-alive)" if keepalive else ""
-        )
+        logger.debug("%s: ping %d sent%s", self._tag, seq, " (keep-alive)" if keepalive else "")
         return seq
 
     def cancel_ping(self, sequence: int) -> None:
@@ -910,7 +911,7 @@ class SessionCore:
         self._close_deadline = now + self.config.close_timeout
         self._note_deadline(self._close_deadline)
         self._fail_local_work(SessionClosed("session closing", code=code, reason=reason))
-        logger.debug("%s: session close sent (%s)", self.role.value, code.name)
+        logger.debug("%s: session close sent (%s)", self._tag, code.name)
         return True
 
     def abort(self, error: QuicReverseError) -> None:
@@ -930,7 +931,7 @@ class SessionCore:
             )
             return
         if self._close_deadline is not None and now >= self._close_deadline:
-            logger.debug("%s: no answer to session close; closing anyway", self.role.value)
+            logger.debug("%s: no answer to session close; closing anyway", self._tag)
             self._finish(SessionClosed("session closed", code=CloseCode.NORMAL), True, False)
             return
         while self._timers and self._timers[0][0] <= now:
@@ -968,21 +969,12 @@ class SessionCore:
         self._note_deadline(deadline)
         self._timer_seq += 1
         heapq.heappush(self._timers, (deadline, self._timer_seq, kind, key))
-        if len(self._timers) > 2 * self._live_timers() + 64:
+        if len(self._timers) > self._compact_at:
             # Lazy deletion leaves stale entries until their time; compact so the heap
             # stays proportional to the live records (amortised O(1) per schedule).
             self._timers = [e for e in self._timers if self._timer_valid(e)]
             heapq.heapify(self._timers)
-
-    def _live_timers(self) -> int:
-        return (
-            len(self._local)
-            + len(self._headers)
-            + len(self._early)
-            + len(self._orphan_requests)
-            + len(self._orphan_lsids)
-            + len(self._pings)
-        )
+            self._compact_at = 2 * len(self._timers) + 64
 
     def _timer_valid(self, entry: tuple[float, int, _Timer, int]) -> bool:
         deadline, _, kind, key = entry
@@ -1050,7 +1042,7 @@ class SessionCore:
                 if not isinstance(old, ev.OpenRequest):
                     del self._events[i]
                     self._info_events -= 1
-                    logger.debug("%s: event queue full, dropped %r", self.role.value, old)
+                    logger.debug("%s: event queue full, dropped %r", self._tag, old)
                     break
 
     def _require_open(self) -> None:
@@ -1066,7 +1058,7 @@ class SessionCore:
         raise SessionClosed("session not negotiated yet")
 
     def _protocol_failure(self, exc: ProtocolError) -> None:
-        logger.error("%s: protocol error from peer: %s", self.role.value, exc)
+        logger.error("%s: protocol error from peer: %s", self._tag, exc)
         if self.state is CoreState.OPEN:
             reason = str(exc)[:200]
             self._send(StreamClose(logical_stream_id=0, code=CloseCode.ERROR, reason=reason))

@@ -700,7 +700,8 @@ class SessionHandle:
             pair = await self._conn.accept_bi()
             if pair is None:
                 return
-            token = self._core.stream_arrived(self._loop.time())
+            header_ready = pair[1].buffered_bytes >= STREAM_BIND_SIZE
+            token = self._core.stream_arrived(self._loop.time(), header_ready=header_ready)
             if token is None:
                 self._refused_streams += 1
                 if self._refused_streams & (self._refused_streams - 1) == 0:  # 1, 2, 4...
@@ -713,7 +714,7 @@ class SessionHandle:
                 _reset_pair(pair)
                 continue
             self._streams_by_token[token] = pair
-            if pair[1].buffered_bytes >= STREAM_BIND_SIZE:
+            if header_ready:
                 # The header is already here: read it without a task (cannot block).
                 await self._read_header(token, pair[1])
                 continue
