@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+from quic_reverse.errors import StreamStopped
 from quic_reverse.transport._common import StackConnection
 from quic_reverse.transport.base import Connection
 from tests.support.quic import quic_pair
@@ -93,3 +95,31 @@ async def test_handshake_wait_after_completion_returns_at_once() -> None:
         await peer_send.write(b"pong")  # type: ignore[attr-defined]
         await peer_send.finish()  # type: ignore[attr-defined]
         assert await asyncio.wait_for(recv.read_exactly(4), T) == b"pong"
+
+
+async def test_stopped_streams_do_not_leak_connection_credit() -> None:
+    window = 128 * KiB
+    async with quic_pair(
+        "aioquic", stream_window=window, connection_window=2 * window, send_buffer=64 * KiB
+    ) as (client, server):
+        async with asyncio.timeout(T):
+            # Eight streams of one window each, stopped unread: 4x the connection window.
+            for _ in range(8):
+                send, _ = await client.open_bi()
+                writing = asyncio.ensure_future(send.write(bytes(window)))
+                peer_send, peer_recv = await _accept(server)
+                assert await peer_recv.read_exactly(1) == b"\0"  # type: ignore[attr-defined]
+                peer_recv.stop(3)  # type: ignore[attr-defined]
+                with contextlib.suppress(StreamStopped):
+                    await writing
+                await peer_send.finish()  # type: ignore[attr-defined]
+            # The connection still has credit for a full transfer.
+            send, _ = await client.open_bi()
+            payload = bytes(range(256)) * (4 * window // 256)
+            writing = asyncio.ensure_future(send.write(payload))
+            _, peer_recv = await _accept(server)
+            got = bytearray()
+            while len(got) < len(payload):
+                got += await peer_recv.read()  # type: ignore[attr-defined]
+            await writing
+        assert bytes(got) == payload

@@ -389,13 +389,23 @@ class StackConnection(Connection):
                 logger.warning("%s: stack failed on incoming datagrams: %r", self.stack_name, exc)
             self._process_events()
             if self._receive_paused():
+                logger.debug(
+                    "%s: receive paused (%d unread bytes)",
+                    self.stack_name,
+                    self._recv_buffered_total,
+                )
                 self._receiving_paused = True
                 self._recv_activity.set()
         self._transmit()
 
     def _maybe_resume_receiving(self) -> None:
-        if not self._receiving_paused or self._receive_paused():
+        # Hysteresis: resume once a quarter of the high-water mark was read, so a
+        # reader taking small bites does not flip pause/resume on every read.
+        if not self._receiving_paused:
             return
+        if self._recv_buffered_total > self._recv_high_water - self._recv_high_water // 4:
+            return
+        logger.debug("%s: receive resumed", self.stack_name)
         self._receiving_paused = False
         pending = self._paused_datagrams
         self._paused_datagrams = deque()

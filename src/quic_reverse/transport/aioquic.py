@@ -131,18 +131,20 @@ class _CreditQuicConnection(QuicConnection):
         self._qr_stream_window = self._local_max_stream_data_bidi_remote
         self._qr_connection_window = self._local_max_data.value
         self._qr_consumed: dict[int, int] = {}
-        self._qr_consumed_total = 0
+        # Bytes delivered to the adapter and not yet read (set by the adapter).
+        self.qr_unread: Callable[[], int] = lambda: 0
 
     def qr_consumed(self, stream_id: int, nbytes: int) -> None:
         self._qr_consumed[stream_id] = self._qr_consumed.get(stream_id, 0) + nbytes
-        self._qr_consumed_total += nbytes
 
     def qr_forget(self, stream_id: int) -> None:
         self._qr_consumed.pop(stream_id, None)
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
-        target = self._qr_consumed_total + self._qr_connection_window
+        # Everything the peer used counts as consumed except what sits unread in the
+        # adapter: data of stopped, reset or forgotten streams frees its credit too.
+        target = max_data.used - self.qr_unread() + self._qr_connection_window
         # Re-announce only after half a window was consumed (fewer MAX_DATA frames).
         if target - max_data.value >= self._qr_connection_window // 2:
             max_data.value = target
@@ -183,6 +185,10 @@ class AioquicConnection(StackConnection):
 
     events = aioquic_events
     stack_name = "aioquic"
+
+    def __init__(self, quic: _CreditQuicConnection, **kwargs: Any) -> None:
+        super().__init__(quic, **kwargs)
+        quic.qr_unread = lambda: self._recv_buffered_total
 
     def _stack_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
         receive = self._quic.receive_datagram
