@@ -316,7 +316,9 @@ class SessionHandle:
         self._open_waiters[rid] = (fut, service)
         self._pump()
         try:
-            await self._flush()
+            if len(self._open_waiters) == 1:
+                # Alone: write now. With company, the writer task batches the requests.
+                await self._flush()
             return await fut
         except asyncio.CancelledError:
             self._open_waiters.pop(rid, None)
