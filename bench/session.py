@@ -304,7 +304,7 @@ async def measure(quick: bool) -> list[Row]:
     n_seq = 150 if quick else 1500
     n_conc = 640 if quick else 6400
     n_bytes = (8 if quick else 64) * 1024 * 1024
-    samples = 3
+    samples = 3 if quick else 5
     seq: dict[str, list[list[float]]] = {"raw": [], "raw_echo": [], "open": [], "echo": []}
     conc: dict[str, list[tuple[float, list[float]]]] = {
         "raw": [],
