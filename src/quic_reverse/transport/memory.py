@@ -135,7 +135,6 @@ class _Pipe:
         self.inflight_bytes = 0
         self.fin_queued = False  # writer called finish()
         self.fin_delivered = False  # reader will see EOF after the buffer
-        self.eof_read = False  # reader got b""
         self.reset_code: int | None = None  # writer reset
         self.stop_code: int | None = None  # reader stopped
         self.readable = _Signal()
@@ -269,7 +268,6 @@ class _Pipe:
                     self.stream.check_done()
                 return data
             if self.fin_delivered:
-                self.eof_read = True
                 return b""
             if self.link.closed:
                 raise self.link.error()
