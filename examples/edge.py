@@ -83,6 +83,7 @@ SERVICES = {"echo": echo, "time": unix_time}
 
 async def main(args: argparse.Namespace, tls: ClientTLS) -> int:
     """Dial the relay, serve ``echo`` and ``time`` until the relay closes the session."""
+    print(f"connecting to relay {args.host}:{args.port} ...", flush=True)
     try:
         async with asyncio.timeout(args.timeout):
             connection = await connect(args.host, args.port, tls=tls, stack=args.stack)

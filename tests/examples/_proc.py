@@ -23,7 +23,7 @@ from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-READY = re.compile(r"^listening on (\S+):(\d+)$")
+READY = re.compile(r"^listening on (?P<host>\S+):(?P<port>\d+)$")
 
 STARTUP_TIMEOUT = 30.0
 RUN_TIMEOUT = 60.0
@@ -111,9 +111,17 @@ def start_server(name: str, *args: str, timeout: float = STARTUP_TIMEOUT) -> Ser
 
 
 def start_process(
-    argv: list[str], *, cwd: Path | None = None, timeout: float = STARTUP_TIMEOUT
+    argv: list[str],
+    *,
+    cwd: Path | None = None,
+    ready: re.Pattern[str] = READY,
+    timeout: float = STARTUP_TIMEOUT,
 ) -> Server:
-    """Start ``argv`` and wait (bounded) until it prints ``listening on HOST:PORT``."""
+    """Start ``argv`` and wait (bounded) until it prints a line matching ``ready``.
+
+    ``ready`` defaults to ``listening on HOST:PORT``; if the pattern has a ``port``
+    group, the server's ``port`` is taken from it (else it is 0).
+    """
     name = Path(argv[1]).name if len(argv) > 1 else argv[0]
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Server.wait()/kill()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd)
@@ -135,8 +143,9 @@ def start_process(
                 line = buffer[:newline].decode(errors="replace").rstrip("\r")
                 del buffer[: newline + 1]
                 lines.append(line)
-                if match := READY.match(line):
-                    return Server(proc, int(match.group(2)), lines, stderr, buffer)
+                if match := ready.match(line):
+                    port = int(match["port"]) if "port" in ready.groupindex else 0
+                    return Server(proc, port, lines, stderr, buffer)
     server = Server(proc, 0, lines, stderr, buffer)
     status, out, err = server.stop(signal.SIGKILL)
     raise AssertionError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,15 @@ import pytest
 
 from quic_reverse.transport.tls import write_self_signed
 
-from ._proc import EXAMPLES, Server, free_udp_port, run_example, start_server
+from ._proc import (
+    EXAMPLES,
+    Server,
+    free_udp_port,
+    run_example,
+    script,
+    start_process,
+    start_server,
+)
 
 SCRIPTS = ["basic.py", "echo_server.py", "echo_client.py", "relay.py", "edge.py", "demo.py"]
 
@@ -214,3 +223,40 @@ def test_demo() -> None:
     assert "HELLO WORLD" in result.stdout.splitlines()
     assert "demo: client exited with status 0" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_relay_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """A relay waiting for edges stops cleanly on Ctrl-C (status 0, no traceback)."""
+    relay = start_server("relay.py", "--cert-dir", str(tmp_path), "--no-cert-out")
+    try:
+        status, out, err = relay.stop(signal.SIGINT)
+    finally:
+        relay.kill()
+    assert status == 0, err
+    assert "shutting down" in out
+    assert "Traceback" not in err
+
+
+def test_edge_interrupted_while_connecting(tmp_path: Path) -> None:
+    """Ctrl-C while the edge dials a relay that is not there: status 130, no traceback."""
+    cert, _ = write_self_signed(tmp_path)
+    edge = start_process(
+        [
+            sys.executable,
+            script("edge.py"),
+            "--port",
+            str(free_udp_port()),
+            "--ca",
+            str(cert),
+            "--timeout",
+            "60",
+        ],
+        ready=re.compile(r"^connecting to relay 127\.0\.0\.1:\d+ \.\.\.$"),
+    )
+    try:
+        status, _, err = edge.stop(signal.SIGINT)
+    finally:
+        edge.kill()
+    assert status == 130, err
+    assert "interrupted" in err
+    assert "Traceback" not in err
