@@ -473,8 +473,8 @@ async def test_relay_sigterm_lets_running_streams_finish(
             await asyncio.to_thread(relay.proc.wait_for, r"shutting down", after=mark)
             # No new clients once shutting down...
             with pytest.raises(OSError):
-                _, w2 = await asyncio.open_connection("127.0.0.1", port)
-                w2.close()
+                late = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+                late.close()
             # ...but the running stream keeps working within the grace period.
             writer.write(b"during")
             assert await reader.readexactly(6) == b"during"

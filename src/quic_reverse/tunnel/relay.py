@@ -152,11 +152,11 @@ class Relay:
         if self._stopping:
             return
         self._stopping = True
+        for server in self._tcp:
+            server.close()
         log.info(
             "shutting down: no new connections, %.1fs grace for open streams", self.config.grace
         )
-        for server in self._tcp:
-            server.close()
         forwards = {t for e in self._edges.values() for t in e.forwards}
         if forwards:
             _, pending = await asyncio.wait(forwards, timeout=self.config.grace)
