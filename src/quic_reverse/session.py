@@ -274,7 +274,10 @@ class SessionHandle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        if exc is None or isinstance(exc, asyncio.CancelledError):
+            await self.close()
+        else:
+            await self.close(CloseCode.ERROR, type(exc).__name__)
 
     async def close(self, code: CloseCode = CloseCode.NORMAL, reason: str | None = None) -> None:
         """Close the session: send StreamClose(0), wait (bounded) for the peer's answer,
