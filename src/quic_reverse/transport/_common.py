@@ -992,8 +992,15 @@ class StackServer:
             return
         batch: list[bytes] = []
         target: StackConnection | None = None
+        connections = self._connections
+        cid_end = 1 + self._cid_length
         for data in datagrams:
-            conn = self._route(data, addr)
+            # Fast path for 1-RTT (short header) packets, nearly all of them: the
+            # destination connection id follows the first byte, no parsing needed.
+            if data and not data[0] & 0x80:
+                conn = connections.get(data[1:cid_end])
+            else:
+                conn = self._route(data, addr)
             if conn is not target:
                 if batch and target is not None:
                     target.datagrams_received(batch, addr)
