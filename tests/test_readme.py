@@ -7,6 +7,7 @@
   ``make test``.
 * The configuration table lists every ``Config`` field with its real default.
 * The tunnel commands are the ones ``docs/TUNNEL.md`` documents.
+* Every relative link points to a file that exists.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from quic_reverse import Config
 
@@ -146,3 +149,14 @@ def test_tunnel_commands_match_tunnel_doc() -> None:
     assert any(c.startswith("quic-reverse edge ") for c in commands), commands
     for command in commands:
         assert command in documented, f"README tunnel command not in docs/TUNNEL.md: {command}"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "examples/README.md", "docs/ARCHITECTURE.md"])
+def test_relative_links_exist(doc: str) -> None:
+    """Every relative link in the document points to an existing file."""
+    path = ROOT / doc
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", path.read_text(encoding="utf-8"))
+    relative = [target for target in links if not re.match(r"^[a-z]+://", target)]
+    assert relative, f"{doc}: no relative links found (is the pattern still right?)"
+    for target in relative:
+        assert (path.parent / target).exists(), f"{doc} links to missing {target}"
