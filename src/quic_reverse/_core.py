@@ -329,6 +329,19 @@ class SessionCore:
         self._out.clear()
         return data
 
+    def move_data_to(self, buffer: bytearray) -> bool:
+        """Append the bytes to send to ``buffer`` (no intermediate copy); True if any."""
+        if not self._out:
+            return False
+        buffer += self._out
+        self._out.clear()
+        return True
+
+    @property
+    def has_new_deadline(self) -> bool:
+        """True when :meth:`take_new_deadline` has something to report."""
+        return self._new_deadline is not None
+
     def outputs(self) -> list[Output]:
         """Driver actions produced since the last call (empties the list)."""
         out = self._outputs

@@ -495,29 +495,34 @@ class SessionHandle:
     # ------------------------------------------------------------------ the pump
 
     def _pump(self) -> None:
-        """Carry out what the core produced: bytes, actions, events, timer."""
+        """Carry out what the core produced: bytes, actions, events, timer.
+
+        Called after every input to the core, so it is kept cheap.
+        """
         core = self._core
-        data = core.data_to_send()
-        if data and not self._closed.is_set():
-            self._outbox += data
-            self._outbox_idle.clear()
-            self._outbox_ready.set()
+        if core.move_data_to(self._outbox):
+            self._outbox_filled()
         if core.has_outputs:
             for output in core.outputs():
                 self._dispatch(output)
         if core.has_events:
             if self._serve_handlers is not None:
                 self._route_events()
-                data = core.data_to_send()
-                if data and not self._closed.is_set():
-                    self._outbox += data
-                    self._outbox_idle.clear()
-                    self._outbox_ready.set()
+                if core.move_data_to(self._outbox):
+                    self._outbox_filled()
             else:
                 self._events_ready.set()
         if core.end is not None:
             self._events_ready.set()
-        self._rearm_timer()
+        if core.has_new_deadline:
+            self._rearm_timer()
+
+    def _outbox_filled(self) -> None:
+        if self._closed.is_set():
+            self._outbox.clear()  # nobody will write it any more
+            return
+        self._outbox_idle.clear()
+        self._outbox_ready.set()
 
     def _dispatch(self, output: Output) -> None:
         if isinstance(output, OpenResolved):
