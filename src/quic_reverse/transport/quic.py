@@ -102,9 +102,19 @@ class TransportOptions:
     """Tuning knobs shared by both stacks (defaults are the tuned values).
 
     ``max_streams``: concurrent bidirectional streams the peer may open.
-    ``stream_window`` / ``connection_window``: receive flow-control windows; a
-    receiver that does not read stops granting credit past ``connection_window``.
+    ``stream_window`` / ``connection_window``: receive flow-control windows.
     ``send_buffer``: bytes per stream ``write`` may queue in the stack before it waits.
+
+    How a receiver that does not read is bounded differs by stack:
+
+    * aioquic: credit is granted per stream as the application reads, so one
+      unread stream holds at most ``stream_window`` and others keep flowing;
+    * qh3: its native core grants credit as soon as data is delivered to Python,
+      so the adapter stops feeding the connection's (large) incoming packets once
+      unread bytes over all streams pass ``connection_window`` and resumes when a
+      quarter was read. Small packets (ACKs, close, short messages) still get
+      through, but bulk data on *every* stream of that connection waits until the
+      slow reader catches up.
     """
 
     idle_timeout: float = 60.0
