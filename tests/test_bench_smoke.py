@@ -287,7 +287,7 @@ def test_runner_turns_failures_into_error_rows(
     assert status["status"] == "missing" and rows[0]["error"]
 
     t0 = time.monotonic()
-    status, rows = run("hang", timeout=5.0)
+    status, rows = run("hang", timeout=3.0)
     assert status["status"] == "timeout" and rows[0]["error"]
     assert time.monotonic() - t0 < 30
     helper_pid = int(pidfile.read_text())
