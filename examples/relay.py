@@ -66,10 +66,11 @@ async def run_demo(connection: Connection) -> bool:
     async with await session.start() as handle:
         print(f"edge connected from {peer} (agent {handle.remote_agent!r})", flush=True)
 
-        # 1. time: the edge writes its clock and FINs; we send nothing (FIN right away).
+        # 1. time: the edge writes its clock and FINs. Our request is empty: read the
+        #    answer first, and let leaving the block send our FIN (a graceful close
+        #    that tolerates an edge, like the Rust one, that stops reading at once).
         try:
             async with await handle.open("time", Metadata.EMPTY) as stream:
-                await stream.write_eof()
                 timestamp = (await stream.read()).decode("utf-8", errors="replace")
             print(f"time: {timestamp}", flush=True)
         except QuicReverseError as exc:
