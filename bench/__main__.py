@@ -3,7 +3,7 @@
 Usage::
 
     python -m bench [--quick] [--only NAME ...] [--json PATH] [--doc | --no-doc]
-                    [--timeout SECONDS] [--render JSON]
+                    [--timeout SECONDS] [--render JSON] [--docs-dir DIR]
 
 Each benchmark module (fixed list :data:`MODULES`) runs in its own child process, in its
 own process group, one after the other: a module that hangs is interrupted after
@@ -68,8 +68,9 @@ MODULES: tuple[str, ...] = ("wire", "transport", "session", "tunnel")
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"
-DOC_PATH = ROOT / "docs" / "BENCHMARKS.md"
-CHART_PATH = ROOT / "docs" / "benchmarks.png"
+DOCS_DIR = ROOT / "docs"
+DOC_NAME = "BENCHMARKS.md"
+CHART_NAME = "benchmarks.png"
 
 #: Per-module time limits (seconds) unless ``--timeout`` is given.
 FULL_TIMEOUT = 1800.0
@@ -118,6 +119,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         metavar="JSON",
         help="do not run anything: re-render the page and chart from this result file",
+    )
+    parser.add_argument(
+        "--docs-dir",
+        type=Path,
+        default=DOCS_DIR,
+        metavar="DIR",
+        help=f"where {DOC_NAME} and {CHART_NAME} go (default: docs/)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # Internal: run one module in this (child) process and write its rows to a file.
@@ -348,8 +356,8 @@ def _run_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
     write_report(
         result,
         json_path=json_path,
-        md_path=DOC_PATH if write_doc else None,
-        png_path=CHART_PATH if write_doc else None,
+        md_path=args.docs_dir / DOC_NAME if write_doc else None,
+        png_path=args.docs_dir / CHART_NAME if write_doc else None,
     )
     print_table(rows)
     if args.quick and result["duration_s"] > QUICK_BUDGET:
@@ -364,14 +372,14 @@ def _run_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
         file=sys.stderr,
     )
     if write_doc:
-        print(f"[bench] wrote {DOC_PATH} and {CHART_PATH}", file=sys.stderr)
+        print(f"[bench] wrote {DOC_NAME} and {CHART_NAME} in {args.docs_dir}", file=sys.stderr)
     if failed:
         print(f"[bench] FAILED modules: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 
 
-def _render(path: Path) -> int:
+def _render(path: Path, docs_dir: Path) -> int:
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -381,8 +389,10 @@ def _render(path: Path) -> int:
         print(f"python -m bench: {path} is not a benchmark result file", file=sys.stderr)
         return 2
     result["rows"] = [_restore_nan(r) for r in result["rows"]]
-    write_report(result, json_path=None, md_path=DOC_PATH, png_path=CHART_PATH)
-    print(f"[bench] wrote {DOC_PATH} and {CHART_PATH} from {path}", file=sys.stderr)
+    write_report(
+        result, json_path=None, md_path=docs_dir / DOC_NAME, png_path=docs_dir / CHART_NAME
+    )
+    print(f"[bench] wrote {DOC_NAME} and {CHART_NAME} in {docs_dir} from {path}", file=sys.stderr)
     return 0
 
 
@@ -397,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child is not None:
         return _run_child(args.child, args.quick, args.result_file, args.package)
     if args.render is not None:
-        return _render(args.render)
+        return _render(args.render, args.docs_dir)
     # SIGTERM (a CI job being cancelled) unwinds like Ctrl-C, so the running module's
     # process group is stopped by its ``with`` block instead of being orphaned.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -373,3 +373,35 @@ def test_cli_quick_every_module(tmp_path: Path) -> None:
         rows = [r for r in doc["rows"] if r["module"] == module]
         assert rows, f"bench.{module} returned no rows"
         assert all(h.validate_row(r) == [] for r in rows)
+
+
+def test_cli_render_rewrites_page_from_json(tmp_path: Path) -> None:
+    """``--render`` rebuilds the page and chart from a result file, nothing else."""
+    source = tmp_path / "result.json"
+    h.write_report(_synthetic_result(), json_path=source)
+    docs = tmp_path / "docs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--render", str(source), "--docs-dir", str(docs)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in docs.iterdir()) == ["BENCHMARKS.md", "benchmarks.png"]
+    md = (docs / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert "| synthetic | upload | 380 |" in md and "](benchmarks.png)" in md
+    assert _png_size(docs / "benchmarks.png")[0] > 0
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--render", str(bad), "--docs-dir", str(docs)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "cannot read" in proc.stderr
