@@ -174,10 +174,16 @@ async def sequential(op: Callable[[], Awaitable[None]], n: int) -> list[float]:
     return out
 
 
-async def concurrent(
-    op: Callable[[], Awaitable[None]], n: int, workers: int
-) -> tuple[float, list[float]]:
-    """Run ``n`` operations with ``workers`` in flight; return (ops/s, latencies)."""
+Conc = tuple[float, list[float], float]
+
+
+async def concurrent(op: Callable[[], Awaitable[None]], n: int, workers: int) -> Conc:
+    """Run ``n`` operations with ``workers`` in flight.
+
+    Returns (ops/s, latencies, CPU µs per op). Both ends run in this process, so the
+    process CPU time per op is the whole cost of an open, and is much less disturbed
+    than wall time by other load on a shared machine.
+    """
     await asyncio.gather(*(op() for _ in range(workers)))  # warm-up
     latencies: list[float] = []
     remaining = n
@@ -191,16 +197,19 @@ async def concurrent(
             latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
+    c0 = time.process_time()
     await asyncio.gather(*(worker() for _ in range(workers)))
-    return n / (time.perf_counter() - t0), latencies
+    cpu = (time.process_time() - c0) / n * 1e6
+    return n / (time.perf_counter() - t0), latencies, cpu
 
 
-async def raw_upload(conn: Connection, peer: Connection, nbytes: int) -> float:
-    """MB/s of one raw stream carrying ``nbytes`` to a sink (on ``peer``) that
-    acknowledges at EOF."""
+async def raw_upload(conn: Connection, peer: Connection, nbytes: int) -> tuple[float, float]:
+    """One raw stream carrying ``nbytes`` to a sink (on ``peer``) that acknowledges at
+    EOF: (MB/s wall, MB per CPU second of this process, i.e. both ends)."""
     sink = asyncio.create_task(_raw_sink_server(peer))
     payload = b"\xab" * CHUNK
     t0 = time.perf_counter()
+    c0 = time.process_time()
     send, recv = await conn.open_bi()
     sent = 0
     while sent < nbytes:
@@ -209,15 +218,18 @@ async def raw_upload(conn: Connection, peer: Connection, nbytes: int) -> float:
     await send.finish()
     ack = await recv.read(1)
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     await sink
     if ack != b"k":
         raise RuntimeError("raw upload not acknowledged")
-    return sent / elapsed / 1e6
+    return sent / elapsed / 1e6, sent / cpu / 1e6
 
 
-async def session_upload(handle: SessionHandle, nbytes: int) -> float:
+async def session_upload(handle: SessionHandle, nbytes: int) -> tuple[float, float]:
+    """The same upload through a session stream (see :func:`raw_upload`)."""
     payload = b"\xab" * CHUNK
     t0 = time.perf_counter()
+    c0 = time.process_time()
     stream = await handle.open("sink")
     sent = 0
     while sent < nbytes:
@@ -226,10 +238,11 @@ async def session_upload(handle: SessionHandle, nbytes: int) -> float:
     await stream.write_eof()
     ack = await stream.read(1)
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     await stream.aclose()
     if ack != b"k":
         raise RuntimeError("session upload not acknowledged")
-    return sent / elapsed / 1e6
+    return sent / elapsed / 1e6, sent / cpu / 1e6
 
 
 Op = Callable[[], Awaitable[None]]
@@ -270,8 +283,8 @@ def _latency_rows(
 
 def _concurrent_rows(
     label: str,
-    ses: list[tuple[float, list[float]]],
-    raw: list[tuple[float, list[float]]],
+    ses: list[Conc],
+    raw: list[Conc],
     goal: str,
     baseline: str,
 ) -> list[Row]:
@@ -279,10 +292,10 @@ def _concurrent_rows(
         make_row(
             label,
             "opens/s",
-            [r for r, _ in ses],
+            [r for r, _, _ in ses],
             goal=goal,
             baseline=baseline,
-            baseline_value=summarize(r for r, _ in raw).median,
+            baseline_value=summarize(r for r, _, _ in raw).median,
         )
     ]
     for pct in (50, 99):
@@ -290,10 +303,10 @@ def _concurrent_rows(
             make_row(
                 f"{label} p{pct}",
                 "µs",
-                [percentile(lat, pct) * 1e6 for _, lat in ses],
+                [percentile(lat, pct) * 1e6 for _, lat, _ in ses],
                 goal="informational (ratio = raw / session)",
                 baseline=f"{baseline} p{pct}",
-                baseline_value=summarize(percentile(lat, pct) * 1e6 for _, lat in raw).median,
+                baseline_value=summarize(percentile(lat, pct) * 1e6 for _, lat, _ in raw).median,
                 higher_is_better=False,
             )
         )
@@ -306,14 +319,14 @@ async def measure(quick: bool) -> list[Row]:
     n_bytes = (8 if quick else 64) * 1024 * 1024
     samples = 3 if quick else 5
     seq: dict[str, list[list[float]]] = {"raw": [], "raw_echo": [], "open": [], "echo": []}
-    conc: dict[str, list[tuple[float, list[float]]]] = {
+    conc: dict[str, list[Conc]] = {
         "raw": [],
         "raw_echo": [],
         "open": [],
         "echo": [],
     }
-    raw_tput: list[float] = []
-    ses_tput: list[float] = []
+    raw_tput: list[tuple[float, float]] = []
+    ses_tput: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="qr-bench-") as tmp:
         certdir = Path(tmp)
         # Alternate raw and session samples so machine noise hits both alike.
@@ -345,6 +358,17 @@ async def measure(quick: bool) -> list[Row]:
     rows += _concurrent_rows(
         f"reverse open {CONCURRENCY} concurrent", conc["open"], conc["raw"], goal, raw_name
     )
+    rows.append(
+        make_row(
+            f"reverse open {CONCURRENCY} concurrent, CPU per open",
+            "µs",
+            [cpu for _, _, cpu in conc["open"]],
+            goal="informational (ratio = raw / session; less noisy than wall time)",
+            baseline=f"{raw_name}, CPU per open",
+            baseline_value=summarize(cpu for _, _, cpu in conc["raw"]).median,
+            higher_is_better=False,
+        )
+    )
     info = "informational (a reverse open costs one more round trip than a raw open)"
     rows += _latency_rows(
         "reverse open + 1-byte echo sequential", seq["echo"], seq["raw_echo"], info, raw_echo
@@ -360,10 +384,20 @@ async def measure(quick: bool) -> list[Row]:
         make_row(
             f"session one-stream upload {n_bytes >> 20} MiB",
             "MB/s",
-            ses_tput,
+            [w for w, _ in ses_tput],
             goal=">= 0.95x raw qh3 stream",
             baseline="raw qh3 one-stream upload",
-            baseline_value=summarize(raw_tput).median,
+            baseline_value=summarize(w for w, _ in raw_tput).median,
+        )
+    )
+    rows.append(
+        make_row(
+            f"session one-stream upload {n_bytes >> 20} MiB, per CPU second",
+            "MB/s",
+            [c for _, c in ses_tput],
+            goal="informational (both ends in this process; less noisy than wall time)",
+            baseline="raw qh3 one-stream upload, per CPU second",
+            baseline_value=summarize(c for _, c in raw_tput).median,
         )
     )
     return rows
