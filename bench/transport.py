@@ -19,7 +19,7 @@ until the client has read EOF). Two servers run side by side:
   queues all bytes at once (no backpressure at all) is reported for reference.
 
 Repetitions alternate adapter/bare so that machine noise hits both alike; each
-figure is the median of 3 runs (``--quick``: 1).
+figure is the median of 5 runs (``--quick``: 1).
 
 Stream opens: :func:`measure_open_rate` (reusable, e.g. by the session benchmark)
 opens a stream, sends one byte + FIN and reads the one-byte echo + FIN, one at a
@@ -496,7 +496,7 @@ async def _open_echo_e(conn: Connection) -> None:
 def run(quick: bool) -> list[Row]:
     """Measure and return rows in the common benchmark format."""
     size = 16 * MiB if quick else 256 * MiB
-    reps = 1 if quick else 3
+    reps = 1 if quick else 5
     opens = 300 if quick else 2000
     label = f"{size // MiB} MiB"
     with tempfile.TemporaryDirectory(prefix="qr-bench-transport-") as tmp:
