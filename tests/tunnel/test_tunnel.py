@@ -489,13 +489,16 @@ async def test_relay_sigterm_lets_running_streams_finish(
 
 
 async def test_aioquic_relay_with_qh3_edge(services: Services, tmp_path: Path) -> None:
-    """``--stack`` works, and the two stacks interoperate through the tunnel."""
+    """The relay's ``[relay]`` config file (stack, forwards) is honoured, and the two
+    QUIC stacks interoperate through the tunnel."""
     _write_tokens(tmp_path, ["edgeA"])
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[relay]\nstack = "aioquic"\nforward = ["127.0.0.1:0=edgeA/echo"]\ngrace = 1\n',
+        encoding="utf-8",
+    )
     relay = start_relay(
-        tmp_path / "state",
-        tmp_path / "tokens.toml",
-        ["127.0.0.1:0=edgeA/echo"],
-        extra=["--stack", "aioquic"],
+        tmp_path / "state", tmp_path / "tokens.toml", [], extra=["--config", str(config)]
     )
     edge: Proc | None = None
     try:
