@@ -18,6 +18,7 @@ from quic_reverse import (
     Features,
     Metadata,
     OpenRequest,
+    OpenResponseReceived,
     RejectCode,
     Role,
     Session,
@@ -369,6 +370,16 @@ async def test_stream_api() -> None:
 async def test_thousand_concurrent_opens(transport: str) -> None:
     async with session_pair(transport) as (client, server):
         serve = asyncio.create_task(client.serve({"echo": echo}))
+        responses = 0
+
+        async def events() -> None:
+            """Another task reads the opener's control events meanwhile."""
+            nonlocal responses
+            while (event := await server.process_message()) is not None:
+                if isinstance(event, OpenResponseReceived):
+                    responses += 1
+
+        reader = asyncio.create_task(events())
 
         async def one(i: int) -> tuple[int, bytes]:
             token = f"token-{i}".encode()
@@ -382,6 +393,8 @@ async def test_thousand_concurrent_opens(transport: str) -> None:
         await server.close()
         async with asyncio.timeout(WAIT):
             await serve
+            await reader
+        assert 0 < responses <= 1000  # informational events may be dropped, never invented
 
 
 async def test_aioquic_end_to_end() -> None:
