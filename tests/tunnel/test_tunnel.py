@@ -572,3 +572,38 @@ async def test_backpressure_slow_reader_bounds_memory(services: Services, tmp_pa
         if edge is not None:
             edge.kill()
         relay.proc.kill()
+
+
+def test_edge_refuses_relay_with_wrong_certificate(tunnel: Tunnel, tmp_path: Path) -> None:
+    """The edge verifies the relay before sending its token: a wrong pin or a CA that
+    did not issue the relay's certificate makes it exit 1 without authenticating."""
+    from quic_reverse.transport.tls import write_self_signed
+
+    other_ca, _ = write_self_signed(tmp_path / "other")
+    mark = tunnel.relay.proc.mark()
+    for label, verify in (
+        ("pin", ["--fingerprint", "ab" * 32]),
+        ("ca", ["--ca", str(other_ca)]),
+    ):
+        args = [
+            "edge",
+            "--relay",
+            f"127.0.0.1:{tunnel.relay.quic_port}",
+            "--name",
+            "edgeA",
+            "--token-file",
+            str(tunnel.tmp / "edgeA.token"),
+            "--expose",
+            "x=127.0.0.1:9",
+            "--connect-timeout",
+            "5",
+            *verify,
+        ]
+        edge = Proc(f"edge ({label})", args)
+        try:
+            assert edge.wait_exit(WAIT) == 1, (label, edge.tail())
+            assert edge.find(r"certificate check failed"), (label, edge.tail())
+            assert not edge.find(r"authenticated to relay")
+        finally:
+            edge.kill()
+    assert not tunnel.relay.proc.find(r"edge 'edgeA' reconnected", after=mark)
