@@ -356,3 +356,22 @@ async def test_stack_errors_are_converted_at_the_boundary() -> None:
             configuration=qh3_adapter.client_configuration(),
             on_connection=_hold,
         )
+
+
+@pytest.mark.parametrize("stack", STACKS)
+async def test_invalid_error_codes_still_reset_and_close(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with quic_pair(stack) as (client, server):
+        send, _ = await client.open_bi()
+        await send.write(b"x")
+        pair = await asyncio.wait_for(server.accept_bi(), T)
+        assert pair is not None
+        assert await asyncio.wait_for(pair[1].read_exactly(1), T) == b"x"
+        send.reset(1 << 62)  # not a QUIC varint: logged, sent as 0
+        with pytest.raises(StreamReset) as reset:
+            await asyncio.wait_for(pair[1].read(), T)
+        assert reset.value.error_code == 0
+        client.close(-1, b"bad code")
+        await asyncio.wait_for(server.wait_closed(), T)
+    assert any("invalid QUIC error code" in r.getMessage() for r in caplog.records)

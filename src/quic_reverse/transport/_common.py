@@ -104,6 +104,19 @@ def convert_stack_errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
+_MAX_CODE = (1 << 62) - 1
+
+
+def _valid_code(code: int, what: str) -> int:
+    """QUIC application error codes are varints (0..2**62-1); these calls never raise,
+    so an invalid code is logged and replaced by 0 rather than silently dropping the
+    close/reset."""
+    if isinstance(code, int) and 0 <= code <= _MAX_CODE:
+        return code
+    logger.warning("%s: invalid QUIC error code %r, using 0", what, code)
+    return 0
+
+
 def _wake(fut: asyncio.Future[None] | None) -> None:
     if fut is not None and not fut.done():
         fut.set_result(None)
@@ -759,6 +772,7 @@ class StackConnection(Connection):
             self._maybe_resume_receiving()
 
     def _stop(self, state: _StreamState, code: int) -> None:
+        code = _valid_code(code, "stop")
         if state.stop_sent or state.recv_done or self._closed.is_set():
             state.recv_done = True
             return
@@ -838,6 +852,7 @@ class StackConnection(Connection):
         self._maybe_forget(state)
 
     def _reset(self, state: _StreamState, code: int) -> None:
+        code = _valid_code(code, "reset")
         if state.reset_sent or state.fin_sent or state.stop_received is not None:
             state.reset_sent = True
             return
@@ -891,6 +906,7 @@ class StackConnection(Connection):
     def close(self, code: int = 0, reason: bytes = b"") -> None:
         if not self._is_open:
             return
+        code = _valid_code(code, "close")
         text = bytes(reason).decode("utf-8", "replace")
         logger.info(
             "%s: closing connection (code %d%s)",
