@@ -188,11 +188,22 @@ def test_echo_client_without_server_fails_cleanly(tmp_path: Path) -> None:
     assert time.monotonic() - started < 25
 
 
-def test_relay_and_edge(tmp_path: Path) -> None:
-    """The reverse pattern: the edge dials, the relay opens time/echo, foobar is refused."""
+@pytest.mark.parametrize("relay_stack", ["qh3", "aioquic"])
+def test_relay_and_edge(tmp_path: Path, relay_stack: str) -> None:
+    """The reverse pattern: the edge dials, the relay opens time/echo, foobar is refused.
+
+    The edge always runs on qh3; the relay on either stack (``--stack``).
+    """
     der = tmp_path / "relay.der"
     relay = start_server(
-        "relay.py", "--once", "--cert-dir", str(tmp_path / "relay"), "--cert-out", str(der)
+        "relay.py",
+        "--once",
+        "--stack",
+        relay_stack,
+        "--cert-dir",
+        str(tmp_path / "relay"),
+        "--cert-out",
+        str(der),
     )
     try:
         edge = run_example("edge.py", "--port", str(relay.port), "--ca", str(der), timeout=60)
