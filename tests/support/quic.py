@@ -8,6 +8,7 @@ the client trusts it through ``cafile``. Everything is cleaned up on exit.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import tempfile
@@ -37,6 +38,7 @@ def dev_certificate() -> tuple[Path, Path]:
     """``(cert_path, key_path)`` of a development certificate shared by this process."""
     global _TMP
     _TMP = tempfile.TemporaryDirectory(prefix="quic-reverse-test-")
+    atexit.register(_TMP.cleanup)
     return write_self_signed(_TMP.name)
 
 
