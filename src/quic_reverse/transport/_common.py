@@ -1044,7 +1044,11 @@ class StackServer:
             return None
         conn = self._connections.get(dcid)
         if conn is None and is_initial and len(data) >= 1200:
-            conn = self._new_connection(dcid)
+            try:
+                conn = self._new_connection(dcid)
+            except Exception:
+                logger.exception("cannot create a connection for %s", addr)
+                return None
             self._register(conn, dcid, addr)
         return conn
 
