@@ -11,11 +11,15 @@ What the driver owns, and nothing more:
 
 * one **reader** task for the control stream (the server accepts it first: it is the
   client's first bidirectional stream), feeding bytes to the core;
-* one **writer** task draining the core's outgoing bytes to the control stream in order;
-* one **acceptor** task taking peer-opened data streams, plus one short-lived task per
-  stream reading its 13-byte StreamBind (the core bounds how many and for how long);
-* one timer (``loop.call_at``) re-armed at the core's ``next_deadline()``: every
+* one **writer** task draining the core's outgoing bytes to the control stream in order
+  (a lone ``open()``/``ping()``/``reject_open()`` writes its own message at once, to
+  save a loop turn; under concurrency the writer batches them);
+* one **acceptor** task taking peer-opened data streams; a StreamBind already buffered
+  is read inline, otherwise one short-lived task per stream reads it (the core bounds
+  how many such streams exist and for how long);
+* one timer (``loop.call_at``), armed at the earliest deadline the core reports: every
   protocol deadline (negotiation, open, bind, ping, keep-alive, close) is the core's.
+  The only other bounded waits are in the final shutdown (``Config.close_timeout``).
 
 Every task is referenced and cancelled + awaited at shutdown. When the session ends,
 for whatever reason, every waiter (``open``, ``ping``, ``process_message``, ``start``)
