@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from quic_reverse.errors import (
     CertificateError,
+    ConfigError,
     ConnectionClosed,
     StreamReset,
     TransportError,
@@ -375,3 +376,20 @@ async def test_invalid_error_codes_still_reset_and_close(
         client.close(-1, b"bad code")
         await asyncio.wait_for(server.wait_closed(), T)
     assert any("invalid QUIC error code" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+async def test_unusable_certificate_files_are_a_config_error(stack: Stack, tmp_path: Path) -> None:
+    cert, _ = dev_certificate()
+    bad_key = tmp_path / "key.pem"
+    bad_key.write_text("not a key\n")
+    with pytest.raises(ConfigError):
+        await serve(
+            "127.0.0.1",
+            0,
+            tls=ServerTLS(certfile=cert, keyfile=bad_key),
+            on_connection=_hold,
+            stack=stack,
+        )
+    with pytest.raises(ConfigError):
+        await connect("127.0.0.1", 1, tls=ClientTLS(), stack="quiche")  # type: ignore[arg-type]

@@ -102,6 +102,12 @@ def convert_stack_errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {exc}") from exc
     except Exception as exc:
         raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:
+        # qh3's Rust code can panic on malformed input; pyo3 raises PanicException,
+        # a BaseException, which must not take the whole program down.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise TransportError(f"{what}: stack panic: {exc}") from exc
 
 
 _MAX_CODE = (1 << 62) - 1

@@ -245,6 +245,28 @@ def _direct_trust(cafile: str | None) -> set[str] | None:
     return fingerprints or None
 
 
+def _check_certificate_files(certfile: str, keyfile: str) -> None:
+    """Parse the server certificate and key with ``cryptography`` before a stack sees
+    them: qh3 panics (instead of raising) on some malformed keys.
+
+    Raises:
+        ConfigError: unreadable files, no certificate, or a key that is not a PEM key.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        with open(certfile, "rb") as fh:
+            certs = x509.load_pem_x509_certificates(fh.read())
+        with open(keyfile, "rb") as fh:
+            key_pem = fh.read()
+        load_pem_private_key(key_pem, password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot load certificate/key ({certfile}, {keyfile}): {exc}") from exc
+    if not certs:
+        raise ConfigError(f"no certificate in {certfile}")
+
+
 def _check_pin(conn: Connection, accepted: set[str], what: str) -> None:
     der = conn.peer_certificate
     actual = hashlib.sha256(der).hexdigest() if der is not None else ""
@@ -312,6 +334,7 @@ async def serve(
     _check_stack(stack)
     opts = options or TransportOptions(idle_timeout=idle_timeout)
     certfile, keyfile = os.fspath(tls.certfile), os.fspath(tls.keyfile)
+    _check_certificate_files(certfile, keyfile)
     impl: StackServer
     if stack == "qh3":
         from . import qh3 as mod
