@@ -349,6 +349,11 @@ class SessionCore:
         return out
 
     @property
+    def has_pending_incoming(self) -> bool:
+        """True while some peer OpenRequest is still unanswered."""
+        return bool(self._incoming)
+
+    @property
     def has_outputs(self) -> bool:
         """True when ``outputs()`` has something."""
         return bool(self._outputs)

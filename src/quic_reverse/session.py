@@ -321,7 +321,7 @@ class SessionHandle:
         )
         fut: asyncio.Future[Stream] = self._loop.create_future()
         self._open_waiters[rid] = (fut, service)
-        self._pump()
+        self._pump(will_flush=len(self._open_waiters) == 1)
         try:
             if len(self._open_waiters) == 1:
                 # Alone: write now. With company, the writer task batches the requests.
@@ -348,7 +348,11 @@ class SessionHandle:
         """
         service = self._core.incoming_service(request_id)
         lsid = self._core.accept(request_id, logical_stream_id)
-        self._pump()
+        # Alone (no other request waiting for an answer): write the OpenResponse now, in
+        # this loop turn, so it shares a datagram with the StreamBind below. Otherwise
+        # the writer task batches the responses of all concurrent accepts in one write.
+        alone = not self._core.has_pending_incoming
+        self._pump(will_flush=alone)
         released = False
 
         def release() -> None:
@@ -359,10 +363,8 @@ class SessionHandle:
                 self._pump()
 
         try:
-            # No _flush() here: the writer task's wake-up is already scheduled, so it
-            # writes the OpenResponse in the next loop turn, before the transport
-            # transmits; the response and the StreamBind share a datagram, and many
-            # concurrent accepts share one control write.
+            if alone:
+                await self._flush()
             send, recv = await self._conn.open_bi()
             await send.write(StreamBind(logical_stream_id=lsid).encode())
         except BaseException:
@@ -375,7 +377,7 @@ class SessionHandle:
     ) -> None:
         """Answer the peer's OpenRequest with Rejected(``code``)."""
         self._core.reject(request_id, _enum_value(RejectCode, code), reason)
-        self._pump()
+        self._pump(will_flush=True)
         await self._flush()
 
     async def ping(self) -> float:
@@ -388,7 +390,7 @@ class SessionHandle:
         seq = self._core.send_ping(self._loop.time())
         fut: asyncio.Future[float] = self._loop.create_future()
         self._ping_waiters[seq] = fut
-        self._pump()
+        self._pump(will_flush=True)
         try:
             await self._flush()
             return await fut
@@ -401,7 +403,7 @@ class SessionHandle:
     ) -> None:
         """Send an informational StreamClose for a logical stream (not the session)."""
         self._core.send_stream_close(logical_stream_id, _enum_value(CloseCode, code), reason)
-        self._pump()
+        self._pump(will_flush=True)
         await self._flush()
 
     async def process_message(self) -> ControlEvent | None:
@@ -498,14 +500,16 @@ class SessionHandle:
 
     # ------------------------------------------------------------------ the pump
 
-    def _pump(self) -> None:
+    def _pump(self, *, will_flush: bool = False) -> None:
         """Carry out what the core produced: bytes, actions, events, timer.
 
-        Called after every input to the core, so it is kept cheap.
+        Called after every input to the core, so it is kept cheap. ``will_flush``: the
+        caller writes the control bytes itself right after (see :meth:`_flush`), so the
+        writer task is not woken for them.
         """
         core = self._core
         if core.move_data_to(self._outbox):
-            self._outbox_filled()
+            self._outbox_filled(wake_writer=not will_flush)
         if core.has_outputs:
             for output in core.outputs():
                 self._dispatch(output)
@@ -521,12 +525,13 @@ class SessionHandle:
         if core.has_new_deadline:
             self._rearm_timer()
 
-    def _outbox_filled(self) -> None:
+    def _outbox_filled(self, *, wake_writer: bool = True) -> None:
         if self._closed.is_set():
             self._outbox.clear()  # nobody will write it any more
             return
         self._outbox_idle.clear()
-        self._outbox_ready.set()
+        if wake_writer:
+            self._outbox_ready.set()
 
     def _dispatch(self, output: Output) -> None:
         if isinstance(output, OpenResolved):
@@ -650,7 +655,7 @@ class SessionHandle:
                     self._pump()
                     return
                 core.receive_data(data, self._loop.time())
-                self._pump()
+                self._pump(will_flush=True)
                 await self._flush()
                 if len(self._outbox) > _OUTBOX_HIGH_WATER:
                     await self._outbox_idle.wait()
