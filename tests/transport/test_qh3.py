@@ -393,3 +393,33 @@ async def test_unusable_certificate_files_are_a_config_error(stack: Stack, tmp_p
         )
     with pytest.raises(ConfigError):
         await connect("127.0.0.1", 1, tls=ClientTLS(), stack="quiche")  # type: ignore[arg-type]
+
+
+async def test_stack_panic_on_incoming_data_does_not_escape() -> None:
+    class PanicException(BaseException):
+        """Stands for pyo3's PanicException (what qh3's Rust core raises on a panic)."""
+
+    async with quic_pair("qh3") as (client, server):
+        assert isinstance(server, StackConnection)
+        real_feed = server._stack_feed
+
+        def panicking(datagrams: list[bytes], addr: Any, now: float) -> None:
+            raise PanicException("called `Option::unwrap()` on a `None` value")
+
+        server._stack_feed = panicking  # type: ignore[method-assign]
+        server.datagrams_received([b"\x40" + bytes(40)], ("127.0.0.1", 9))  # must not raise
+        server._stack_feed = real_feed  # type: ignore[method-assign]
+        send, _ = await client.open_bi()
+        await send.write(b"still alive")
+        await send.finish()
+        pair = await asyncio.wait_for(server.accept_bi(), T)
+        assert pair is not None
+        assert await asyncio.wait_for(pair[1].read_exactly(11), T) == b"still alive"
+        with pytest.raises(KeyboardInterrupt):  # anything else is not swallowed
+            server._stack_feed = _raise_keyboard_interrupt  # type: ignore[method-assign]
+            server.datagrams_received([b"\x40" + bytes(40)], ("127.0.0.1", 9))
+        server._stack_feed = real_feed  # type: ignore[method-assign]
+
+
+def _raise_keyboard_interrupt(datagrams: list[bytes], addr: Any, now: float) -> None:
+    raise KeyboardInterrupt

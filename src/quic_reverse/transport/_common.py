@@ -85,6 +85,18 @@ def is_certificate_alert(error_code: int) -> bool:
     return 0x100 <= error_code <= 0x1FF and (error_code - 0x100) in _CERT_ALERTS
 
 
+def _reraise_unless_stack_failure(exc: BaseException) -> None:
+    """Re-raise ``exc`` unless it is an ordinary error or a qh3 (pyo3) panic.
+
+    qh3's Rust core can panic on malformed input; pyo3 turns that into
+    ``PanicException``, a ``BaseException`` that would otherwise escape the event
+    loop from a UDP callback and stop the whole process (a remote crash).
+    """
+    if isinstance(exc, Exception) or type(exc).__name__ == "PanicException":
+        return
+    raise exc
+
+
 @contextmanager
 def convert_stack_errors(what: str) -> Iterator[None]:
     """Convert anything a stack or the OS raises into :class:`TransportError`.
@@ -283,6 +295,7 @@ class StackConnection(Connection):
         self._unseen_peer_ids: set[int] = set()
         self._recv_activity = asyncio.Event()
         self._stack_warned = False
+        self._feed_warned = False
 
     # ------------------------------------------------------------------ hooks
 
@@ -404,8 +417,13 @@ class StackConnection(Connection):
                 return
             try:
                 self._stack_feed(datagrams[start : start + _FEED_SLICE], addr, self._loop.time())
-            except Exception as exc:
-                logger.warning("%s: stack failed on incoming datagrams: %r", self.stack_name, exc)
+            except BaseException as exc:
+                _reraise_unless_stack_failure(exc)
+                level = logging.DEBUG if self._feed_warned else logging.WARNING
+                self._feed_warned = True
+                logger.log(
+                    level, "%s: stack failed on incoming datagrams: %r", self.stack_name, exc
+                )
             self._process_events()
             if self._receive_paused():
                 logger.debug(
@@ -448,7 +466,8 @@ class StackConnection(Connection):
         now = self._loop.time()
         try:
             datagrams = self._quic.datagrams_to_send(now=now)
-        except Exception as exc:
+        except BaseException as exc:
+            _reraise_unless_stack_failure(exc)
             # Seen with a qh3 server and an aioquic client during the handshake
             # ("packet builder capacity exhausted"); the connection survives.
             level = logging.DEBUG if self._stack_warned else logging.WARNING
@@ -480,7 +499,8 @@ class StackConnection(Connection):
     def _rearm_timer(self) -> None:
         try:
             timer_at = self._quic.get_timer()
-        except Exception:
+        except BaseException as exc:
+            _reraise_unless_stack_failure(exc)
             timer_at = None
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -495,7 +515,8 @@ class StackConnection(Connection):
         self._timer_at = None
         try:
             self._quic.handle_timer(now=now)
-        except Exception as exc:
+        except BaseException as exc:
+            _reraise_unless_stack_failure(exc)
             logger.warning("%s: stack timer failed: %r", self.stack_name, exc)
         self._process_events()
         self._transmit()
@@ -1039,7 +1060,8 @@ class StackServer:
     def _route(self, data: bytes, addr: Any) -> StackConnection | None:
         try:
             header = self._parse_header(data)
-        except Exception:
+        except BaseException as exc:
+            _reraise_unless_stack_failure(exc)
             header = None
         if header is None:
             return None
