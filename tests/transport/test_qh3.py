@@ -423,3 +423,49 @@ async def test_stack_panic_on_incoming_data_does_not_escape() -> None:
 
 def _raise_keyboard_interrupt(datagrams: list[bytes], addr: Any, now: float) -> None:
     raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stack", STACKS)
+async def test_server_survives_garbage_datagrams(stack: Stack) -> None:
+    import random
+
+    rng = random.Random(1234)
+    cert, _ = dev_certificate()
+    real_handlers: list[asyncio.Task[Any] | None] = []
+
+    async def echo(conn: Connection) -> None:
+        real_handlers.append(asyncio.current_task())
+        while (pair := await conn.accept_bi()) is not None:
+            send, recv = pair
+            while data := await recv.read():
+                await send.write(data)
+            await send.finish()
+
+    async with quic_server(echo, stack, handshake_timeout=0.5) as server:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for i in range(300):
+                size = rng.choice((1, 20, 200, 1200, 1350))
+                data = bytearray(rng.randbytes(size))
+                if i % 3 == 0 and size >= 1200:
+                    data[0] = 0xC0  # long header, Initial
+                    data[1:5] = (1).to_bytes(4, "big")  # QUIC v1
+                    data[5] = 8  # DCID length
+                sock.sendto(bytes(data), server.address)
+        finally:
+            sock.close()
+        conn = await asyncio.wait_for(
+            connect(*server.address, tls=ClientTLS(cafile=cert), stack=stack), T
+        )
+        send, recv = await conn.open_bi()
+        await send.write(b"ok")
+        await send.finish()
+        assert await asyncio.wait_for(recv.read_exactly(2), T) == b"ok"
+        # Connections created by garbage Initials are dropped after the handshake
+        # timeout (their tasks end); only the real one remains.
+        garbage = [t for t in server._impl._tasks if t not in real_handlers]
+        _, late = await asyncio.wait(garbage, timeout=T)
+        assert not late
+        assert server.connection_count == 1
+        conn.close()
+        await asyncio.wait_for(conn.wait_closed(), T)

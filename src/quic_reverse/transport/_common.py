@@ -1000,8 +1000,11 @@ class StackServer:
         *,
         cid_length: int,
         supported_versions: list[int],
+        handshake_timeout: float = 10.0,
     ) -> None:
         self._on_connection = on_connection
+        #: Seconds a new connection may take to complete its handshake.
+        self.handshake_timeout = handshake_timeout
         self._cid_length = cid_length
         self._supported_versions = supported_versions
         self._loop = asyncio.get_running_loop()
@@ -1110,11 +1113,19 @@ class StackServer:
 
     async def _run(self, conn: StackConnection) -> None:
         try:
-            await conn.wait_handshake()
+            async with asyncio.timeout(self.handshake_timeout):
+                await conn.wait_handshake()
         except TransportError as exc:
             logger.info(
                 "%s server: handshake failed from %s: %s", conn.stack_name, conn.remote_address, exc
             )
+            conn.abort()
+            return
+        except TimeoutError:
+            # Garbage or spoofed Initials would otherwise hold state until the idle
+            # timeout; a handshake that does not finish in time is dropped silently.
+            logger.debug("%s server: no handshake from %s", conn.stack_name, conn.remote_address)
+            conn.abort()
             return
         logger.info("%s server: connection from %s", conn.stack_name, conn.remote_address)
         try:

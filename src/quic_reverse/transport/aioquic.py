@@ -250,11 +250,13 @@ class AioquicServer(StackServer):
         *,
         send_buffer: int,
         max_streams: int,
+        handshake_timeout: float = 10.0,
     ) -> None:
         super().__init__(
             on_connection,  # type: ignore[arg-type]
             cid_length=configuration.connection_id_length,
             supported_versions=list(configuration.supported_versions),
+            handshake_timeout=handshake_timeout,
         )
         self._configuration = configuration
         self._send_buffer = send_buffer
@@ -336,11 +338,14 @@ async def serve(
     send_buffer: int = DEFAULT_SEND_BUFFER,
     socket_buffer: int = DEFAULT_SOCKET_BUFFER,
     max_streams: int = DEFAULT_MAX_STREAMS,
+    handshake_timeout: float = 10.0,
 ) -> AioquicServer:
     """Serve QUIC with aioquic on ``(host, port)`` on a batching UDP transport.
 
     ``on_connection(conn)`` runs as a task per connection once its handshake
-    completed; when it returns, the connection is closed if still open.
+    completed; when it returns, the connection is closed if still open. A
+    connection whose handshake does not complete within ``handshake_timeout``
+    seconds is dropped.
 
     Raises:
         TransportError: the address cannot be bound or the configuration is unusable.
@@ -350,7 +355,11 @@ async def serve(
     if configuration.certificate is None or configuration.private_key is None:
         raise TransportError("serve() needs a certificate and private key in the configuration")
     server = AioquicServer(
-        configuration, on_connection, send_buffer=send_buffer, max_streams=max_streams
+        configuration,
+        on_connection,
+        send_buffer=send_buffer,
+        max_streams=max_streams,
+        handshake_timeout=handshake_timeout,
     )
     with convert_stack_errors(f"binding UDP {host}:{port}"):
         transport, _ = await open_udp_endpoint(server, host, port, socket_buffer=socket_buffer)

@@ -234,11 +234,13 @@ class Qh3Server(StackServer):
         *,
         send_buffer: int,
         max_streams: int,
+        handshake_timeout: float = 10.0,
     ) -> None:
         super().__init__(
             on_connection,  # type: ignore[arg-type]
             cid_length=configuration.connection_id_length,
             supported_versions=list(configuration.supported_versions),
+            handshake_timeout=handshake_timeout,
         )
         self._configuration = configuration
         self._send_buffer = send_buffer
@@ -289,9 +291,9 @@ async def connect(
 
     Raises:
         CertificateError: the server's certificate was rejected.
-        OperationTimeout: no handshake within ``handshake_timeout`` seconds.
         ConnectionClosed: the server closed the connection during the handshake.
-        TransportError: the address cannot be resolved or the socket cannot be opened.
+        TransportError: no handshake within ``handshake_timeout`` seconds, or the address
+            cannot be resolved, or the socket cannot be opened.
     """
     if not configuration.is_client:
         raise TransportError("connect() needs a client configuration (is_client=True)")
@@ -317,11 +319,14 @@ async def serve(
     send_buffer: int = DEFAULT_SEND_BUFFER,
     socket_buffer: int = DEFAULT_SOCKET_BUFFER,
     max_streams: int = DEFAULT_MAX_STREAMS,
+    handshake_timeout: float = 10.0,
 ) -> Qh3Server:
     """Serve QUIC with qh3 on ``(host, port)`` on a batching UDP transport.
 
     ``on_connection(conn)`` runs as a task per connection once its handshake
-    completed; when it returns, the connection is closed if still open.
+    completed; when it returns, the connection is closed if still open. A
+    connection whose handshake does not complete within ``handshake_timeout``
+    seconds is dropped.
 
     Raises:
         TransportError: the address cannot be bound or the configuration is unusable.
@@ -331,7 +336,11 @@ async def serve(
     if configuration.certificate is None or configuration.private_key is None:
         raise TransportError("serve() needs a certificate and private key in the configuration")
     server = Qh3Server(
-        configuration, on_connection, send_buffer=send_buffer, max_streams=max_streams
+        configuration,
+        on_connection,
+        send_buffer=send_buffer,
+        max_streams=max_streams,
+        handshake_timeout=handshake_timeout,
     )
     with convert_stack_errors(f"binding UDP {host}:{port}"):
         transport, _ = await open_udp_endpoint(server, host, port, socket_buffer=socket_buffer)

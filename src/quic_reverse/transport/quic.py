@@ -291,6 +291,11 @@ class QuicServer:
     def address(self) -> tuple[str, int]:
         return self._impl.address
 
+    @property
+    def connection_count(self) -> int:
+        """Connections currently held (including ones still in their handshake)."""
+        return len(self._impl._all)
+
     def close(self) -> None:
         """Stop accepting, close every connection (handlers see them close)."""
         self._impl.close()
@@ -358,6 +363,7 @@ async def serve(
             send_buffer=opts.send_buffer,
             socket_buffer=opts.socket_buffer,
             max_streams=opts.max_streams,
+            handshake_timeout=opts.handshake_timeout,
         )
     else:
         from . import aioquic as amod
@@ -381,5 +387,6 @@ async def serve(
             send_buffer=opts.send_buffer,
             socket_buffer=opts.socket_buffer,
             max_streams=opts.max_streams,
+            handshake_timeout=opts.handshake_timeout,
         )
     return QuicServer(impl)
