@@ -192,6 +192,7 @@ class SessionHandle:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._refused_streams = 0
         self._serve_handlers: Mapping[str, Handler] | None = None
+        self._task_prefix = f"quic-reverse {role.value} "
 
     # ------------------------------------------------------------------ properties
 
@@ -316,9 +317,9 @@ class SessionHandle:
             SessionClosed, Disconnected, ProtocolError: the session ended.
             EncodeError: ``service`` or ``metadata`` cannot be encoded.
         """
-        rid = self._core.open_request(
-            service, Metadata.of(metadata), OpenFlags(flags), self._loop.time()
-        )
+        if type(flags) is not OpenFlags:
+            flags = OpenFlags(flags)
+        rid = self._core.open_request(service, Metadata.of(metadata), flags, self._loop.time())
         fut: asyncio.Future[Stream] = self._loop.create_future()
         self._open_waiters[rid] = (fut, service)
         self._pump(will_flush=len(self._open_waiters) == 1)
@@ -622,7 +623,7 @@ class SessionHandle:
     # ------------------------------------------------------------------ tasks
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = self._loop.create_task(coro, name=f"quic-reverse {self._role.value} {name}")
+        task = self._loop.create_task(coro, name=self._task_prefix + name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
