@@ -38,6 +38,7 @@ from ._common import (
     DEFAULT_MAX_STREAMS,
     DEFAULT_SEND_BUFFER,
     DEFAULT_STREAM_WINDOW,
+    StackConnection,
     StackServer,
 )
 from ._udp import DEFAULT_SOCKET_BUFFER
@@ -272,6 +273,8 @@ def _check_pin(conn: Connection, accepted: set[str], what: str) -> None:
     actual = hashlib.sha256(der).hexdigest() if der is not None else ""
     if not any(hmac.compare_digest(actual, fp) for fp in accepted):
         conn.close(0x1, b"certificate not trusted")
+        if isinstance(conn, StackConnection):
+            conn.abort()  # release the socket now: the caller never sees this connection
         raise CertificateError(
             f"server certificate SHA-256 {actual or '(none)'} does not match {what}"
         )
