@@ -1,8 +1,8 @@
 """The one-command demo behind ``make demo``: echo server and client, end to end.
 
-Starts ``echo_server.py`` as a child process on a free UDP port of 127.0.0.1 with a
-fresh development certificate in a temporary directory, waits until it prints its
-ready line, runs ``echo_client.py echo/uppercase "Hello World"`` against it (which
+Starts ``echo_server.py`` as a child process on a free UDP port of 127.0.0.1 (or
+``--host``/``--port``) with a fresh development certificate in a temporary directory,
+waits until it prints its ready line, runs ``echo_client.py echo/uppercase "Hello World"`` against it (which
 prints ``HELLO WORLD``), stops the server with SIGINT and exits with the client's
 status. Both children run with the same Python as this script.
 
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import CERT_NAME, run
+from _common import CERT_NAME, DEFAULT_HOST, run
 
 HERE = Path(__file__).resolve().parent
 READY = re.compile(rb"^listening on (\S+):(\d+)\s*$")
@@ -59,8 +59,10 @@ async def main(args: argparse.Namespace) -> int:
         server = await asyncio.create_subprocess_exec(
             sys.executable,
             str(HERE / "echo_server.py"),
+            "--host",
+            args.host,
             "--port",
-            "0",
+            str(args.port),
             "--cert-dir",
             tmp,
             *extra,
@@ -72,13 +74,15 @@ async def main(args: argparse.Namespace) -> int:
             except (TimeoutError, RuntimeError) as exc:
                 print(f"demo: the echo server did not start: {exc!r}", file=sys.stderr)
                 return 1
-            print(f"echo server ready on 127.0.0.1:{port}", flush=True)
+            print(f"echo server ready on {args.host}:{port}", flush=True)
             command = ["echo_client.py", "echo/uppercase", "Hello World"]
             print(f'running examples/{" ".join(command[:2])} "Hello World"', flush=True)
             client = await asyncio.create_subprocess_exec(
                 sys.executable,
                 str(HERE / command[0]),
                 *command[1:],
+                "--host",
+                args.host,
                 "--port",
                 str(port),
                 "--ca",
@@ -101,6 +105,12 @@ async def main(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address for the server (default {DEFAULT_HOST})"
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="UDP port for the server (default 0: a free port)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     return parser.parse_args(argv)
 

@@ -88,7 +88,7 @@ def test_help(name: str) -> None:
     result = run_example(name, "--help", timeout=30)
     assert result.returncode == 0, result.stderr
     assert "-v" in result.stdout
-    if name not in {"basic.py", "demo.py"}:
+    if name != "basic.py":
         assert "--host" in result.stdout and "--port" in result.stdout
 
 
