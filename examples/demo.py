@@ -2,9 +2,9 @@
 
 Starts ``echo_server.py`` as a child process on a free UDP port of 127.0.0.1 (or
 ``--host``/``--port``) with a fresh development certificate in a temporary directory,
-waits until it prints its ready line, runs ``echo_client.py echo/uppercase "Hello World"`` against it (which
-prints ``HELLO WORLD``), stops the server with SIGINT and exits with the client's
-status. Both children run with the same Python as this script.
+waits until it prints its ready line, runs ``echo_client.py echo/uppercase "Hello
+World"`` against it (which prints ``HELLO WORLD``), stops the server with SIGINT and
+exits with the client's status. Both children run with the same Python as this script.
 
 This is exactly what you would do by hand in two terminals::
 
