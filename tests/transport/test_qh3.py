@@ -469,3 +469,40 @@ async def test_server_survives_garbage_datagrams(stack: Stack) -> None:
         assert server.connection_count == 1
         conn.close()
         await asyncio.wait_for(conn.wait_closed(), T)
+
+
+async def test_paused_connection_still_delivers_other_streams_to_a_slow_reader() -> None:
+    """While a slow stream keeps the connection paused, other streams are not starved:
+    each MiB the slow reader consumes lets the connection catch up."""
+    window = 4 * 1024 * 1024
+    async with quic_pair("qh3", connection_window=window, stream_window=1024 * 1024) as (
+        client,
+        server,
+    ):
+        assert isinstance(server, StackConnection)
+        bulk_send, _ = await client.open_bi()
+        await bulk_send.write(b"!")
+        pair = await asyncio.wait_for(server.accept_bi(), T)
+        assert pair is not None
+        bulk_recv = pair[1]
+        writing = asyncio.ensure_future(bulk_send.write(bytes(64 * 1024 * 1024)))
+        try:
+            async with asyncio.timeout(T):
+                while not server.receiving_paused:
+                    await server.wait_receive_activity()
+                ctl_send, _ = await client.open_bi()
+                await ctl_send.write(b"ping")
+                await ctl_send.finish()
+                consumed = 0
+                ctl = await server.accept_bi() if server._accept_queue else None
+                for _ in range(256):  # bounded: at most 64 MiB read in 256 KiB bites
+                    if ctl is None and server._accept_queue:
+                        ctl = await server.accept_bi()
+                    if ctl is not None and ctl[1].buffered_bytes >= 4:
+                        break
+                    consumed += len(await bulk_recv.read_exactly(256 * 1024))
+                assert ctl is not None, "control stream never arrived"
+                assert await ctl[1].read_exactly(4) == b"ping"
+            assert consumed <= 8 * 1024 * 1024, consumed
+        finally:
+            writing.cancel()

@@ -72,6 +72,8 @@ _SMALL_DATAGRAM = 256
 _PAUSED_SLACK = 256 * 1024
 # ... and bigger ones are held up to this many bytes, then dropped.
 _PAUSED_HOLD = 1024 * 1024
+# Receiving resumes once unread bytes fall this far below the high-water mark.
+_RESUME_MARGIN = 1024 * 1024
 # Datagrams handed to the stack per call (the pause is checked between calls).
 _FEED_SLICE = 32
 
@@ -391,8 +393,8 @@ class StackConnection(Connection):
         seen, a control stream keeps working) while bulk data waits. They are fed
         only while unread bytes stay under the high-water mark plus a fixed slack,
         so the memory bound holds even against a peer sending many small packets.
-        Big datagrams beyond the hold limit are dropped, as a full socket buffer
-        would; QUIC retransmits them after the reader catches up.
+        Past the hold limit the oldest held datagrams are dropped, as an overflowing
+        socket buffer would drop packets; QUIC retransmits what was lost.
         """
         small = [d for d in datagrams if len(d) <= _SMALL_DATAGRAM]
         if small and self._recv_buffered_total <= self._recv_high_water + _PAUSED_SLACK:
@@ -400,10 +402,16 @@ class StackConnection(Connection):
             big = [d for d in datagrams if len(d) > _SMALL_DATAGRAM]
         else:
             big = datagrams
-        size = sum(len(d) for d in big)
-        if big and self._paused_bytes + size <= _PAUSED_HOLD:
-            self._paused_datagrams.append((big, addr))
-            self._paused_bytes += size
+        if not big:
+            return
+        self._paused_datagrams.append((big, addr))
+        self._paused_bytes += sum(len(d) for d in big)
+        # Keep the newest: they carry the latest retransmissions (control messages
+        # included), which is what the connection needs first when it resumes.
+        held = self._paused_datagrams
+        while self._paused_bytes > _PAUSED_HOLD and len(held) > 1:
+            dropped, _ = held.popleft()
+            self._paused_bytes -= sum(len(d) for d in dropped)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         """Single-datagram entry point (asyncio.DatagramProtocol compatible)."""
@@ -436,11 +444,14 @@ class StackConnection(Connection):
         self._transmit()
 
     def _maybe_resume_receiving(self) -> None:
-        # Hysteresis: resume once a quarter of the high-water mark was read, so a
-        # reader taking small bites does not flip pause/resume on every read.
+        # Hysteresis: resume once a little was read (a quarter of the high-water mark,
+        # at most 1 MiB), so a reader taking small bites does not flip pause/resume on
+        # every read, yet a slow reader lets the connection breathe (control messages
+        # held meanwhile get through) at least every MiB.
         if not self._receiving_paused:
             return
-        if self._recv_buffered_total > self._recv_high_water - self._recv_high_water // 4:
+        margin = min(self._recv_high_water // 4, _RESUME_MARGIN)
+        if self._recv_buffered_total > self._recv_high_water - margin:
             return
         logger.debug("%s: receive resumed", self.stack_name)
         self._receiving_paused = False
