@@ -14,9 +14,11 @@ Backpressure, both directions, is done here rather than trusted to the stacks:
   and then waits until the stack has sent enough of it (the stacks' own
   ``drain()`` never blocks);
 * **receive**: bytes a reader has not consumed are counted per connection; the
-  stack subclass holds flow-control credit back (aioquic) or stops feeding
-  datagrams to the stack (qh3, whose native core grants credit as data is
-  delivered) once that count passes the high-water mark.
+  stack subclass holds flow-control credit back per stream (aioquic) or, once
+  that count passes the high-water mark, stops feeding large datagrams to the
+  stack (qh3, whose native core grants credit as soon as data is delivered):
+  small ones (ACKs, close, short messages) still go in, the newest large ones are
+  held (bounded) and fed when the reader has caught up by up to 1 MiB.
 
 Every exception coming out of a stack call is converted to the
 :class:`~quic_reverse.errors.TransportError` family at this boundary.
