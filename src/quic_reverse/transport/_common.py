@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -41,7 +42,7 @@ from ..errors import (
     StreamStopped,
     TransportError,
 )
-from ._udp import DEFAULT_SOCKET_BUFFER, open_udp_endpoint
+from ._udp import DEFAULT_SOCKET_BUFFER, open_udp_endpoint, route_max_udp_payload
 from .base import Connection, RecvStream, SendStream
 
 __all__ = [
@@ -328,6 +329,11 @@ class StackConnection(Connection):
 
     def _peer_certificate_der(self) -> bytes | None:
         return None
+
+    def _route_known(self, max_udp_payload: int | None) -> None:
+        """Client, before the handshake: the largest UDP payload the local route to
+        the server carries (None if unknown). Stacks with path MTU discovery use it
+        as the upper bound of their probing."""
 
     def _receive_paused(self) -> bool:
         """Whether incoming datagrams must be held back (receive high-water reached).
@@ -1232,6 +1238,8 @@ async def client_handshake(
         )
     conn.attach(transport, addr)
     conn.on_terminated(lambda _conn: transport.close())
+    family = socket.AF_INET6 if len(addr) == 4 else socket.AF_INET
+    conn._route_known(route_max_udp_payload(family, addr))
     try:
         with convert_stack_errors("starting handshake"):
             conn._quic.connect(addr, now=loop.time())

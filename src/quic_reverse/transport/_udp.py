@@ -15,12 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from typing import Any, Protocol
 
 #: SO_RCVBUF / SO_SNDBUF for UDP sockets.
 DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
 
-__all__ = ["DEFAULT_SOCKET_BUFFER", "BatchProtocol", "configure_socket", "open_udp_endpoint"]
+__all__ = [
+    "DEFAULT_SOCKET_BUFFER",
+    "BatchProtocol",
+    "configure_socket",
+    "open_udp_endpoint",
+    "route_max_udp_payload",
+]
 
 logger = logging.getLogger("quic_reverse.transport.udp")
 
@@ -40,6 +47,37 @@ def configure_socket(sock: socket.socket, buffer_size: int = DEFAULT_SOCKET_BUFF
             sock.setsockopt(socket.SOL_SOCKET, opt, buffer_size)
         except OSError as exc:  # pragma: no cover - platform specific
             logger.debug("setsockopt(%s, %d) failed: %s", opt, buffer_size, exc)
+
+
+# getsockopt names for the kernel's path MTU of a connected socket (Linux values;
+# Python's socket module does not export IP_MTU).
+_IS_LINUX = sys.platform.startswith("linux")
+_IP_MTU = int(getattr(socket, "IP_MTU", 14))
+_IPV6_MTU = int(getattr(socket, "IPV6_MTU", 24))
+
+
+def route_max_udp_payload(family: int, sockaddr: Any) -> int | None:
+    """Largest UDP payload the kernel's route to ``sockaddr`` carries without
+    fragmentation (interface / cached path MTU minus IP and UDP headers), or None
+    where the kernel does not tell (non-Linux, errors).
+
+    ``connect()`` on a UDP socket sends nothing; it only looks the route up. On
+    loopback this is ~64 KiB, on Ethernet 1472 (IPv4). It is an *upper bound* for
+    path MTU discovery, not a promise that the whole path carries it.
+    """
+    if not _IS_LINUX or family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(sockaddr)
+            if family == socket.AF_INET:
+                mtu = probe.getsockopt(socket.IPPROTO_IP, _IP_MTU)
+                return int(mtu) - 28
+            mtu = probe.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU)
+            return int(mtu) - 48
+    except OSError as exc:
+        logger.debug("route MTU to %s unknown: %s", sockaddr, exc)
+        return None
 
 
 class _Adapter(asyncio.DatagramProtocol):
@@ -84,7 +122,7 @@ async def open_udp_endpoint(
     of the same address family as ``host``.
 
     Returns ``(transport, sockaddr)`` where ``sockaddr`` is the resolved address
-    of ``(host, port)``.
+    of ``(host, port)`` (its family is ``transport.get_extra_info("socket").family``).
 
     Raises:
         OSError: the address cannot be resolved or bound.

@@ -36,7 +36,12 @@ from qh3._hazmat import pull_quic_header as _pull_quic_header
 from qh3.quic import events as qh3_events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError
-from qh3.quic.packet import QuicErrorCode, QuicPacketType, encode_quic_version_negotiation
+from qh3.quic.packet import (
+    PACKET_MAX_SIZE,
+    QuicErrorCode,
+    QuicPacketType,
+    encode_quic_version_negotiation,
+)
 
 from ..errors import TransportError
 from ._common import (
@@ -120,6 +125,13 @@ def server_configuration(
 # in two places: the native core's constructor and the TLS transport parameters.
 # Both are patched consistently, for the duration of the call that uses them.
 _CORE_LOCAL_MAX_STREAMS_BIDI_ARG = 21
+_CORE_MAX_DATAGRAM_SIZE_ARG = 8
+
+#: Cap on the datagram size a qh3 client may discover (path MTU discovery probes up
+#: to min(route limit, this)). Bigger packets mean fewer per-packet costs (header
+#: protection, AEAD set-up, syscalls): on loopback (64 KiB MTU) a bulk transfer goes
+#: ~2x faster with 16 KiB datagrams than with 1.4 KiB ones.
+MAX_DISCOVERED_DATAGRAM_SIZE = 16384
 
 
 @contextmanager
@@ -137,6 +149,8 @@ class _LimitedQuicConnection(QuicConnection):
 
     def __init__(self, *, max_streams: int, **kwargs: Any) -> None:
         self._qr_max_streams = max_streams
+        #: Upper bound for path MTU discovery replacing the configuration's, if set.
+        self._qr_max_datagram_size: int | None = None
         super().__init__(**kwargs)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
@@ -162,9 +176,13 @@ class _LimitedQuicConnection(QuicConnection):
         real = getattr(_qh3_connection_module, "QuicConnectionCore")  # noqa: B009
         limit = self._qr_max_streams
 
+        datagram_limit = self._qr_max_datagram_size
+
         def core_factory(*args: Any) -> Any:
             patched = list(args)
             patched[_CORE_LOCAL_MAX_STREAMS_BIDI_ARG] = limit
+            if datagram_limit is not None:
+                patched[_CORE_MAX_DATAGRAM_SIZE_ARG] = datagram_limit
             return real(*patched)
 
         with _swapped(_qh3_connection_module, "QuicConnectionCore", core_factory):
@@ -218,6 +236,25 @@ class Qh3Connection(StackConnection):
 
     def _allocate_bidi(self) -> int:
         return int(self._quic._open_stream())
+
+    def _route_known(self, max_udp_payload: int | None) -> None:
+        """Let qh3's path MTU discovery probe up to what the local route carries.
+
+        Only when the configuration keeps qh3's conservative default (1280); an
+        explicit ``max_datagram_size`` is the caller's choice. qh3 (client side)
+        starts small and uses a bigger size only once a probe of it was acknowledged,
+        so a path narrower than the local route costs only lost probes.
+        """
+        quic = self._quic
+        if max_udp_payload is None or not isinstance(quic, _LimitedQuicConnection):
+            return
+        configured = int(quic._configuration.max_datagram_size)
+        if configured != PACKET_MAX_SIZE or not quic._configuration.probe_datagram_size:
+            return
+        limit = min(max_udp_payload, MAX_DISCOVERED_DATAGRAM_SIZE)
+        if limit > configured:
+            quic._qr_max_datagram_size = limit
+            logger.debug("qh3: path MTU discovery up to %d-byte datagrams", limit)
 
     def _peer_certificate_der(self) -> bytes | None:
         cert = self._quic.get_peercert()
