@@ -96,7 +96,7 @@ async def test_client_sends_big_datagrams_on_loopback(monkeypatch: pytest.Monkey
         quic = client._quic  # type: ignore[attr-defined]
         assert quic._qr_max_datagram_size == qh3_adapter.MAX_DISCOVERED_DATAGRAM_SIZE
         await _upload(client, server)
-    assert max(sizes) > 8192
+    assert max(sizes) > 2048
     assert max(sizes) <= qh3_adapter.MAX_DISCOVERED_DATAGRAM_SIZE
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -79,6 +80,11 @@ _PAUSED_HOLD = 1024 * 1024
 _RESUME_MARGIN = 1024 * 1024
 # Datagrams handed to the stack per call (the pause is checked between calls).
 _FEED_SLICE = 32
+
+# The event loop runs timers up to this early (asyncio's own slack).
+_CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
+# Stack deadlines closer than this are polled rather than slept on (see _arm_timer).
+_SPIN_WINDOW = 200e-6
 
 # TLS alerts that mean "your certificate is not acceptable" (RFC 8446 6.2),
 # carried in QUIC as CRYPTO_ERROR 0x100 + alert.
@@ -273,7 +279,8 @@ class StackConnection(Connection):
         self._transport: asyncio.DatagramTransport | None = None
         self._sendto_many: Callable[[list[bytes], Any], None] | None = None
         self._peer_addr: Any = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_armed_at = 0.0  # the loop time self._timer runs at
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
         self._streams: dict[int, _StreamState] = {}
@@ -516,24 +523,68 @@ class StackConnection(Connection):
             self._wake_writers()
 
     def _rearm_timer(self) -> None:
+        """Keep one loop timer armed at or before the stack's next deadline.
+
+        Called after every transmit. Stack deadlines mostly move *later* (each packet
+        pushes the idle, ACK and loss timers out), so a timer already armed no later
+        than the new deadline is kept; if it fires early, :meth:`_handle_timer` just
+        re-arms it. Only an earlier deadline replaces it. This saves creating and
+        cancelling a loop ``TimerHandle`` (and a dead entry in the loop's heap) on
+        nearly every transmit.
+        """
         try:
             timer_at = self._quic.get_timer()
         except BaseException as exc:
             _reraise_unless_stack_failure(exc)
             timer_at = None
-        if self._timer is not None and self._timer_at != timer_at:
-            self._timer.cancel()
-            self._timer = None
-        if self._timer is None and timer_at is not None and not self._closed.is_set():
-            self._timer = self._loop.call_at(timer_at, self._handle_timer)
         self._timer_at = timer_at
+        if timer_at is None:
+            return  # an armed timer finds nothing due and stops
+        timer = self._timer
+        if timer is not None:
+            if self._timer_armed_at <= timer_at:
+                return
+            timer.cancel()
+            self._timer = None
+        if not self._closed.is_set():
+            self._arm_timer(timer_at)
+
+    def _arm_timer(self, timer_at: float) -> None:
+        """Run :meth:`_handle_timer` at ``timer_at``.
+
+        The selector sleeps in whole milliseconds (rounded up), so a deadline a few
+        microseconds away (qh3's pacer spacing packets) would cost a full 1 ms
+        stall; such deadlines are polled from the ready queue instead (a few loop
+        turns, each doing other work too).
+        """
+        loop = self._loop
+        now = loop.time()
+        self._timer_armed_at = max(timer_at, now)
+        if timer_at - now < _SPIN_WINDOW:
+            self._timer = loop.call_soon(self._handle_timer)
+        else:
+            self._timer = loop.call_at(timer_at, self._handle_timer)
 
     def _handle_timer(self) -> None:
-        now = max(self._timer_at or 0.0, self._loop.time())
         self._timer = None
-        self._timer_at = None
+        if self._closed.is_set():
+            return
         try:
-            self._quic.handle_timer(now=now)
+            timer_at = self._quic.get_timer()
+        except BaseException as exc:
+            _reraise_unless_stack_failure(exc)
+            timer_at = None
+        self._timer_at = timer_at
+        if timer_at is None:
+            return
+        now = self._loop.time()
+        if timer_at > now + _CLOCK_RESOLUTION:
+            # Not due yet: armed for a deadline that has since moved, or polling a
+            # sub-millisecond one.
+            self._arm_timer(timer_at)
+            return
+        try:
+            self._quic.handle_timer(now=max(timer_at, now))
         except BaseException as exc:
             _reraise_unless_stack_failure(exc)
             logger.warning("%s: stack timer failed: %r", self.stack_name, exc)
