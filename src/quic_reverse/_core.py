@@ -233,6 +233,25 @@ class _Timer(enum.Enum):
     PING = "ping"
 
 
+# Enum members as module constants: in Python 3.11 ``Enum.MEMBER`` is a descriptor
+# lookup several times slower than a global, and the core checks states on every input.
+_IDLE = CoreState.IDLE
+_AWAIT_HELLO_ACK = CoreState.AWAIT_HELLO_ACK
+_AWAIT_HELLO = CoreState.AWAIT_HELLO
+_OPEN = CoreState.OPEN
+_CLOSING = CoreState.CLOSING
+_CLOSED = CoreState.CLOSED
+_QUEUED = _OpenState.QUEUED
+_AWAIT_RESPONSE = _OpenState.AWAIT_RESPONSE
+_AWAIT_BIND = _OpenState.AWAIT_BIND
+_T_OPEN = _Timer.OPEN
+_T_HEADER = _Timer.HEADER
+_T_EARLY = _Timer.EARLY
+_T_ORPHAN_REQUEST = _Timer.ORPHAN_REQUEST
+_T_ORPHAN_LSID = _Timer.ORPHAN_LSID
+_T_PING = _Timer.PING
+
+
 class SessionCore:
     """Protocol state of one session, without I/O. See the module docstring."""
 
@@ -240,7 +259,7 @@ class SessionCore:
         self.role = role
         self.config = config
         self._tag = role.value  # for log lines (enum .value is a slow property)
-        self.state = CoreState.IDLE
+        self.state = _IDLE
         self.negotiated_version: int | None = None
         self.negotiated_features: Features | None = None
         self.remote_agent: str | None = None
@@ -292,12 +311,12 @@ class SessionCore:
     @property
     def is_open(self) -> bool:
         """True once negotiated and until a close starts."""
-        return self.state is CoreState.OPEN
+        return self.state is _OPEN
 
     @property
     def is_closed(self) -> bool:
         """True once the session has ended."""
-        return self.state is CoreState.CLOSED
+        return self.state is _CLOSED
 
     def table_sizes(self) -> dict[str, int]:
         """Sizes of every internal table (tests check that nothing is left behind)."""
@@ -392,9 +411,9 @@ class SessionCore:
 
     def start(self, now: float) -> None:
         """Begin negotiation. The client queues its Hello; the server waits for one."""
-        if self.state is not CoreState.IDLE:
+        if self.state is not _IDLE:
             raise SessionClosed("session already started")
-        self.state = CoreState.AWAIT_HELLO
+        self.state = _AWAIT_HELLO
         self._negotiation_deadline = now + self.config.negotiation_timeout
         self._note_deadline(self._negotiation_deadline)
         self._last_activity = now
@@ -439,9 +458,9 @@ class SessionCore:
             if self.role is Role.SERVER:
                 self._send(self._hello_ack())
         self.state = nxt
-        if nxt is CoreState.OPEN and self.config.ping_interval is not None:
+        if nxt is _OPEN and self.config.ping_interval is not None:
             self._note_deadline(now + self.config.ping_interval)
-        if nxt is CoreState.OPEN:
+        if nxt is _OPEN:
             self._negotiation_deadline = None
             self._last_activity = now
             assert self.negotiated_version is not None
@@ -470,7 +489,7 @@ class SessionCore:
 
         A protocol violation ends the session (see :attr:`end`); it is not raised.
         """
-        if self.state is CoreState.CLOSED or not data:
+        if self.state is _CLOSED or not data:
             return
         self._last_activity = now
         try:
@@ -484,32 +503,41 @@ class SessionCore:
 
     def receive_eof(self, now: float) -> None:
         """The peer finished the control stream."""
-        if self.state is CoreState.CLOSED:
+        if self.state is _CLOSED:
             return
-        if self.state is CoreState.CLOSING:
+        if self.state is _CLOSING:
             self._finish(SessionClosed("session closed", code=CloseCode.NORMAL), True, False)
-        elif self.state in (CoreState.AWAIT_HELLO, CoreState.AWAIT_HELLO_ACK):
+        elif self.state in (_AWAIT_HELLO, _AWAIT_HELLO_ACK):
             self._finish(NegotiationError("peer ended the control stream during negotiation"))
         else:
             self._finish(Disconnected("peer ended the control stream"), clean=True, by_peer=True)
 
     def connection_lost(self, error: QuicReverseError) -> None:
         """The transport failed or closed under us."""
-        if self.state is CoreState.CLOSED:
+        if self.state is _CLOSED:
             return
-        if self.state is CoreState.CLOSING:
+        if self.state is _CLOSING:
             self._finish(SessionClosed("session closed", code=CloseCode.NORMAL), True, False)
             return
         self._finish(error if isinstance(error, Disconnected) else _disconnected(error))
 
     def _handle_message(self, msg: Message, now: float) -> None:
         state = self.state
-        if state in (CoreState.AWAIT_HELLO, CoreState.AWAIT_HELLO_ACK):
+        if state is _OPEN:
+            # Fast path for the messages of every open (the vast majority).
+            kind = type(msg)
+            if kind is OpenRequest:
+                self._on_open_request(msg)  # type: ignore[arg-type]
+                return
+            if kind is OpenResponse:
+                self._on_open_response(msg, now)  # type: ignore[arg-type]
+                return
+        if state is _AWAIT_HELLO or state is _AWAIT_HELLO_ACK:
             self._negotiate(msg, now)
             return
         if isinstance(msg, Hello | HelloAck):
             raise ProtocolError(f"unexpected {type(msg).__name__} after negotiation")
-        if state is CoreState.CLOSING:
+        if state is _CLOSING:
             # Only the peer's answering session close matters now.
             if isinstance(msg, StreamClose) and msg.logical_stream_id == 0:
                 logger.debug("%s: session close answered", self._tag)
@@ -574,7 +602,7 @@ class SessionCore:
             )
         )
         rec = self._local.get(rid)
-        if rec is None or rec.state is not _OpenState.AWAIT_RESPONSE:
+        if rec is None or rec.state is not _AWAIT_RESPONSE:
             if self._orphan_requests.pop(rid, None) is not None:
                 logger.debug("%s: late OpenResponse %d for an abandoned open", self._tag, rid)
                 if msg.status.accepted and lsid:
@@ -599,10 +627,10 @@ class SessionCore:
             self._drop_local(rid, now)
             self._bind(rid, lsid, early.token)
             return
-        rec.state = _OpenState.AWAIT_BIND
+        rec.state = _AWAIT_BIND
         rec.logical_stream_id = lsid
         rec.deadline = now + self.config.stream_bind_timeout
-        self._schedule(rec.deadline, _Timer.OPEN, rid)
+        self._schedule(rec.deadline, _T_OPEN, rid)
         self._by_lsid[lsid] = rid
         logger.debug("%s: open %d accepted as lsid %d, awaiting stream", self._tag, rid, lsid)
 
@@ -666,9 +694,9 @@ class SessionCore:
             OpenRequest(request_id=rid, service=service, metadata=metadata, flags=flags)
         )
         self._next_request_id += 1
-        rec = _LocalOpen(rid, frame, _OpenState.QUEUED, now + self.config.open_timeout)
+        rec = _LocalOpen(rid, frame, _QUEUED, now + self.config.open_timeout)
         self._local[rid] = rec
-        self._schedule(rec.deadline, _Timer.OPEN, rid)
+        self._schedule(rec.deadline, _T_OPEN, rid)
         if self._inflight < self.config.max_inflight_opens and not self._queued:
             self._send_open(rec)
         else:
@@ -677,7 +705,7 @@ class SessionCore:
         return rid
 
     def _send_open(self, rec: _LocalOpen) -> None:
-        rec.state = _OpenState.AWAIT_RESPONSE
+        rec.state = _AWAIT_RESPONSE
         self._inflight += 1
         self._awaiting_response += 1
         self._out += rec.frame
@@ -688,7 +716,7 @@ class SessionCore:
         while self._queued and self._inflight < self.config.max_inflight_opens:
             rid = self._queued[0]
             rec = self._local.get(rid)
-            if rec is None or rec.state is not _OpenState.QUEUED:
+            if rec is None or rec.state is not _QUEUED:
                 self._queued.popleft()
                 continue
             if rec.deadline <= now:
@@ -701,12 +729,12 @@ class SessionCore:
         rec = self._local.pop(rid, None)
         if rec is None:
             return None
-        if rec.state is _OpenState.QUEUED:
+        if rec.state is _QUEUED:
             with contextlib.suppress(ValueError):
                 self._queued.remove(rid)
         else:
             self._inflight -= 1
-            if rec.state is _OpenState.AWAIT_BIND and rec.logical_stream_id is not None:
+            if rec.state is _AWAIT_BIND and rec.logical_stream_id is not None:
                 self._by_lsid.pop(rec.logical_stream_id, None)
         self._pump_queue(now)
         return rec
@@ -717,12 +745,12 @@ class SessionCore:
         if rec is None:
             return
         state = rec.state
-        if state is _OpenState.AWAIT_RESPONSE:
+        if state is _AWAIT_RESPONSE:
             self._awaiting_response -= 1
         self._drop_local(request_id, now)
-        if state is _OpenState.AWAIT_RESPONSE:
+        if state is _AWAIT_RESPONSE:
             self._orphan_request(request_id, now)
-        elif state is _OpenState.AWAIT_BIND and rec.logical_stream_id is not None:
+        elif state is _AWAIT_BIND and rec.logical_stream_id is not None:
             self._orphan_lsid(rec.logical_stream_id, now)
         logger.debug("%s: open %d abandoned (%s)", self._tag, request_id, state.value)
 
@@ -730,7 +758,7 @@ class SessionCore:
         self._trim(self._orphan_requests)
         deadline = now + self.config.open_timeout
         self._orphan_requests[rid] = deadline
-        self._schedule(deadline, _Timer.ORPHAN_REQUEST, rid)
+        self._schedule(deadline, _T_ORPHAN_REQUEST, rid)
 
     def _orphan_lsid(self, lsid: int, now: float) -> None:
         early = self._early.pop(lsid, None)
@@ -740,7 +768,7 @@ class SessionCore:
         self._trim(self._orphan_lsids)
         deadline = now + self.config.stream_bind_timeout
         self._orphan_lsids[lsid] = deadline
-        self._schedule(deadline, _Timer.ORPHAN_LSID, lsid)
+        self._schedule(deadline, _T_ORPHAN_LSID, lsid)
 
     def _trim(self, table: dict[int, float]) -> None:
         """Keep tombstone tables bounded: drop the oldest entries past the limit."""
@@ -763,7 +791,7 @@ class SessionCore:
         ``header_ready`` the caller passes the header to :meth:`stream_header` right
         away, so no header deadline is armed.
         """
-        if self.state is not CoreState.OPEN:
+        if self.state is not _OPEN:
             return None
         budget = self._inflight + len(self._orphan_lsids) + len(self._orphan_requests)
         if len(self._headers) + len(self._early) >= budget + _STREAM_SLACK:
@@ -773,14 +801,14 @@ class SessionCore:
         deadline = now + self.config.stream_bind_timeout
         self._headers[token] = deadline
         if not header_ready:
-            self._schedule(deadline, _Timer.HEADER, token)
+            self._schedule(deadline, _T_HEADER, token)
         return token
 
     def stream_header(self, token: int, header: bytes, now: float) -> None:
         """The 13-byte StreamBind of stream ``token`` was read; pair it by logical id."""
         if self._headers.pop(token, None) is None:
             return  # already refused (timeout or session end)
-        if self.state is not CoreState.OPEN:
+        if self.state is not _OPEN:
             self._outputs.append(StreamRefused(token, "session not open"))
             return
         try:
@@ -807,7 +835,7 @@ class SessionCore:
         if len(self._early) < self._awaiting_response + len(self._orphan_requests):
             deadline = now + self.config.stream_bind_timeout
             self._early[lsid] = _EarlyStream(token, deadline)
-            self._schedule(deadline, _Timer.EARLY, lsid)
+            self._schedule(deadline, _T_EARLY, lsid)
             logger.debug("%s: stream %d arrived before its OpenResponse", self._tag, lsid)
             return
         self._outputs.append(StreamRefused(token, f"no open is waiting for stream id {lsid}"))
@@ -893,7 +921,7 @@ class SessionCore:
         self._next_ping_seq += 1
         deadline = now + self.config.ping_timeout
         self._pings[seq] = _PingRecord(now, deadline, keepalive)
-        self._schedule(deadline, _Timer.PING, seq)
+        self._schedule(deadline, _T_PING, seq)
         if keepalive:
             self._keepalive_seq = seq
         self._send(Ping(sequence=seq))
@@ -919,13 +947,13 @@ class SessionCore:
         Before negotiation finished the session simply ends; once closing or closed this
         is a no-op returning False.
         """
-        if self.state in (CoreState.CLOSING, CoreState.CLOSED):
+        if self.state in (_CLOSING, _CLOSED):
             return False
-        if self.state is not CoreState.OPEN:
+        if self.state is not _OPEN:
             self._finish(SessionClosed("session closed before negotiation finished"), True, False)
             return False
         self._send(StreamClose(logical_stream_id=0, code=code, reason=reason))
-        self.state = CoreState.CLOSING
+        self.state = _CLOSING
         self._close_deadline = now + self.config.close_timeout
         self._note_deadline(self._close_deadline)
         self._fail_local_work(SessionClosed("session closing", code=code, reason=reason))
@@ -934,14 +962,14 @@ class SessionCore:
 
     def abort(self, error: QuicReverseError) -> None:
         """End the session now with ``error`` (driver-side failures)."""
-        if self.state is not CoreState.CLOSED:
+        if self.state is not _CLOSED:
             self._finish(error)
 
     # ------------------------------------------------------------------ timers
 
     def handle_timer(self, now: float) -> None:
         """Act on every deadline that is due at ``now``."""
-        if self.state is CoreState.CLOSED:
+        if self.state is _CLOSED:
             return
         if self._negotiation_deadline is not None and now >= self._negotiation_deadline:
             self._finish(
@@ -964,7 +992,7 @@ class SessionCore:
 
     def _keepalive_due(self) -> float | None:
         interval = self.config.ping_interval
-        if interval is None or self.state is not CoreState.OPEN or self._keepalive_seq:
+        if interval is None or self.state is not _OPEN or self._keepalive_seq:
             return None
         return self._last_activity + interval
 
@@ -996,25 +1024,25 @@ class SessionCore:
 
     def _timer_valid(self, entry: tuple[float, int, _Timer, int]) -> bool:
         deadline, _, kind, key = entry
-        if kind is _Timer.OPEN:
+        if kind is _T_OPEN:
             rec = self._local.get(key)
             return rec is not None and rec.deadline == deadline
-        if kind is _Timer.HEADER:
+        if kind is _T_HEADER:
             return self._headers.get(key) == deadline
-        if kind is _Timer.EARLY:
+        if kind is _T_EARLY:
             early = self._early.get(key)
             return early is not None and early.deadline == deadline
-        if kind is _Timer.ORPHAN_REQUEST:
+        if kind is _T_ORPHAN_REQUEST:
             return self._orphan_requests.get(key) == deadline
-        if kind is _Timer.ORPHAN_LSID:
+        if kind is _T_ORPHAN_LSID:
             return self._orphan_lsids.get(key) == deadline
         ping = self._pings.get(key)
         return ping is not None and ping.deadline == deadline
 
     def _fire(self, kind: _Timer, key: int, now: float) -> None:
-        if kind is _Timer.OPEN:
+        if kind is _T_OPEN:
             rec = self._local[key]
-            if rec.state is _OpenState.AWAIT_BIND:
+            if rec.state is _AWAIT_BIND:
                 error = OperationTimeout(
                     TimeoutKind.STREAM_BIND,
                     f"data stream {rec.logical_stream_id} did not arrive in time",
@@ -1025,17 +1053,17 @@ class SessionCore:
                 )
             self.cancel_open(key, now)
             self._outputs.append(OpenFailed(key, error))
-        elif kind is _Timer.HEADER:
+        elif kind is _T_HEADER:
             del self._headers[key]
             self._outputs.append(StreamRefused(key, "StreamBind header not received in time"))
-        elif kind is _Timer.EARLY:
+        elif kind is _T_EARLY:
             early = self._early.pop(key)
             self._outputs.append(
                 StreamRefused(early.token, f"no OpenResponse for stream {key} in time")
             )
-        elif kind is _Timer.ORPHAN_REQUEST:
+        elif kind is _T_ORPHAN_REQUEST:
             del self._orphan_requests[key]
-        elif kind is _Timer.ORPHAN_LSID:
+        elif kind is _T_ORPHAN_LSID:
             del self._orphan_lsids[key]
         else:
             rec_ping = self._pings.pop(key)
@@ -1064,20 +1092,20 @@ class SessionCore:
                     break
 
     def _require_open(self) -> None:
-        if self.state is CoreState.OPEN:
+        if self.state is _OPEN:
             return
         if self.end is not None:
             err = self.end.error
             if isinstance(err, SessionClosed):
                 raise SessionClosed(str(err), code=err.code, reason=err.reason)
             raise SessionClosed(f"session ended: {err}") from err
-        if self.state is CoreState.CLOSING:
+        if self.state is _CLOSING:
             raise SessionClosed("session is closing")
         raise SessionClosed("session not negotiated yet")
 
     def _protocol_failure(self, exc: ProtocolError) -> None:
         logger.error("%s: protocol error from peer: %s", self._tag, exc)
-        if self.state is CoreState.OPEN:
+        if self.state is _OPEN:
             reason = str(exc)[:200]
             self._send(StreamClose(logical_stream_id=0, code=CloseCode.ERROR, reason=reason))
         self._finish(exc)
@@ -1109,7 +1137,7 @@ class SessionCore:
 
     def _finish(self, error: QuicReverseError, clean: bool = False, by_peer: bool = False) -> None:
         self._fail_local_work(error)
-        self.state = CoreState.CLOSED
+        self.state = _CLOSED
         self._negotiation_deadline = None
         self._close_deadline = None
         self.end = SessionEnded(error, clean, by_peer)
