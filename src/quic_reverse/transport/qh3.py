@@ -219,10 +219,16 @@ class Qh3Connection(StackConnection):
     stack_name = "qh3"
 
     def _stack_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
-        if len(datagrams) == 1:
-            self._quic.receive_datagram(datagrams[0], addr, now)
+        # Once the handshake is done, even a single datagram goes through the batch
+        # entry point: qh3's one-datagram path re-parses every packet header in Python
+        # (version negotiation, retry, coalesced packets, connection-id learning),
+        # which only matters during the handshake; the batch path hands the datagram
+        # straight to the native core (and itself falls back before the handshake).
+        quic = self._quic
+        if len(datagrams) == 1 and not quic._handshake_complete:
+            quic.receive_datagram(datagrams[0], addr, now)
         else:
-            self._quic.receive_many_datagrams(datagrams, addr, now)
+            quic.receive_many_datagrams(datagrams, addr, now)
 
     def _send_queue_size(self, stream_id: int) -> int:
         try:
