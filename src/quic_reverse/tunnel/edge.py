@@ -208,35 +208,38 @@ class Edge:
 
     async def _serve(self, handle: SessionHandle) -> None:
         """Answer the relay's opens until the session ends or the edge is stopped."""
+        events = asyncio.create_task(self._serve_events(handle), name="edge events")
         stop_wait = asyncio.create_task(self._stop.wait())
         try:
-            while True:
-                next_event = asyncio.create_task(handle.process_message())
-                await asyncio.wait({next_event, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_event.done():
-                    next_event.cancel()
-                    await asyncio.gather(next_event, return_exceptions=True)
-                    return
-                try:
-                    event = next_event.result()
-                except QuicReverseError as exc:
-                    log.warning("session with the relay lost: %s", exc)
-                    return
-                if event is None:
-                    log.warning("relay closed the connection")
-                    return
-                if isinstance(event, CloseReceived):
-                    log.info("relay closed the session: %s %s", event.code.name, event.reason or "")
-                    return
-                if isinstance(event, OpenRequest):
-                    task = asyncio.create_task(
-                        self._forward(handle, event), name=f"forward {event.service}"
-                    )
-                    self._forwards.add(task)
-                    task.add_done_callback(self._forwards.discard)
+            await asyncio.wait({events, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop_wait.cancel()
-            await asyncio.gather(stop_wait, return_exceptions=True)
+            events.cancel()
+            await asyncio.gather(stop_wait, events, return_exceptions=True)
+        if not events.cancelled() and events.exception() is not None:
+            raise cast(BaseException, events.exception())
+
+    async def _serve_events(self, handle: SessionHandle) -> None:
+        """The event loop of :meth:`_serve` (one task for the whole session, not one
+        per event: a relay open costs no extra task switch)."""
+        while True:
+            try:
+                event = await handle.process_message()
+            except QuicReverseError as exc:
+                log.warning("session with the relay lost: %s", exc)
+                return
+            if event is None:
+                log.warning("relay closed the connection")
+                return
+            if isinstance(event, CloseReceived):
+                log.info("relay closed the session: %s %s", event.code.name, event.reason or "")
+                return
+            if isinstance(event, OpenRequest):
+                task = asyncio.create_task(
+                    self._forward(handle, event), name=f"forward {event.service}"
+                )
+                self._forwards.add(task)
+                task.add_done_callback(self._forwards.discard)
 
     async def _forward(self, handle: SessionHandle, request: OpenRequest) -> None:
         rid, service = request.request_id, request.service
