@@ -109,3 +109,21 @@ def test_tls_settings_validate_at_construction(tmp_path: Path) -> None:
         TransportOptions(max_streams=0)
     with pytest.raises(ConfigError):
         TransportOptions(stream_window=10)
+
+
+@pytest.mark.parametrize("stack", ["qh3", "aioquic"])
+def test_stack_configuration_bad_files_raise_transport_error(stack: str, tmp_path: Path) -> None:
+    """A missing CA file or a malformed certificate is a TransportError, not an OSError."""
+    import importlib
+
+    from quic_reverse.errors import TransportError
+
+    adapter = importlib.import_module(f"quic_reverse.transport.{stack}")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(TransportError, match="CA file"):
+        adapter.client_configuration(cafile=str(tmp_path / "missing.pem"))
+    with pytest.raises(TransportError, match="loading certificate"):
+        adapter.server_configuration(str(junk), str(junk))
+    config = adapter.client_configuration(verify=False)
+    assert config.is_client and config.verify_mode == 0

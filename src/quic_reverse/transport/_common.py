@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from ..errors import (
     CertificateError,
@@ -54,7 +56,11 @@ __all__ = [
     "DEFAULT_STREAM_WINDOW",
     "StackConnection",
     "StackServer",
+    "build_client_configuration",
+    "build_server_configuration",
     "client_handshake",
+    "stack_connect",
+    "stack_serve",
     "convert_stack_errors",
     "is_certificate_alert",
 ]
@@ -89,6 +95,69 @@ _SPIN_WINDOW = 200e-6
 # TLS alerts that mean "your certificate is not acceptable" (RFC 8446 6.2),
 # carried in QUIC as CRYPTO_ERROR 0x100 + alert.
 _CERT_ALERTS = frozenset({42, 43, 44, 45, 46, 48, 49})
+
+
+_Config = TypeVar("_Config")
+_Conn = TypeVar("_Conn", bound="StackConnection")
+_Server = TypeVar("_Server", bound="StackServer")
+
+
+def build_client_configuration(
+    config_class: Callable[..., _Config],
+    *,
+    alpn: list[str] | tuple[str, ...],
+    server_name: str | None,
+    cafile: str | None,
+    verify: bool,
+    idle_timeout: float,
+    stream_window: int,
+    connection_window: int,
+) -> _Config:
+    """A client configuration of either stack (same constructor and attributes)."""
+    config: Any = config_class(
+        is_client=True,
+        alpn_protocols=list(alpn),
+        server_name=server_name,
+        idle_timeout=idle_timeout,
+        max_data=connection_window,
+        max_stream_data=stream_window,
+    )
+    if cafile is not None:
+        # Both stacks only record the path here and fail later, mid-handshake.
+        if not os.path.isfile(cafile):
+            raise TransportError(f"CA file {cafile!r} does not exist")
+        with convert_stack_errors(f"loading CA file {cafile!r}"):
+            config.load_verify_locations(cafile=cafile)
+    if not verify:
+        config.verify_mode = ssl.CERT_NONE
+    return config  # type: ignore[no-any-return]
+
+
+def build_server_configuration(
+    config_class: Callable[..., _Config],
+    certfile: str,
+    keyfile: str,
+    *,
+    alpn: list[str] | tuple[str, ...],
+    idle_timeout: float,
+    stream_window: int,
+    connection_window: int,
+) -> _Config:
+    """A server configuration of either stack.
+
+    Raises:
+        TransportError: the certificate or key cannot be loaded.
+    """
+    config: Any = config_class(
+        is_client=False,
+        alpn_protocols=list(alpn),
+        idle_timeout=idle_timeout,
+        max_data=connection_window,
+        max_stream_data=stream_window,
+    )
+    with convert_stack_errors("loading certificate"):
+        config.load_cert_chain(certfile, keyfile)
+    return config  # type: ignore[no-any-return]
 
 
 def is_certificate_alert(error_code: int) -> bool:
@@ -262,6 +331,9 @@ class StackConnection(Connection):
 
     events: ModuleType
     stack_name = "?"
+    #: The stack's connection class, called with ``max_streams``, ``configuration``
+    #: and (server side) ``original_destination_connection_id``.
+    quic_class: ClassVar[Callable[..., Any]]
 
     def __init__(
         self,
@@ -308,6 +380,27 @@ class StackConnection(Connection):
         self._recv_activity = asyncio.Event()
         self._stack_warned = False
         self._feed_warned = False
+
+    @classmethod
+    def create(
+        cls: type[_Conn],
+        configuration: Any,
+        *,
+        max_streams: int,
+        send_buffer: int,
+        original_dcid: bytes | None = None,
+    ) -> _Conn:
+        """A client connection, or (with ``original_dcid``) a server-side one."""
+        extra = (
+            {} if original_dcid is None else {"original_destination_connection_id": original_dcid}
+        )
+        quic = cls.quic_class(max_streams=max_streams, configuration=configuration, **extra)
+        return cls(
+            quic,
+            is_client=original_dcid is None,
+            send_buffer=send_buffer,
+            receive_high_water=configuration.max_data,
+        )
 
     # ------------------------------------------------------------------ hooks
 
@@ -1060,23 +1153,31 @@ class StackServer:
     Batches arrive grouped by source address (see :mod:`._udp`), are routed by
     destination connection id and handed to the connection in one call, so one
     connection processes a whole burst of packets before it transmits once.
-    Subclasses provide :meth:`_parse_header`, :meth:`_version_negotiation` and
-    :meth:`_new_connection`.
+    Subclasses set :attr:`connection_class` and :attr:`encode_version_negotiation`
+    and provide :meth:`_parse_header`.
     """
+
+    connection_class: ClassVar[type[StackConnection]]
+    #: The stack's ``encode_quic_version_negotiation`` (as a staticmethod).
+    encode_version_negotiation: ClassVar[Callable[..., bytes]]
 
     def __init__(
         self,
-        on_connection: Callable[[StackConnection], Any],
+        configuration: Any,
+        on_connection: Callable[[Any], Awaitable[None]],
         *,
-        cid_length: int,
-        supported_versions: list[int],
+        send_buffer: int = DEFAULT_SEND_BUFFER,
+        max_streams: int = DEFAULT_MAX_STREAMS,
         handshake_timeout: float = 10.0,
     ) -> None:
+        self._configuration = configuration
+        self._send_buffer = send_buffer
+        self._max_streams = max_streams
         self._on_connection = on_connection
         #: Seconds a new connection may take to complete its handshake.
         self.handshake_timeout = handshake_timeout
-        self._cid_length = cid_length
-        self._supported_versions = supported_versions
+        self._cid_length: int = configuration.connection_id_length
+        self._supported_versions: list[int] = list(configuration.supported_versions)
         self._loop = asyncio.get_running_loop()
         self._connections: dict[bytes, StackConnection] = {}
         self._all: set[StackConnection] = set()
@@ -1093,10 +1194,21 @@ class StackServer:
         raise NotImplementedError
 
     def _version_negotiation(self, dcid: bytes, scid: bytes) -> bytes:
-        raise NotImplementedError
+        return bytes(
+            self.encode_version_negotiation(
+                source_cid=dcid,
+                destination_cid=scid,
+                supported_versions=self._supported_versions,
+            )
+        )
 
     def _new_connection(self, original_dcid: bytes) -> StackConnection:
-        raise NotImplementedError
+        return self.connection_class.create(
+            self._configuration,
+            max_streams=self._max_streams,
+            send_buffer=self._send_buffer,
+            original_dcid=original_dcid,
+        )
 
     # wiring ----------------------------------------------------------------
 
@@ -1308,3 +1420,66 @@ async def client_handshake(
         transport.close()
         raise
     logger.info("%s: connected to %s:%d", conn.stack_name, host, port)
+
+
+async def stack_connect(
+    connection_class: type[_Conn],
+    host: str,
+    port: int,
+    *,
+    configuration: Any,
+    handshake_timeout: float,
+    send_buffer: int,
+    socket_buffer: int,
+    max_streams: int,
+) -> _Conn:
+    """Create a client connection of ``connection_class`` and run its handshake.
+
+    Raises:
+        CertificateError: the server's certificate was rejected.
+        ConnectionClosed: the server closed the connection during the handshake.
+        TransportError: the configuration is not a client one, no handshake within
+            ``handshake_timeout`` seconds, or resolution/socket failure.
+    """
+    if not configuration.is_client:
+        raise TransportError("connect() needs a client configuration (is_client=True)")
+    conn = connection_class.create(configuration, max_streams=max_streams, send_buffer=send_buffer)
+    await client_handshake(
+        conn, host, port, handshake_timeout=handshake_timeout, socket_buffer=socket_buffer
+    )
+    return conn
+
+
+async def stack_serve(
+    server_class: type[_Server],
+    host: str,
+    port: int,
+    *,
+    configuration: Any,
+    on_connection: Callable[[Any], Awaitable[None]],
+    send_buffer: int,
+    socket_buffer: int,
+    max_streams: int,
+    handshake_timeout: float,
+) -> _Server:
+    """Bind a UDP endpoint on ``(host, port)`` and serve it with ``server_class``.
+
+    Raises:
+        TransportError: the address cannot be bound or the configuration is unusable.
+    """
+    if configuration.is_client:
+        raise TransportError("serve() needs a server configuration (is_client=False)")
+    if configuration.certificate is None or configuration.private_key is None:
+        raise TransportError("serve() needs a certificate and private key in the configuration")
+    server = server_class(
+        configuration,
+        on_connection,
+        send_buffer=send_buffer,
+        max_streams=max_streams,
+        handshake_timeout=handshake_timeout,
+    )
+    with convert_stack_errors(f"binding UDP {host}:{port}"):
+        transport, _ = await open_udp_endpoint(server, host, port, socket_buffer=socket_buffer)
+    server.set_transport(transport)
+    logger.info("%s: serving on %s:%d", server.connection_class.stack_name, *server.address)
+    return server

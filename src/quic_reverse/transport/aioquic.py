@@ -23,7 +23,6 @@ aioquic specifics handled here:
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,7 +42,6 @@ from aioquic.quic.packet import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ..errors import TransportError
 from ._common import (
     DEFAULT_CONNECTION_WINDOW,
     DEFAULT_MAX_STREAMS,
@@ -52,10 +50,12 @@ from ._common import (
     StackConnection,
     StackServer,
     _StreamState,
-    client_handshake,
-    convert_stack_errors,
+    build_client_configuration,
+    build_server_configuration,
+    stack_connect,
+    stack_serve,
 )
-from ._udp import DEFAULT_SOCKET_BUFFER, open_udp_endpoint
+from ._udp import DEFAULT_SOCKET_BUFFER
 
 __all__ = [
     "AioquicConnection",
@@ -79,20 +79,21 @@ def client_configuration(
     stream_window: int = DEFAULT_STREAM_WINDOW,
     connection_window: int = DEFAULT_CONNECTION_WINDOW,
 ) -> QuicConfiguration:
-    """A client :class:`QuicConfiguration` with this library's tuned defaults."""
-    config = QuicConfiguration(
-        is_client=True,
-        alpn_protocols=list(alpn),
+    """A client :class:`QuicConfiguration` with this library's tuned defaults.
+
+    Raises:
+        TransportError: ``cafile`` cannot be loaded.
+    """
+    return build_client_configuration(
+        QuicConfiguration,
+        alpn=alpn,
         server_name=server_name,
+        cafile=cafile,
+        verify=verify,
         idle_timeout=idle_timeout,
-        max_data=connection_window,
-        max_stream_data=stream_window,
+        stream_window=stream_window,
+        connection_window=connection_window,
     )
-    if cafile is not None:
-        config.load_verify_locations(cafile=cafile)
-    if not verify:
-        config.verify_mode = ssl.CERT_NONE
-    return config
 
 
 def server_configuration(
@@ -109,16 +110,15 @@ def server_configuration(
     Raises:
         TransportError: the certificate or key cannot be loaded.
     """
-    config = QuicConfiguration(
-        is_client=False,
-        alpn_protocols=list(alpn),
+    return build_server_configuration(
+        QuicConfiguration,
+        certfile,
+        keyfile,
+        alpn=alpn,
         idle_timeout=idle_timeout,
-        max_data=connection_window,
-        max_stream_data=stream_window,
+        stream_window=stream_window,
+        connection_window=connection_window,
     )
-    with convert_stack_errors("loading certificate"):
-        config.load_cert_chain(certfile, keyfile)
-    return config
 
 
 class _CreditQuicConnection(QuicConnection):
@@ -185,6 +185,7 @@ class AioquicConnection(StackConnection):
 
     events = aioquic_events
     stack_name = "aioquic"
+    quic_class = _CreditQuicConnection
 
     def __init__(self, quic: _CreditQuicConnection, **kwargs: Any) -> None:
         super().__init__(quic, **kwargs)
@@ -243,24 +244,8 @@ class AioquicConnection(StackConnection):
 class AioquicServer(StackServer):
     """Server dispatcher creating :class:`AioquicConnection` objects."""
 
-    def __init__(
-        self,
-        configuration: QuicConfiguration,
-        on_connection: Callable[[AioquicConnection], Awaitable[None]],
-        *,
-        send_buffer: int,
-        max_streams: int,
-        handshake_timeout: float = 10.0,
-    ) -> None:
-        super().__init__(
-            on_connection,  # type: ignore[arg-type]
-            cid_length=configuration.connection_id_length,
-            supported_versions=list(configuration.supported_versions),
-            handshake_timeout=handshake_timeout,
-        )
-        self._configuration = configuration
-        self._send_buffer = send_buffer
-        self._max_streams = max_streams
+    connection_class = AioquicConnection
+    encode_version_negotiation = staticmethod(encode_quic_version_negotiation)
 
     def _parse_header(self, data: bytes) -> tuple[int | None, bool, bytes, bytes] | None:
         try:
@@ -272,28 +257,6 @@ class AioquicServer(StackServer):
             header.packet_type == QuicPacketType.INITIAL,
             header.destination_cid,
             header.source_cid,
-        )
-
-    def _version_negotiation(self, dcid: bytes, scid: bytes) -> bytes:
-        return bytes(
-            encode_quic_version_negotiation(
-                source_cid=dcid,
-                destination_cid=scid,
-                supported_versions=self._supported_versions,
-            )
-        )
-
-    def _new_connection(self, original_dcid: bytes) -> StackConnection:
-        quic = _CreditQuicConnection(
-            max_streams=self._max_streams,
-            configuration=self._configuration,
-            original_destination_connection_id=original_dcid,
-        )
-        return AioquicConnection(
-            quic,
-            is_client=False,
-            send_buffer=self._send_buffer,
-            receive_high_water=self._configuration.max_data,
         )
 
 
@@ -314,19 +277,16 @@ async def connect(
         ConnectionClosed: the server closed the connection during the handshake.
         TransportError: resolution/socket failure or no handshake within the timeout.
     """
-    if not configuration.is_client:
-        raise TransportError("connect() needs a client configuration (is_client=True)")
-    quic = _CreditQuicConnection(max_streams=max_streams, configuration=configuration)
-    conn = AioquicConnection(
-        quic,
-        is_client=True,
+    return await stack_connect(
+        AioquicConnection,
+        host,
+        port,
+        configuration=configuration,
+        handshake_timeout=handshake_timeout,
         send_buffer=send_buffer,
-        receive_high_water=configuration.max_data,
+        socket_buffer=socket_buffer,
+        max_streams=max_streams,
     )
-    await client_handshake(
-        conn, host, port, handshake_timeout=handshake_timeout, socket_buffer=socket_buffer
-    )
-    return conn
 
 
 async def serve(
@@ -350,19 +310,14 @@ async def serve(
     Raises:
         TransportError: the address cannot be bound or the configuration is unusable.
     """
-    if configuration.is_client:
-        raise TransportError("serve() needs a server configuration (is_client=False)")
-    if configuration.certificate is None or configuration.private_key is None:
-        raise TransportError("serve() needs a certificate and private key in the configuration")
-    server = AioquicServer(
-        configuration,
-        on_connection,
+    return await stack_serve(
+        AioquicServer,
+        host,
+        port,
+        configuration=configuration,
+        on_connection=on_connection,
         send_buffer=send_buffer,
+        socket_buffer=socket_buffer,
         max_streams=max_streams,
         handshake_timeout=handshake_timeout,
     )
-    with convert_stack_errors(f"binding UDP {host}:{port}"):
-        transport, _ = await open_udp_endpoint(server, host, port, socket_buffer=socket_buffer)
-    server.set_transport(transport)
-    logger.info("aioquic: serving on %s:%d", *server.address)
-    return server

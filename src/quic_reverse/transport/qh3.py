@@ -25,7 +25,6 @@ qh3 traps handled here (see ``QUIC-STACKS.md``):
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -43,7 +42,6 @@ from qh3.quic.packet import (
     encode_quic_version_negotiation,
 )
 
-from ..errors import TransportError
 from ._common import (
     DEFAULT_CONNECTION_WINDOW,
     DEFAULT_MAX_STREAMS,
@@ -52,10 +50,11 @@ from ._common import (
     DEFAULT_STREAM_WINDOW,
     StackConnection,
     StackServer,
-    client_handshake,
-    convert_stack_errors,
+    build_client_configuration,
+    build_server_configuration,
+    stack_connect,
+    stack_serve,
 )
-from ._udp import open_udp_endpoint
 
 __all__ = [
     "Qh3Connection",
@@ -79,20 +78,21 @@ def client_configuration(
     stream_window: int = DEFAULT_STREAM_WINDOW,
     connection_window: int = DEFAULT_CONNECTION_WINDOW,
 ) -> QuicConfiguration:
-    """A client :class:`QuicConfiguration` with this library's tuned defaults."""
-    config = QuicConfiguration(
-        is_client=True,
-        alpn_protocols=list(alpn),
+    """A client :class:`QuicConfiguration` with this library's tuned defaults.
+
+    Raises:
+        TransportError: ``cafile`` cannot be loaded.
+    """
+    return build_client_configuration(
+        QuicConfiguration,
+        alpn=alpn,
         server_name=server_name,
+        cafile=cafile,
+        verify=verify,
         idle_timeout=idle_timeout,
-        max_data=connection_window,
-        max_stream_data=stream_window,
+        stream_window=stream_window,
+        connection_window=connection_window,
     )
-    if cafile is not None:
-        config.load_verify_locations(cafile=cafile)
-    if not verify:
-        config.verify_mode = ssl.CERT_NONE
-    return config
 
 
 def server_configuration(
@@ -109,16 +109,15 @@ def server_configuration(
     Raises:
         TransportError: the certificate or key cannot be loaded.
     """
-    config = QuicConfiguration(
-        is_client=False,
-        alpn_protocols=list(alpn),
+    return build_server_configuration(
+        QuicConfiguration,
+        certfile,
+        keyfile,
+        alpn=alpn,
         idle_timeout=idle_timeout,
-        max_data=connection_window,
-        max_stream_data=stream_window,
+        stream_window=stream_window,
+        connection_window=connection_window,
     )
-    with convert_stack_errors("loading certificate"):
-        config.load_cert_chain(certfile, keyfile)
-    return config
 
 
 # qh3 2.1 hard-codes the concurrent-stream limits it advertises (100 bidi, 103 uni)
@@ -217,6 +216,7 @@ class Qh3Connection(StackConnection):
 
     events = qh3_events
     stack_name = "qh3"
+    quic_class = _LimitedQuicConnection
 
     def _stack_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
         # Once the handshake is done, even a single datagram goes through the batch
@@ -273,24 +273,8 @@ class Qh3Connection(StackConnection):
 class Qh3Server(StackServer):
     """Server dispatcher creating :class:`Qh3Connection` objects."""
 
-    def __init__(
-        self,
-        configuration: QuicConfiguration,
-        on_connection: Callable[[Qh3Connection], Awaitable[None]],
-        *,
-        send_buffer: int,
-        max_streams: int,
-        handshake_timeout: float = 10.0,
-    ) -> None:
-        super().__init__(
-            on_connection,  # type: ignore[arg-type]
-            cid_length=configuration.connection_id_length,
-            supported_versions=list(configuration.supported_versions),
-            handshake_timeout=handshake_timeout,
-        )
-        self._configuration = configuration
-        self._send_buffer = send_buffer
-        self._max_streams = max_streams
+    connection_class = Qh3Connection
+    encode_version_negotiation = staticmethod(encode_quic_version_negotiation)
 
     def _parse_header(self, data: bytes) -> tuple[int | None, bool, bytes, bytes] | None:
         try:
@@ -299,28 +283,6 @@ class Qh3Server(StackServer):
             return None
         version, packet_type, _, dcid, scid = header[:5]
         return version, packet_type == int(QuicPacketType.INITIAL), dcid, scid
-
-    def _version_negotiation(self, dcid: bytes, scid: bytes) -> bytes:
-        return bytes(
-            encode_quic_version_negotiation(
-                source_cid=dcid,
-                destination_cid=scid,
-                supported_versions=self._supported_versions,
-            )
-        )
-
-    def _new_connection(self, original_dcid: bytes) -> StackConnection:
-        quic = _LimitedQuicConnection(
-            max_streams=self._max_streams,
-            configuration=self._configuration,
-            original_destination_connection_id=original_dcid,
-        )
-        return Qh3Connection(
-            quic,
-            is_client=False,
-            send_buffer=self._send_buffer,
-            receive_high_water=self._configuration.max_data,
-        )
 
 
 async def connect(
@@ -341,19 +303,16 @@ async def connect(
         TransportError: no handshake within ``handshake_timeout`` seconds, or the address
             cannot be resolved, or the socket cannot be opened.
     """
-    if not configuration.is_client:
-        raise TransportError("connect() needs a client configuration (is_client=True)")
-    quic = _LimitedQuicConnection(max_streams=max_streams, configuration=configuration)
-    conn = Qh3Connection(
-        quic,
-        is_client=True,
+    return await stack_connect(
+        Qh3Connection,
+        host,
+        port,
+        configuration=configuration,
+        handshake_timeout=handshake_timeout,
         send_buffer=send_buffer,
-        receive_high_water=configuration.max_data,
+        socket_buffer=socket_buffer,
+        max_streams=max_streams,
     )
-    await client_handshake(
-        conn, host, port, handshake_timeout=handshake_timeout, socket_buffer=socket_buffer
-    )
-    return conn
 
 
 async def serve(
@@ -377,19 +336,14 @@ async def serve(
     Raises:
         TransportError: the address cannot be bound or the configuration is unusable.
     """
-    if configuration.is_client:
-        raise TransportError("serve() needs a server configuration (is_client=False)")
-    if configuration.certificate is None or configuration.private_key is None:
-        raise TransportError("serve() needs a certificate and private key in the configuration")
-    server = Qh3Server(
-        configuration,
-        on_connection,
+    return await stack_serve(
+        Qh3Server,
+        host,
+        port,
+        configuration=configuration,
+        on_connection=on_connection,
         send_buffer=send_buffer,
+        socket_buffer=socket_buffer,
         max_streams=max_streams,
         handshake_timeout=handshake_timeout,
     )
-    with convert_stack_errors(f"binding UDP {host}:{port}"):
-        transport, _ = await open_udp_endpoint(server, host, port, socket_buffer=socket_buffer)
-    server.set_transport(transport)
-    logger.info("qh3: serving on %s:%d", *server.address)
-    return server
