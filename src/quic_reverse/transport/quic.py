@@ -27,7 +27,7 @@ import hmac
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -174,53 +174,41 @@ async def connect(
         )
     if direct is not None:
         cafile = None
-    conn: Any
-    if stack == "qh3":
-        from . import qh3 as mod
-
-        conn = await mod.connect(
-            host,
-            port,
-            configuration=mod.client_configuration(
-                alpn=tls.alpn,
-                server_name=tls.server_name,
-                cafile=cafile,
-                verify=verify,
-                idle_timeout=opts.idle_timeout,
-                stream_window=opts.stream_window,
-                connection_window=opts.connection_window,
-            ),
-            handshake_timeout=opts.handshake_timeout,
-            send_buffer=opts.send_buffer,
-            socket_buffer=opts.socket_buffer,
-            max_streams=opts.max_streams,
-        )
-    else:
-        from . import aioquic as amod
-
-        conn = await amod.connect(
-            host,
-            port,
-            configuration=amod.client_configuration(
-                alpn=tls.alpn,
-                server_name=tls.server_name,
-                cafile=cafile,
-                verify=verify,
-                idle_timeout=opts.idle_timeout,
-                stream_window=opts.stream_window,
-                connection_window=opts.connection_window,
-            ),
-            handshake_timeout=opts.handshake_timeout,
-            send_buffer=opts.send_buffer,
-            socket_buffer=opts.socket_buffer,
-            max_streams=opts.max_streams,
-        )
+    mod = _stack_module(stack)
+    conn: Any = await mod.connect(
+        host,
+        port,
+        configuration=mod.client_configuration(
+            alpn=tls.alpn,
+            server_name=tls.server_name,
+            cafile=cafile,
+            verify=verify,
+            idle_timeout=opts.idle_timeout,
+            stream_window=opts.stream_window,
+            connection_window=opts.connection_window,
+        ),
+        handshake_timeout=opts.handshake_timeout,
+        send_buffer=opts.send_buffer,
+        socket_buffer=opts.socket_buffer,
+        max_streams=opts.max_streams,
+    )
     if tls.pin_sha256 is not None:
         _check_pin(conn, {tls.pin_sha256}, "the pin")
     elif direct is not None:
         _check_pin(conn, direct, f"a certificate in {tls.cafile}")
     assert isinstance(conn, Connection)
     return conn
+
+
+def _stack_module(stack: str) -> ModuleType:
+    """The adapter module of ``stack`` (imported on first use: each pulls in its stack)."""
+    if stack == "qh3":
+        from . import qh3
+
+        return qh3
+    from . import aioquic
+
+    return aioquic
 
 
 def _direct_trust(cafile: str | None) -> set[str] | None:
@@ -343,53 +331,26 @@ async def serve(
     opts = options or TransportOptions(idle_timeout=idle_timeout)
     certfile, keyfile = os.fspath(tls.certfile), os.fspath(tls.keyfile)
     _check_certificate_files(certfile, keyfile)
-    impl: StackServer
-    if stack == "qh3":
-        from . import qh3 as mod
-
-        try:
-            config: Any = mod.server_configuration(
-                certfile,
-                keyfile,
-                alpn=tls.alpn,
-                idle_timeout=opts.idle_timeout,
-                stream_window=opts.stream_window,
-                connection_window=opts.connection_window,
-            )
-        except TransportError as exc:
-            raise ConfigError(f"cannot load certificate/key: {exc}") from exc
-        impl = await mod.serve(
-            host,
-            port,
-            configuration=config,
-            on_connection=on_connection,
-            send_buffer=opts.send_buffer,
-            socket_buffer=opts.socket_buffer,
-            max_streams=opts.max_streams,
-            handshake_timeout=opts.handshake_timeout,
+    mod = _stack_module(stack)
+    try:
+        config: Any = mod.server_configuration(
+            certfile,
+            keyfile,
+            alpn=tls.alpn,
+            idle_timeout=opts.idle_timeout,
+            stream_window=opts.stream_window,
+            connection_window=opts.connection_window,
         )
-    else:
-        from . import aioquic as amod
-
-        try:
-            config = amod.server_configuration(
-                certfile,
-                keyfile,
-                alpn=tls.alpn,
-                idle_timeout=opts.idle_timeout,
-                stream_window=opts.stream_window,
-                connection_window=opts.connection_window,
-            )
-        except TransportError as exc:
-            raise ConfigError(f"cannot load certificate/key: {exc}") from exc
-        impl = await amod.serve(
-            host,
-            port,
-            configuration=config,
-            on_connection=on_connection,
-            send_buffer=opts.send_buffer,
-            socket_buffer=opts.socket_buffer,
-            max_streams=opts.max_streams,
-            handshake_timeout=opts.handshake_timeout,
-        )
+    except TransportError as exc:
+        raise ConfigError(f"cannot load certificate/key: {exc}") from exc
+    impl: StackServer = await mod.serve(
+        host,
+        port,
+        configuration=config,
+        on_connection=on_connection,
+        send_buffer=opts.send_buffer,
+        socket_buffer=opts.socket_buffer,
+        max_streams=opts.max_streams,
+        handshake_timeout=opts.handshake_timeout,
+    )
     return QuicServer(impl)
