@@ -167,43 +167,6 @@ def _setup_logging(level: str) -> None:
     )
 
 
-_RELAY_FLAGS = (
-    "listen",
-    "cert",
-    "key",
-    "self_signed",
-    "state_dir",
-    "tokens",
-    "forward",
-    "auth_timeout",
-    "open_timeout",
-    "grace",
-    "ping_interval",
-    "ping_timeout",
-    "alpn",
-    "stack",
-)
-_EDGE_FLAGS = (
-    "relay",
-    "name",
-    "token_file",
-    "expose",
-    "ca",
-    "fingerprint",
-    "insecure",
-    "server_name",
-    "ping_interval",
-    "ping_timeout",
-    "idle_timeout",
-    "connect_timeout",
-    "backoff_initial",
-    "backoff_cap",
-    "auth_retry",
-    "alpn",
-    "stack",
-)
-
-
 def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
@@ -217,14 +180,14 @@ def _install_signals(stop: Any) -> None:
 
 async def _run_relay(args: argparse.Namespace) -> int:
     from .tunnel.auth import TokenStore
-    from .tunnel.config import build_relay_config, load_config_file
+    from .tunnel.config import RELAY_SETTINGS, build_relay_config, load_config_file
     from .tunnel.relay import Relay
 
     table: dict[str, Any] = {}
     base: Path | None = None
     if args.config is not None:
         table, base = load_config_file(args.config, "relay")
-    config = build_relay_config(table, base, _flags(args, _RELAY_FLAGS))
+    config = build_relay_config(table, base, _flags(args, RELAY_SETTINGS))
     assert config.tokens is not None
     tokens = TokenStore.from_file(config.tokens)
     relay = Relay(config, tokens)
@@ -248,14 +211,14 @@ async def _run_relay(args: argparse.Namespace) -> int:
 
 
 async def _run_edge(args: argparse.Namespace) -> int:
-    from .tunnel.config import build_edge_config, load_config_file
+    from .tunnel.config import EDGE_SETTINGS, build_edge_config, load_config_file
     from .tunnel.edge import Edge, EdgeExit
 
     table: dict[str, Any] = {}
     base: Path | None = None
     if args.config is not None:
         table, base = load_config_file(args.config, "edge")
-    config = build_edge_config(table, base, _flags(args, _EDGE_FLAGS))
+    config = build_edge_config(table, base, _flags(args, EDGE_SETTINGS))
     edge = Edge(config)
     _install_signals(edge.stop)
     outcome = await edge.run()

@@ -42,6 +42,8 @@ from ..errors import ConfigError
 __all__ = [
     "DEFAULT_ALPN",
     "AUTH_SERVICE",
+    "EDGE_SETTINGS",
+    "RELAY_SETTINGS",
     "EdgeConfig",
     "Exposed",
     "Forward",
@@ -289,7 +291,8 @@ def load_config_file(path: Path, section: str) -> tuple[dict[str, Any], Path]:
     return table, path.resolve().parent
 
 
-_RELAY_KEYS = {
+#: Settings of the ``[relay]`` table; the same names are the relay CLI flags.
+RELAY_SETTINGS = (
     "listen",
     "cert",
     "key",
@@ -304,8 +307,9 @@ _RELAY_KEYS = {
     "ping_timeout",
     "alpn",
     "stack",
-}
-_EDGE_KEYS = {
+)
+#: Settings of the ``[edge]`` table; the same names are the edge CLI flags.
+EDGE_SETTINGS = (
     "relay",
     "name",
     "token_file",
@@ -323,11 +327,11 @@ _EDGE_KEYS = {
     "auth_retry",
     "alpn",
     "stack",
-}
+)
 
 
-def _check_keys(section: str, table: Mapping[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(table) - allowed)
+def _check_keys(section: str, table: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    unknown = sorted(set(table).difference(allowed))
     if unknown:
         raise ConfigError(
             f"[{section}]: unknown setting(s) {', '.join(unknown)}; "
@@ -366,7 +370,7 @@ def build_relay_config(
     file_table: Mapping[str, Any], base: Path | None, flags: Mapping[str, Any]
 ) -> RelayConfig:
     """Merge a ``[relay]`` table and CLI flags (``None`` = not given) into a RelayConfig."""
-    _check_keys("relay", file_table, _RELAY_KEYS)
+    _check_keys("relay", file_table, RELAY_SETTINGS)
     kw: dict[str, Any] = {}
     numbers = ("auth_timeout", "open_timeout", "grace", "ping_interval", "ping_timeout")
     for key, value in file_table.items():
@@ -406,7 +410,7 @@ def build_edge_config(
     file_table: Mapping[str, Any], base: Path | None, flags: Mapping[str, Any]
 ) -> EdgeConfig:
     """Merge an ``[edge]`` table and CLI flags (``None`` = not given) into an EdgeConfig."""
-    _check_keys("edge", file_table, _EDGE_KEYS)
+    _check_keys("edge", file_table, EDGE_SETTINGS)
     kw: dict[str, Any] = {}
     numbers = (
         "ping_interval",
