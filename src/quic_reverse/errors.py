@@ -106,7 +106,8 @@ class StreamRejected(QuicReverseError):
         self.code = code
         self.reason = reason
         name = getattr(code, "name", code)
-        super().__init__(f"open rejected: {name}" + (f" ({reason})" if reason else ""))
+        # The reason is peer-supplied text: repr() keeps control characters out of logs.
+        super().__init__(f"open rejected: {name}" + (f" ({reason!r})" if reason else ""))
 
 
 class SessionClosed(QuicReverseError):

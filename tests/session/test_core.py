@@ -211,6 +211,19 @@ def test_rejected_open() -> None:
     assert pair.client.table_sizes()["incoming"] == 0
 
 
+def test_rejection_reason_is_escaped_in_the_error_text() -> None:
+    """The peer's reject reason is kept as sent but shown escaped (it ends up in logs)."""
+    pair = open_pair()
+    rid = pair.server.open_request("nope", Metadata.EMPTY, NO_FLAGS, 0.0)
+    pair.flush()
+    pair.client.reject(rid, RejectCode.UNAUTHORIZED, "no\nFAKE LOG LINE\x1b[31m")
+    pair.flush()
+    (failed,) = [o for o in pair.server_out if isinstance(o, OpenFailed)]
+    assert failed.error.reason == "no\nFAKE LOG LINE\x1b[31m"  # type: ignore[attr-defined]
+    text = str(failed.error)
+    assert "\n" not in text and "\x1b" not in text and "FAKE LOG LINE" in text
+
+
 def test_open_timeout_and_late_response_stream_is_refused() -> None:
     pair = open_pair(server=Config(open_timeout=5, stream_bind_timeout=2))
     rid = pair.server.open_request("slow", Metadata.EMPTY, NO_FLAGS, 0.0)

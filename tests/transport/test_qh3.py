@@ -379,6 +379,21 @@ async def test_invalid_error_codes_still_reset_and_close(
 
 
 @pytest.mark.parametrize("stack", STACKS)
+async def test_peer_close_reason_is_escaped_in_the_error(stack: Stack) -> None:
+    """A peer's close reason reaches logs through str(error): control characters
+    (a forged log line, terminal escapes) must come out escaped."""
+    async with quic_pair(stack) as (client, server):
+        client.close(7, b"bye\n2026-01-01 CRITICAL forged\x1b[2J")
+        await asyncio.wait_for(server.wait_closed(), T)
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(server.open_bi(), T)
+    text = str(info.value)
+    assert info.value.reason == "bye\n2026-01-01 CRITICAL forged\x1b[2J"
+    assert "\n" not in text and "\x1b" not in text
+    assert "forged" in text
+
+
+@pytest.mark.parametrize("stack", STACKS)
 async def test_unusable_certificate_files_are_a_config_error(stack: Stack, tmp_path: Path) -> None:
     cert, _ = dev_certificate()
     bad_key = tmp_path / "key.pem"

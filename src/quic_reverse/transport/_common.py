@@ -202,6 +202,16 @@ def convert_stack_errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: stack panic: {exc}") from exc
 
 
+def _connection_closed(what: str, code: int, reason: str) -> ConnectionClosed:
+    """The error for a closed connection; ``reason`` may be the peer's text, so it is
+    shown escaped (it ends up in logs and CLI output)."""
+    return ConnectionClosed(
+        f"{what} (code {code:#x})" + (f": {reason!r}" if reason else ""),
+        error_code=code,
+        reason=reason,
+    )
+
+
 _MAX_CODE = (1 << 62) - 1
 
 
@@ -742,11 +752,7 @@ class StackConnection(Connection):
             f", {reason!r}" if reason else "",
         )
         self._is_open = False
-        self._close_error = ConnectionClosed(
-            f"connection closed (code {code:#x})" + (f": {reason}" if reason else ""),
-            error_code=code,
-            reason=reason,
-        )
+        self._close_error = _connection_closed("connection closed", code, reason)
         self._fail_handshake()
         self._wake_all()
 
@@ -834,12 +840,7 @@ class StackConnection(Connection):
             f", {reason!r}" if reason else "",
         )
         if self._close_error is None:
-            self._close_error = ConnectionClosed(
-                f"connection closed by peer (code {error_code:#x})"
-                + (f": {reason}" if reason else ""),
-                error_code=error_code,
-                reason=reason,
-            )
+            self._close_error = _connection_closed("connection closed by peer", error_code, reason)
         self._fail_handshake()
         self._is_open = False
         self._closed.set()

@@ -232,7 +232,7 @@ class Edge:
                 log.warning("relay closed the connection")
                 return
             if isinstance(event, CloseReceived):
-                log.info("relay closed the session: %s %s", event.code.name, event.reason or "")
+                log.info("relay closed the session: %s %r", event.code.name, event.reason or "")
                 return
             if isinstance(event, OpenRequest):
                 task = asyncio.create_task(

@@ -306,7 +306,7 @@ class Relay:
                 return
             if isinstance(event, CloseReceived):
                 log.info(
-                    "edge %r (%s) closed the session: %s %s",
+                    "edge %r (%s) closed the session: %s %r",
                     edge.name,
                     edge.address,
                     event.code.name,
