@@ -19,6 +19,7 @@ import pytest
 
 from quic_reverse.errors import StreamReset
 from quic_reverse.tunnel.pipe import CHUNK_SIZE, PipeResult, abort_tcp, pipe
+from quic_reverse.wire import CloseCode
 
 WAIT = 20.0  # upper bound for every wait in this module
 
@@ -238,3 +239,66 @@ async def test_backpressure_slow_stream_stops_reading_tcp() -> None:
     finally:
         server.close()
     assert stream.written == total == result.tcp_to_stream
+
+
+async def test_cancel_while_closing_resets_stream_and_aborts_tcp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both directions ended cleanly, then the pipe is cancelled while the TCP leg is
+    still closing: the stream must be reset, not left open."""
+    import quic_reverse.tunnel.pipe as pipe_module
+
+    closing = asyncio.Event()
+
+    async def stuck_close(writer: asyncio.StreamWriter) -> None:
+        closing.set()  # like a TCP peer that never reads what is left
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(pipe_module, "_close_tcp", stuck_close)
+    resets: list[int] = []
+
+    class EmptyStream:
+        async def read(self, n: int = -1) -> bytes:
+            return b""
+
+        async def send(self, data: bytes) -> None:
+            raise AssertionError("nothing to send")
+
+        async def write_eof(self) -> None:
+            pass
+
+        def reset(self, code: int = 0) -> None:
+            resets.append(code)
+
+        async def aclose(self) -> None:
+            raise AssertionError("aclose is not reached while TCP is closing")
+
+    accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+    tasks: list[asyncio.Task[PipeResult]] = []
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tasks.append(asyncio.create_task(pipe(reader, writer, EmptyStream())))
+        await accepted.put(writer)
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client_reader, client_writer = await asyncio.open_connection("127.0.0.1", port)
+        client_writer.write_eof()
+        async with asyncio.timeout(WAIT):
+            pipe_writer = await accepted.get()
+            await closing.wait()
+            (task,) = tasks
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            try:  # the pipe's side went away (an RST may surface as an error)
+                leftover = await client_reader.read()
+            except ConnectionResetError:
+                leftover = b""
+            assert leftover == b""
+        assert resets == [int(CloseCode.RESET)]
+        assert pipe_writer.transport.is_closing()
+        client_writer.close()
+    finally:
+        server.close()

@@ -207,8 +207,16 @@ async def pipe(
             failure = t.exception()
             break
     if failure is None:
-        await _close_tcp(writer)
-        await _close_stream(stream)
+        try:
+            await _close_tcp(writer)
+            await _close_stream(stream)
+        except asyncio.CancelledError:
+            # Cancelled while a leg was still closing (a TCP peer not reading what is
+            # left, a stream waiting for credit): neither leg may stay half-open.
+            result.outcome, result.detail = "cancelled", "cancelled while closing"
+            abort_tcp(writer)
+            _reset_stream(stream, RESET_CODE)
+            raise
     elif isinstance(failure, _TcpFailed):
         result.outcome, result.detail = "tcp reset", str(failure)
         _reset_stream(stream, RESET_CODE)
