@@ -486,6 +486,55 @@ async def test_server_survives_garbage_datagrams(stack: Stack) -> None:
         await asyncio.wait_for(conn.wait_closed(), T)
 
 
+@pytest.mark.parametrize("stack", STACKS)
+async def test_server_caps_connections_in_handshake(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A burst of Initials creates at most ``max_handshakes`` connection states; a
+    real client still gets in once those time out (its Initial is retransmitted)."""
+    cert, _ = dev_certificate()
+
+    async def hold(conn: Connection) -> None:
+        await conn.wait_closed()
+
+    caplog.set_level(logging.WARNING, logger="quic_reverse.transport")
+    async with quic_server(hold, stack, handshake_timeout=0.5, max_handshakes=2) as server:
+        impl = server._impl
+        registered: list[bytes] = []
+        register = impl._register
+
+        def counting(conn: StackConnection, dcid: bytes, addr: Any) -> None:
+            registered.append(dcid)
+            register(conn, dcid, addr)
+
+        impl._register = counting  # type: ignore[method-assign]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for i in range(20):
+                data = bytearray(1200)
+                data[0] = 0xC0  # long header, Initial
+                data[1:5] = (1).to_bytes(4, "big")  # QUIC v1
+                data[5] = 8  # DCID length
+                data[6:14] = i.to_bytes(8, "big")
+                sock.sendto(bytes(data), server.address)
+        finally:
+            sock.close()
+        conn = await asyncio.wait_for(
+            connect(*server.address, tls=ClientTLS(cafile=cert), stack=stack), T
+        )
+        try:
+            assert server.connection_count >= 1
+            # 2 garbage states at most, then the real client (once or twice: its first
+            # Initial may be dropped and retransmitted with a new state).
+            assert len(registered) <= 4, len(registered)
+            assert any("max_handshakes" in r.getMessage() for r in caplog.records)
+        finally:
+            conn.close()
+            await asyncio.wait_for(conn.wait_closed(), T)
+    with pytest.raises(ConfigError):
+        TransportOptions(max_handshakes=0)
+
+
 async def test_paused_connection_still_delivers_other_streams_to_a_slow_reader() -> None:
     """While a slow stream keeps the connection paused, other streams are not starved:
     each MiB the slow reader consumes lets the connection catch up."""

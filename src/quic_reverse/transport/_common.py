@@ -50,6 +50,7 @@ from .base import Connection, RecvStream, SendStream
 
 __all__ = [
     "DEFAULT_CONNECTION_WINDOW",
+    "DEFAULT_MAX_HANDSHAKES",
     "DEFAULT_MAX_STREAMS",
     "DEFAULT_SEND_BUFFER",
     "DEFAULT_SOCKET_BUFFER",
@@ -75,6 +76,9 @@ DEFAULT_CONNECTION_WINDOW = 32 * 1024 * 1024
 DEFAULT_SEND_BUFFER = 1024 * 1024
 #: Concurrent bidirectional streams the peer may open.
 DEFAULT_MAX_STREAMS = 1024
+#: Connections a server holds in their handshake at once; further Initials are dropped
+#: (the clients retransmit them) so a flood of Initials cannot grow state without bound.
+DEFAULT_MAX_HANDSHAKES = 1024
 
 # While receiving is paused (qh3): datagrams up to this size are still fed ...
 _SMALL_DATAGRAM = 256
@@ -1170,8 +1174,13 @@ class StackServer:
         send_buffer: int = DEFAULT_SEND_BUFFER,
         max_streams: int = DEFAULT_MAX_STREAMS,
         handshake_timeout: float = 10.0,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
     ) -> None:
         self._configuration = configuration
+        #: Connections allowed in their handshake at once (see DEFAULT_MAX_HANDSHAKES).
+        self.max_handshakes = max_handshakes
+        self._handshaking = 0
+        self._handshake_limit_warned = False
         self._send_buffer = send_buffer
         self._max_streams = max_streams
         self._on_connection = on_connection
@@ -1258,6 +1267,16 @@ class StackServer:
             return None
         conn = self._connections.get(dcid)
         if conn is None and is_initial and len(data) >= 1200:
+            if self._handshaking >= self.max_handshakes:
+                level = logging.DEBUG if self._handshake_limit_warned else logging.WARNING
+                self._handshake_limit_warned = True
+                logger.log(
+                    level,
+                    "server: %d handshakes in progress (max_handshakes); dropping Initial from %s",
+                    self._handshaking,
+                    addr,
+                )
+                return None
             try:
                 conn = self._new_connection(dcid)
             except Exception:
@@ -1285,6 +1304,7 @@ class StackServer:
         conn._cid_issued_callback = issued
         conn._cid_retired_callback = retired
         conn.on_terminated(self._forget)
+        self._handshaking += 1  # until _run sees the handshake end (either way)
         task = self._loop.create_task(self._run(conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -1310,6 +1330,8 @@ class StackServer:
             logger.debug("%s server: no handshake from %s", conn.stack_name, conn.remote_address)
             conn.abort()
             return
+        finally:
+            self._handshaking -= 1
         logger.info("%s server: connection from %s", conn.stack_name, conn.remote_address)
         try:
             await self._on_connection(conn)
@@ -1462,6 +1484,7 @@ async def stack_serve(
     socket_buffer: int,
     max_streams: int,
     handshake_timeout: float,
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
 ) -> _Server:
     """Bind a UDP endpoint on ``(host, port)`` and serve it with ``server_class``.
 
@@ -1478,6 +1501,7 @@ async def stack_serve(
         send_buffer=send_buffer,
         max_streams=max_streams,
         handshake_timeout=handshake_timeout,
+        max_handshakes=max_handshakes,
     )
     with convert_stack_errors(f"binding UDP {host}:{port}"):
         transport, _ = await open_udp_endpoint(server, host, port, socket_buffer=socket_buffer)

@@ -44,6 +44,7 @@ from qh3.quic.packet import (
 
 from ._common import (
     DEFAULT_CONNECTION_WINDOW,
+    DEFAULT_MAX_HANDSHAKES,
     DEFAULT_MAX_STREAMS,
     DEFAULT_SEND_BUFFER,
     DEFAULT_SOCKET_BUFFER,
@@ -325,13 +326,14 @@ async def serve(
     socket_buffer: int = DEFAULT_SOCKET_BUFFER,
     max_streams: int = DEFAULT_MAX_STREAMS,
     handshake_timeout: float = 10.0,
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
 ) -> Qh3Server:
     """Serve QUIC with qh3 on ``(host, port)`` on a batching UDP transport.
 
     ``on_connection(conn)`` runs as a task per connection once its handshake
     completed; when it returns, the connection is closed if still open. A
     connection whose handshake does not complete within ``handshake_timeout``
-    seconds is dropped.
+    seconds is dropped; at most ``max_handshakes`` handshakes run at once.
 
     Raises:
         TransportError: the address cannot be bound or the configuration is unusable.
@@ -346,4 +348,5 @@ async def serve(
         socket_buffer=socket_buffer,
         max_streams=max_streams,
         handshake_timeout=handshake_timeout,
+        max_handshakes=max_handshakes,
     )

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from ..errors import CertificateError, ConfigError, TransportError
 from ._common import (
     DEFAULT_CONNECTION_WINDOW,
+    DEFAULT_MAX_HANDSHAKES,
     DEFAULT_MAX_STREAMS,
     DEFAULT_SEND_BUFFER,
     DEFAULT_STREAM_WINDOW,
@@ -105,6 +106,8 @@ class TransportOptions:
     ``max_streams``: concurrent bidirectional streams the peer may open.
     ``stream_window`` / ``connection_window``: receive flow-control windows.
     ``send_buffer``: bytes per stream ``write`` may queue in the stack before it waits.
+    ``max_handshakes`` (servers): connections in their handshake at once; Initials
+    beyond it are dropped until one finishes or times out (``handshake_timeout``).
 
     How a receiver that does not read is bounded differs by stack:
 
@@ -125,12 +128,15 @@ class TransportOptions:
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     send_buffer: int = DEFAULT_SEND_BUFFER
     socket_buffer: int = DEFAULT_SOCKET_BUFFER
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
 
     def __post_init__(self) -> None:
         if self.idle_timeout <= 0 or self.handshake_timeout <= 0:
             raise ConfigError("timeouts must be > 0")
         if not 1 <= self.max_streams <= 1 << 20:
             raise ConfigError("max_streams must be in 1..2**20")
+        if self.max_handshakes < 1:
+            raise ConfigError("max_handshakes must be >= 1")
         for name in ("stream_window", "connection_window", "send_buffer", "socket_buffer"):
             if getattr(self, name) < 1024:
                 raise ConfigError(f"{name} must be >= 1024")
@@ -352,5 +358,6 @@ async def serve(
         socket_buffer=opts.socket_buffer,
         max_streams=opts.max_streams,
         handshake_timeout=opts.handshake_timeout,
+        max_handshakes=opts.max_handshakes,
     )
     return QuicServer(impl)
