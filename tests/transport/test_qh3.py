@@ -570,3 +570,25 @@ async def test_paused_connection_still_delivers_other_streams_to_a_slow_reader()
             assert consumed <= 8 * 1024 * 1024, consumed
         finally:
             writing.cancel()
+
+
+@pytest.mark.parametrize("stack", STACKS)
+async def test_failing_transport_setup_closes_the_socket(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the datagram transport cannot be created, the bound socket is closed and the
+    error is a TransportError (no leaked file descriptor, no raw OSError)."""
+    from quic_reverse.transport import _udp
+
+    socks: list[socket.socket] = []
+
+    async def failing(loop: Any, factory: Any, *, sock: socket.socket) -> Any:
+        socks.append(sock)
+        raise OSError("no transport for you")
+
+    monkeypatch.setattr(_udp, "_optimized_factory", lambda: failing)
+    with pytest.raises(TransportError, match="no transport for you"):
+        async with quic_server(lambda conn: conn.wait_closed(), stack):
+            pass
+    (sock,) = socks
+    assert sock.fileno() == -1

@@ -148,8 +148,12 @@ async def open_udp_endpoint(
         raise
     adapter = _Adapter(target)
     create = _optimized_factory()
-    if create is not None:
-        transport, _ = await create(loop, lambda: adapter, sock=sock)
-    else:  # pragma: no cover - non-qh3 fallback
-        transport, _ = await loop.create_datagram_endpoint(lambda: adapter, sock=sock)
+    try:
+        if create is not None:
+            transport, _ = await create(loop, lambda: adapter, sock=sock)
+        else:  # pragma: no cover - non-qh3 fallback
+            transport, _ = await loop.create_datagram_endpoint(lambda: adapter, sock=sock)
+    except BaseException:
+        sock.close()  # the transport never took it over
+        raise
     return transport, sockaddr
