@@ -77,6 +77,18 @@ async def accept(conn: Connection) -> tuple[SendStream, RecvStream]:
     return accepted
 
 
+async def open_and_accept(
+    a: Connection, b: Connection, first: bytes
+) -> tuple[SendStream, RecvStream, SendStream, RecvStream]:
+    """Open a stream on ``a``, send ``first`` so ``b`` sees it, accept it on ``b`` and
+    check ``first`` arrives. Returns (send, recv, peer_send, peer_recv)."""
+    send, recv = await bounded(a.open_bi())
+    await bounded(send.write(first))
+    peer_send, peer_recv = await accept(b)
+    assert await bounded(peer_recv.read_exactly(len(first))) == first
+    return send, recv, peer_send, peer_recv
+
+
 async def read_to_eof(recv: RecvStream, expected_max: int, max_bytes: int = 65536) -> bytes:
     """Read until FIN; fails if more than ``expected_max`` bytes arrive."""
     data = bytearray()
@@ -366,10 +378,7 @@ async def test_half_close_each_direction_independently(
     transport_pair: Pair, first_fin: str
 ) -> None:
     client, server = transport_pair
-    send, recv = await bounded(client.open_bi())
-    await bounded(send.write(b"hi"))
-    peer_send, peer_recv = await accept(server)
-    assert await bounded(peer_recv.read_exactly(2)) == b"hi"
+    send, recv, peer_send, peer_recv = await open_and_accept(client, server, b"hi")
     # One direction gets FIN; the other keeps carrying data both ways after it.
     if first_fin == "opener":
         done_send, done_recv, live_send, live_recv = send, peer_recv, peer_send, recv
@@ -407,10 +416,7 @@ async def test_reset_is_a_typed_error_at_the_reader(transport_pair: Pair, opener
 @OPENERS
 async def test_stop_is_a_typed_error_at_the_writer(transport_pair: Pair, opener: str) -> None:
     a, b = sides(transport_pair, opener)
-    send, recv = await bounded(a.open_bi())
-    await bounded(send.write(b"first"))
-    peer_send, peer_recv = await accept(b)
-    assert await bounded(peer_recv.read_exactly(5)) == b"first"
+    send, recv, peer_send, peer_recv = await open_and_accept(a, b, b"first")
     peer_recv.stop(43)
     chunk = b"z" * 16384
     with pytest.raises(StreamStopped) as info:
@@ -435,10 +441,7 @@ async def test_close_wakes_every_pending_operation(
 ) -> None:
     client, server = transport_pair
     # Stream 1 carries one byte each way, then both sides wait on a read.
-    send, recv = await bounded(client.open_bi())
-    await bounded(send.write(b"."))
-    peer_send, peer_recv = await accept(server)
-    assert await bounded(peer_recv.read_exactly(1)) == b"."
+    send, recv, peer_send, peer_recv = await open_and_accept(client, server, b".")
     await bounded(peer_send.write(b"."))
     assert await bounded(recv.read_exactly(1)) == b"."
     # Stream 2: the server never reads it, so a large write blocks on backpressure.
