@@ -21,6 +21,8 @@ from quic_reverse.errors import StreamReset
 from quic_reverse.tunnel.pipe import CHUNK_SIZE, PipeResult, abort_tcp, pipe
 from quic_reverse.wire import CloseCode
 
+from ._tcp import send_all_then_eof
+
 WAIT = 20.0  # upper bound for every wait in this module
 
 
@@ -106,15 +108,8 @@ async def test_large_transfer_both_ways_sha256() -> None:
     async with harness(echo) as h:
         reader, writer = await asyncio.open_connection("127.0.0.1", h.pipe_port)
 
-        async def send() -> None:
-            view = memoryview(payload)
-            for i in range(0, size, 1 << 20):
-                writer.write(view[i : i + (1 << 20)])
-                await writer.drain()
-            writer.write_eof()
-
         async with asyncio.timeout(WAIT):
-            sender = asyncio.create_task(send())
+            sender = asyncio.create_task(send_all_then_eof(writer, payload))
             received = await reader.read()  # until EOF
             await sender
             result = await h.results.get()

@@ -35,6 +35,7 @@ from ._procs import (
     start_relay,
     start_services,
 )
+from ._tcp import send_all_then_eof
 
 WAIT = 30.0
 PROMPT = 3.0  # "closed promptly"
@@ -138,17 +139,10 @@ async def test_64_mib_sha256_both_directions(tunnel: Tunnel) -> None:
     sent_digest = hashlib.sha256(payload).hexdigest()
     reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port("edgeA/echo"))
 
-    async def send() -> None:
-        view = memoryview(payload)
-        for i in range(0, size, 1 << 20):
-            writer.write(view[i : i + (1 << 20)])
-            await writer.drain()
-        writer.write_eof()
-
     digest = hashlib.sha256()
     received = 0
     async with asyncio.timeout(90):
-        sender = asyncio.create_task(send())
+        sender = asyncio.create_task(send_all_then_eof(writer, payload))
         while chunk := await reader.read(1 << 20):
             digest.update(chunk)
             received += len(chunk)
