@@ -118,6 +118,13 @@ def _reset_pair(pair: _Pair, code: int = int(CloseCode.RESET)) -> None:
     recv.stop(code)
 
 
+def _open_flags(value: object) -> OpenFlags:
+    """``value`` as OpenFlags (a u8 on the wire), or EncodeError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFF:
+        raise EncodeError(f"OpenRequest.flags: expected an int in 0..255, got {value!r}")
+    return OpenFlags(value)
+
+
 class Session:
     """A quic-reverse session over one transport :class:`Connection`.
 
@@ -318,7 +325,7 @@ class SessionHandle:
             EncodeError: ``service`` or ``metadata`` cannot be encoded.
         """
         if type(flags) is not OpenFlags:
-            flags = OpenFlags(flags)
+            flags = _open_flags(flags)
         rid = self._core.open_request(service, Metadata.of(metadata), flags, self._loop.time())
         fut: asyncio.Future[Stream] = self._loop.create_future()
         self._open_waiters[rid] = (fut, service)

@@ -17,6 +17,7 @@ from quic_reverse import (
     ControlEvent,
     Features,
     Metadata,
+    OpenFlags,
     OpenRequest,
     OpenResponseReceived,
     RejectCode,
@@ -280,6 +281,25 @@ async def test_accept_open_ids() -> None:
             await client.reject_open(rids[0], 77)  # type: ignore[arg-type]
         with pytest.raises(EncodeError, match="CloseCode"):
             await client.close_stream(1, 9)  # type: ignore[arg-type]
+
+
+async def test_open_bad_arguments_are_encode_errors_and_session_survives() -> None:
+    """Wrong flags or metadata types are the library's EncodeError, not a bare
+    ValueError/TypeError, and nothing is left pending."""
+    async with session_pair() as (client, server):
+        for flags in ("z", -1, 256, 1.5, True):
+            with pytest.raises(EncodeError, match="flags"):
+                await client.open("s", flags=flags)  # type: ignore[arg-type]
+        for metadata in (5, 1.5, object()):
+            with pytest.raises(EncodeError, match="mapping"):
+                await client.open("s", metadata)  # type: ignore[arg-type]
+        opener = asyncio.create_task(client.open("s", {"k": "v"}, flags=OpenFlags(3)))
+        event = await asyncio.wait_for(server.process_message(), WAIT)
+        assert isinstance(event, OpenRequest)
+        assert event.flags == OpenFlags(3) and event.metadata.get("k") == "v"
+        stream = await server.accept_open(event.request_id)
+        opened = await asyncio.wait_for(opener, WAIT)
+        assert opened.logical_stream_id == stream.logical_stream_id
 
 
 async def test_handler_exception_resets_stream_and_session_survives(

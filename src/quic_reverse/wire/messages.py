@@ -222,7 +222,15 @@ class Metadata:
         a value of another type, or text that cannot be UTF-8 encoded.
         """
         items: Iterable[object]
-        items = entries.items() if isinstance(entries, Mapping) else entries
+        if isinstance(entries, Mapping):
+            items = entries.items()
+        elif isinstance(entries, Iterable) and not isinstance(entries, str):
+            items = entries
+        else:
+            raise EncodeError(
+                "Metadata.structured: expected a mapping or (key, value) pairs, "
+                f"got {type(entries).__name__}"
+            )
         out: list[tuple[str, MetadataValue]] = []
         seen: set[str] = set()
         parts: list[bytes] = []
