@@ -592,3 +592,29 @@ async def test_failing_transport_setup_closes_the_socket(
             pass
     (sock,) = socks
     assert sock.fileno() == -1
+
+
+async def test_bad_ports_and_options_are_config_errors() -> None:
+    """The OS would wrap port 70000 to 4464; option types are checked before use."""
+    cert, key = dev_certificate()
+    for port in (70000, -1, "443", True):
+        with pytest.raises(ConfigError, match="port"):
+            await connect("127.0.0.1", port, tls=ClientTLS(cafile=cert))  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="port"):
+            await serve(
+                "127.0.0.1",
+                port,  # type: ignore[arg-type]
+                tls=ServerTLS(certfile=cert, keyfile=key),
+                on_connection=lambda conn: conn.wait_closed(),
+            )
+    bad: list[dict[str, Any]] = [
+        {"idle_timeout": "x"},
+        {"handshake_timeout": float("nan")},
+        {"idle_timeout": float("inf")},
+        {"max_streams": "x"},
+        {"stream_window": None},
+        {"max_handshakes": 1.5},
+    ]
+    for kw in bad:
+        with pytest.raises(ConfigError):
+            TransportOptions(**kw)

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from types import ModuleType, TracebackType
@@ -131,6 +132,25 @@ class TransportOptions:
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES
 
     def __post_init__(self) -> None:
+        for name in ("idle_timeout", "handshake_timeout"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise ConfigError(f"{name} must be a finite number of seconds, got {value!r}")
+        for name in (
+            "max_streams",
+            "stream_window",
+            "connection_window",
+            "send_buffer",
+            "socket_buffer",
+            "max_handshakes",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an int, got {value!r}")
         if self.idle_timeout <= 0 or self.handshake_timeout <= 0:
             raise ConfigError("timeouts must be > 0")
         if not 1 <= self.max_streams <= 1 << 20:
@@ -147,6 +167,13 @@ def _check_stack(stack: str) -> None:
         raise ConfigError(f"unknown QUIC stack {stack!r} (expected one of {', '.join(_STACKS)})")
 
 
+def _check_port(port: object, *, allow_zero: bool) -> None:
+    """Reject what the OS would wrap or misread (70000 binds 4464 otherwise)."""
+    low = 0 if allow_zero else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        raise ConfigError(f"port must be an int in {low}..65535, got {port!r}")
+
+
 async def connect(
     host: str,
     port: int,
@@ -159,12 +186,13 @@ async def connect(
     """Connect over QUIC and return the connection once the handshake (and pin) passed.
 
     Raises:
-        ConfigError: unknown stack or invalid options.
+        ConfigError: unknown stack, port outside 1..65535 or invalid options.
         CertificateError: the server certificate failed verification or the pin.
         ConnectionClosed: the server closed the connection during the handshake.
         TransportError: no route, no answer within the handshake timeout, socket errors.
     """
     _check_stack(stack)
+    _check_port(port, allow_zero=False)
     opts = options or TransportOptions(idle_timeout=idle_timeout)
     if options is not None and idle_timeout != 60.0:
         opts = dataclasses.replace(options, idle_timeout=idle_timeout)
@@ -330,10 +358,12 @@ async def serve(
     when it returns, the server closes that connection if still open.
 
     Raises:
-        ConfigError: unknown stack, invalid options, unreadable certificate/key.
+        ConfigError: unknown stack, port outside 0..65535, invalid options, unreadable
+            certificate/key.
         TransportError: the address cannot be bound.
     """
     _check_stack(stack)
+    _check_port(port, allow_zero=True)
     opts = options or TransportOptions(idle_timeout=idle_timeout)
     certfile, keyfile = os.fspath(tls.certfile), os.fspath(tls.keyfile)
     _check_certificate_files(certfile, keyfile)
