@@ -618,3 +618,37 @@ async def test_bad_ports_and_options_are_config_errors() -> None:
     for kw in bad:
         with pytest.raises(ConfigError):
             TransportOptions(**kw)
+
+
+async def test_failing_connection_constructor_logs_one_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stack constructor failing on every Initial logs one traceback, not one each."""
+    calls = 0
+    three = asyncio.Event()
+
+    def failing(original_dcid: bytes) -> StackConnection:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            three.set()
+        raise RuntimeError("constructor failed")
+
+    caplog.set_level(logging.DEBUG, logger="quic_reverse.transport")
+    async with quic_server(lambda conn: conn.wait_closed()) as server:
+        server._impl._new_connection = failing  # type: ignore[method-assign]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for i in range(3):
+                data = bytearray(1200)
+                data[0] = 0xC0  # long header, Initial
+                data[1:5] = (1).to_bytes(4, "big")  # QUIC v1
+                data[5] = 8  # DCID length
+                data[6:14] = i.to_bytes(8, "big")
+                sock.sendto(bytes(data), server.address)
+            await asyncio.wait_for(three.wait(), T)
+        finally:
+            sock.close()
+        assert server.connection_count == 0
+    failures = [r for r in caplog.records if "cannot create a connection" in r.getMessage()]
+    assert [r.levelno for r in failures] == [logging.ERROR, logging.DEBUG, logging.DEBUG]

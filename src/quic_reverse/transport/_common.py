@@ -1181,6 +1181,7 @@ class StackServer:
         self.max_handshakes = max_handshakes
         self._handshaking = 0
         self._handshake_limit_warned = False
+        self._constructor_failed = False
         self._send_buffer = send_buffer
         self._max_streams = max_streams
         self._on_connection = on_connection
@@ -1280,7 +1281,13 @@ class StackServer:
             try:
                 conn = self._new_connection(dcid)
             except Exception:
-                logger.exception("cannot create a connection for %s", addr)
+                # Any peer can trigger this with one datagram: the traceback once, then
+                # one debug line per Initial (no error flood).
+                if self._constructor_failed:
+                    logger.debug("cannot create a connection for %s", addr, exc_info=True)
+                else:
+                    self._constructor_failed = True
+                    logger.exception("cannot create a connection for %s", addr)
                 return None
             self._register(conn, dcid, addr)
         return conn
