@@ -300,6 +300,7 @@ class SessionCore:
         self._used_lsids: set[int] = set()
         self.active_streams = 0
         self._limit_rejects = 0
+        self._unknown_responses = 0
 
         # pings
         self._next_ping_seq = 1
@@ -608,7 +609,15 @@ class SessionCore:
                 if msg.status.accepted and lsid:
                     self._orphan_lsid(lsid, now)
             else:
-                logger.warning("%s: ignoring OpenResponse for unknown request %d", self._tag, rid)
+                self._unknown_responses += 1
+                # Peer-driven: logged on the 1st, 2nd, 4th, 8th... only (no flood).
+                if self._unknown_responses & (self._unknown_responses - 1) == 0:
+                    logger.warning(
+                        "%s: ignoring OpenResponse for unknown request %d (%d so far)",
+                        self._tag,
+                        rid,
+                        self._unknown_responses,
+                    )
             return
         self._awaiting_response -= 1
         if not msg.status.accepted:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -322,3 +323,21 @@ async def test_control_stream_eof_ends_session() -> None:
             assert await handle.process_message() is None
             with pytest.raises(QuicReverseError):
                 await opener
+
+
+async def test_unsolicited_open_responses_are_ignored_with_bounded_logging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer answering opens nobody made neither kills the session nor floods the log."""
+    caplog.set_level(logging.WARNING, logger="quic_reverse")
+    async with hostile() as (handle, peer):
+        bogus = [
+            OpenResponse(request_id=i, status=OpenStatus.rejected(RejectCode.UNAUTHORIZED))
+            for i in range(1000, 2000)
+        ]
+        await peer.write(*bogus)
+        await peer.write(Ping(sequence=1))
+        assert await peer.next_of(Pong) == Pong(sequence=1)  # all of them were processed
+        assert not handle.is_closed
+    ignored = [r for r in caplog.records if "unknown request" in r.getMessage()]
+    assert 1 <= len(ignored) <= 11  # 1, 2, 4, ... 512 of 1000
