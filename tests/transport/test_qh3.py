@@ -440,6 +440,17 @@ def _raise_keyboard_interrupt(datagrams: list[bytes], addr: Any, now: float) -> 
     raise KeyboardInterrupt
 
 
+def fake_initial(i: int) -> bytes:
+    """A 1200-byte QUIC v1 Initial with destination CID ``i`` and a garbage payload:
+    enough for a server to create connection state for it."""
+    data = bytearray(1200)
+    data[0] = 0xC0  # long header, Initial
+    data[1:5] = (1).to_bytes(4, "big")  # QUIC v1
+    data[5] = 8  # DCID length
+    data[6:14] = i.to_bytes(8, "big")
+    return bytes(data)
+
+
 @pytest.mark.parametrize("stack", STACKS)
 async def test_server_survives_garbage_datagrams(stack: Stack) -> None:
     import random
@@ -511,12 +522,7 @@ async def test_server_caps_connections_in_handshake(
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             for i in range(20):
-                data = bytearray(1200)
-                data[0] = 0xC0  # long header, Initial
-                data[1:5] = (1).to_bytes(4, "big")  # QUIC v1
-                data[5] = 8  # DCID length
-                data[6:14] = i.to_bytes(8, "big")
-                sock.sendto(bytes(data), server.address)
+                sock.sendto(fake_initial(i), server.address)
         finally:
             sock.close()
         conn = await asyncio.wait_for(
@@ -640,12 +646,7 @@ async def test_failing_connection_constructor_logs_one_error(
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             for i in range(3):
-                data = bytearray(1200)
-                data[0] = 0xC0  # long header, Initial
-                data[1:5] = (1).to_bytes(4, "big")  # QUIC v1
-                data[5] = 8  # DCID length
-                data[6:14] = i.to_bytes(8, "big")
-                sock.sendto(bytes(data), server.address)
+                sock.sendto(fake_initial(i), server.address)
             await asyncio.wait_for(three.wait(), T)
         finally:
             sock.close()
