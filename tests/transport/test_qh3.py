@@ -653,3 +653,25 @@ async def test_failing_connection_constructor_logs_one_error(
         assert server.connection_count == 0
     failures = [r for r in caplog.records if "cannot create a connection" in r.getMessage()]
     assert [r.levelno for r in failures] == [logging.ERROR, logging.DEBUG, logging.DEBUG]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+async def test_unreadable_peer_certificate_is_none_and_logged(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stack failing to hand over the peer certificate yields None (so a pin fails
+    closed) and leaves a debug line instead of vanishing silently."""
+    caplog.set_level(logging.DEBUG, logger="quic_reverse.transport")
+    async with quic_pair(stack) as (client, _server):
+        assert isinstance(client, StackConnection)
+        assert client.peer_certificate is not None
+
+        def broken() -> bytes | None:
+            raise RuntimeError("stack lost the certificate")
+
+        monkeypatch.setattr(client, "_peer_certificate_der", broken)
+        assert client.peer_certificate is None
+    assert any(
+        "reading the peer certificate failed" in r.getMessage() and "lost" in r.getMessage()
+        for r in caplog.records
+    )

@@ -34,7 +34,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
@@ -214,6 +214,16 @@ def _connection_closed(what: str, code: int, reason: str) -> ConnectionClosed:
         error_code=code,
         reason=reason,
     )
+
+
+@contextmanager
+def _best_effort(what: str) -> Iterator[None]:
+    """For stack calls whose failure changes nothing for the caller (the stream or
+    connection is already going away): the error is logged at debug level, not lost."""
+    try:
+        yield
+    except Exception as exc:
+        logger.debug("%s failed: %r", what, exc)
 
 
 _MAX_CODE = (1 << 62) - 1
@@ -773,7 +783,7 @@ class StackConnection(Connection):
                 logger.debug(
                     "%s: stopping peer unidirectional stream %d", self.stack_name, stream_id
                 )
-                with suppress(Exception):
+                with _best_effort("stopping a peer unidirectional stream"):
                     self._quic.stop_stream(stream_id, 0)
             return None
         if stream_id < self._next_peer_bidi:
@@ -825,7 +835,7 @@ class StackConnection(Connection):
         )
         if state.stop_received is None and not state.fin_sent and not state.reset_sent:
             state.stop_received = error_code
-            with suppress(Exception):
+            with _best_effort("resetting a stream stopped by the peer"):
                 self._quic.reset_stream(stream_id, error_code)
             self._transmit_soon()
         elif state.stop_received is None:
@@ -1140,10 +1150,9 @@ class StackConnection(Connection):
 
     @property
     def peer_certificate(self) -> bytes | None:
-        try:
+        with _best_effort("reading the peer certificate"):
             return self._peer_certificate_der()
-        except Exception:
-            return None
+        return None  # treated as "no certificate": pins and direct trust then fail
 
     def abort(self) -> None:
         """Drop the connection without waiting for the close handshake (cleanup path)."""
