@@ -75,17 +75,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, port: int) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
 
 
-class _NormalPeerClose(logging.Filter):
-    """Drop qh3's warning for a peer's normal connection close (not a problem).
-
-    qh3 logs every CONNECTION_CLOSE it receives as a warning on its ``quic`` logger,
-    even the graceful close at the end of every example session.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Native peer close")
-
-
 def setup_logging(verbose: bool) -> None:
     """Log to stderr: warnings by default, everything (the protocol steps) with ``-v``."""
     logging.basicConfig(
@@ -93,8 +82,6 @@ def setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not verbose:
-        logging.getLogger("quic").addFilter(_NormalPeerClose())
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

@@ -675,3 +675,26 @@ async def test_unreadable_peer_certificate_is_none_and_logged(
         "reading the peer certificate failed" in r.getMessage() and "lost" in r.getMessage()
         for r in caplog.records
     )
+
+
+@pytest.mark.parametrize("quic_level", [logging.WARNING, logging.DEBUG], ids=["warning", "debug"])
+async def test_peer_close_is_not_a_warning(
+    caplog: pytest.LogCaptureFixture, quic_level: int
+) -> None:
+    """qh3's "Native peer close" warning for a normal close is demoted to debug."""
+    quic_logger = logging.getLogger("quic")
+    old_level = quic_logger.level
+    quic_logger.setLevel(quic_level)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            async with quic_pair("qh3") as (client, server):
+                server.close(0, b"bye")
+                await asyncio.wait_for(client.wait_closed(), 10)
+                assert not client.is_open
+    finally:
+        quic_logger.setLevel(old_level)
+    peer_close = [r for r in caplog.records if str(r.msg).startswith("Native peer close")]
+    assert not [r for r in peer_close if r.levelno >= logging.WARNING]
+    if quic_level == logging.DEBUG:
+        assert peer_close, "the peer close must still be visible in debug logs"
+        assert all(r.levelname == "DEBUG" for r in peer_close)

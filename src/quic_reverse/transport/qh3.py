@@ -19,7 +19,10 @@ qh3 traps handled here (see ``QUIC-STACKS.md``):
   value and the native core's limit consistently;
 * the native core grants flow-control credit as data is delivered, so the
   receive side stops feeding the core past the high-water mark (see
-  :class:`~._common.StackConnection`).
+  :class:`~._common.StackConnection`);
+* qh3 logs every CONNECTION_CLOSE it receives, including the graceful close that
+  ends every session, as a *warning* on its ``quic`` logger: :class:`_PeerCloseIsDebug`
+  demotes that one message to debug (protocol errors stay warnings).
 """
 
 from __future__ import annotations
@@ -67,6 +70,29 @@ __all__ = [
 ]
 
 logger = logging.getLogger("quic_reverse.transport.qh3")
+
+
+class _PeerCloseIsDebug(logging.Filter):
+    """Demote qh3's "Native peer close" warning to debug.
+
+    A peer closing the connection is normal lifecycle, not a problem; the adapter
+    reports it as :class:`~quic_reverse.errors.ConnectionClosed` with the peer's code
+    and reason. The record is dropped unless the ``quic`` logger is enabled for debug.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or record.msg != "Native peer close: %r":
+            return True
+        if not _qh3_logger.isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno = logging.DEBUG
+        record.levelname = logging.getLevelName(logging.DEBUG)
+        return True
+
+
+_qh3_logger = logging.getLogger("quic")
+if not any(isinstance(f, _PeerCloseIsDebug) for f in _qh3_logger.filters):
+    _qh3_logger.addFilter(_PeerCloseIsDebug())
 
 
 def client_configuration(
