@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from . import events as ev
 from .config import Config, Role
 from .errors import (
+    CapacityExceeded,
     Disconnected,
     EncodeError,
     NegotiationError,
@@ -694,10 +695,17 @@ class SessionCore:
 
         The request is sent at once if fewer than ``max_inflight_opens`` are in flight,
         otherwise queued; either way it fails with an ``OPEN_REQUEST`` timeout after
-        ``open_timeout``. Raises :class:`SessionClosed` if the session is not open and
-        :class:`EncodeError` for values that cannot be encoded.
+        ``open_timeout``. Raises :class:`SessionClosed` if the session is not open,
+        :class:`CapacityExceeded` if ``max_queued_opens`` opens already wait for a slot,
+        and :class:`EncodeError` for values that cannot be encoded.
         """
         self._require_open()
+        must_queue = self._inflight >= self.config.max_inflight_opens or bool(self._queued)
+        if must_queue and len(self._queued) >= self.config.max_queued_opens:
+            raise CapacityExceeded(
+                f"{len(self._queued)} opens already wait for one of "
+                f"{self.config.max_inflight_opens} in-flight slots (max_queued_opens)"
+            )
         rid = self._next_request_id
         frame = encode_message_frame(
             OpenRequest(request_id=rid, service=service, metadata=metadata, flags=flags)
@@ -706,7 +714,7 @@ class SessionCore:
         rec = _LocalOpen(rid, frame, _QUEUED, now + self.config.open_timeout)
         self._local[rid] = rec
         self._schedule(rec.deadline, _T_OPEN, rid)
-        if self._inflight < self.config.max_inflight_opens and not self._queued:
+        if not must_queue:
             self._send_open(rec)
         else:
             self._queued.append(rid)

@@ -62,6 +62,10 @@ class Config:
         ping_interval: idle time after which the session sends a keep-alive Ping;
             ``None`` turns keep-alive off. Setting it advertises ``Features.PING_PONG``.
         max_inflight_opens: local opens awaiting an answer at once; more wait for a slot.
+        max_queued_opens: local opens allowed to wait for a slot; past that ``open()``
+            raises :class:`~quic_reverse.errors.CapacityExceeded` at once, so a burst of
+            callers (e.g. a TCP connection flood on a relay forward) cannot queue without
+            bound (not in the Rust crate; ``0`` means never wait).
         max_concurrent_streams: active streams (plus unanswered incoming requests) beyond
             which incoming OpenRequests are rejected with ``LIMIT_EXCEEDED``.
         supported_versions: protocol versions we accept (only 1 exists).
@@ -79,6 +83,7 @@ class Config:
     ping_timeout: float = 10.0
     ping_interval: float | None = None
     max_inflight_opens: int = 100
+    max_queued_opens: int = 10_000
     max_concurrent_streams: int = 1000
     supported_versions: tuple[int, ...] = (PROTOCOL_VERSION,)
     features: Features = field(default_factory=lambda: Features(0))
@@ -99,6 +104,10 @@ class Config:
         _check_duration("ping_interval", self.ping_interval, allow_none=True)
         _check_count("max_inflight_opens", self.max_inflight_opens)
         _check_count("max_concurrent_streams", self.max_concurrent_streams)
+        if isinstance(self.max_queued_opens, bool) or not isinstance(self.max_queued_opens, int):
+            raise ConfigError(f"max_queued_opens must be an integer, got {self.max_queued_opens!r}")
+        if self.max_queued_opens < 0:
+            raise ConfigError(f"max_queued_opens must be >= 0, got {self.max_queued_opens!r}")
         _check_count("max_buffered_events", self.max_buffered_events)
         versions = self.supported_versions
         if isinstance(versions, list):

@@ -321,6 +321,7 @@ class SessionHandle:
         Raises:
             StreamRejected: the peer rejected the open (``.code``, ``.reason``).
             OperationTimeout: kind OPEN_REQUEST or STREAM_BIND.
+            CapacityExceeded: ``max_queued_opens`` opens already wait for a slot.
             SessionClosed, Disconnected, ProtocolError: the session ended.
             EncodeError: ``service`` or ``metadata`` cannot be encoded.
         """

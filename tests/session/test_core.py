@@ -18,6 +18,7 @@ from quic_reverse._core import (
     StreamRefused,
 )
 from quic_reverse.errors import (
+    CapacityExceeded,
     Disconnected,
     EncodeError,
     NegotiationError,
@@ -277,6 +278,23 @@ def test_inflight_limit_queues_opens() -> None:
     assert [m.request_id for m in sent if isinstance(m, OpenRequest)] == [rids[2]]
 
 
+def test_queued_opens_are_bounded() -> None:
+    pair = open_pair(server=Config(max_inflight_opens=1, max_queued_opens=2))
+    rids = [pair.server.open_request("s", Metadata.EMPTY, NO_FLAGS, 0.0) for _ in range(3)]
+    with pytest.raises(CapacityExceeded, match="max_queued_opens"):
+        pair.server.open_request("s", Metadata.EMPTY, NO_FLAGS, 0.0)
+    sizes = pair.server.table_sizes()
+    assert (sizes["local_opens"], sizes["queued"], sizes["inflight"]) == (3, 2, 1)
+    pair.server.cancel_open(rids[1], 0.0)  # a queue slot frees up: the next open queues
+    rids.append(pair.server.open_request("s", Metadata.EMPTY, NO_FLAGS, 0.0))
+    assert pair.server.table_sizes()["queued"] == 2
+    # With no queue at all, an open fails at once while every slot is busy.
+    pair = open_pair(server=Config(max_inflight_opens=1, max_queued_opens=0))
+    pair.server.open_request("s", Metadata.EMPTY, NO_FLAGS, 0.0)
+    with pytest.raises(CapacityExceeded):
+        pair.server.open_request("s", Metadata.EMPTY, NO_FLAGS, 0.0)
+
+
 def test_cancel_leaves_no_residue() -> None:
     pair = open_pair(server=Config(max_inflight_opens=1))
     r1 = pair.server.open_request("s", Metadata.EMPTY, NO_FLAGS, 0.0)
@@ -462,6 +480,8 @@ def test_stream_close_event() -> None:
         {"ping_interval": float("inf")},
         {"ping_timeout": "10"},
         {"max_inflight_opens": 0},
+        {"max_queued_opens": -1},
+        {"max_queued_opens": True},
         {"max_concurrent_streams": 1.5},
         {"supported_versions": ()},
         {"supported_versions": (0,)},
@@ -479,6 +499,7 @@ def test_config_defaults_and_ping_feature() -> None:
     assert (cfg.open_timeout, cfg.stream_bind_timeout, cfg.negotiation_timeout) == (30, 10, 30)
     assert (cfg.ping_timeout, cfg.ping_interval) == (10, None)
     assert (cfg.max_inflight_opens, cfg.max_concurrent_streams) == (100, 1000)
+    assert cfg.max_queued_opens == 10_000
     assert cfg.supported_versions == (1,) and cfg.features == Features(0)
     assert cfg.advertised_features == Features(0)
     assert Config(ping_interval=15).advertised_features == Features.PING_PONG
