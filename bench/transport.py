@@ -12,7 +12,9 @@ until the client has read EOF). Two servers run side by side:
   send buffer with real backpressure, receive high-water);
 * **bare qh3**: qh3's own asyncio API (``QuicConnectionProtocol``, stream
   reader/writer) with the *same* settings: the same ``QuicConfiguration`` windows,
-  the same 4 MiB socket buffers, the same batching server transport (qh3's
+  the same client datagram size as the adapter reaches by path MTU discovery on
+  this route (4 KiB on loopback), the same 4 MiB socket buffers, the same batching
+  server transport (qh3's
   ``serve()`` does one ``recvfrom`` per packet, ~6x slower; that is not the baseline
   we want to beat) and the same 1 MiB send budget (write, then wait after each
   transmit while ``get_send_buffer_size`` is above it). A second bare upload that
@@ -363,7 +365,7 @@ async def _bare_client(port: int, cert: str) -> Any:
     from qh3.asyncio.client import connect as qh3_connect
 
     from quic_reverse.transport import qh3 as adapter
-    from quic_reverse.transport._udp import configure_socket
+    from quic_reverse.transport._udp import configure_socket, route_max_udp_payload
 
     config = adapter.client_configuration(
         cafile=None,
@@ -371,6 +373,12 @@ async def _bare_client(port: int, cert: str) -> Any:
         stream_window=_OPTIONS.stream_window,
         connection_window=_OPTIONS.connection_window,
     )
+    # Same datagram size as the adapter's client reaches by path MTU discovery on this
+    # route (bare qh3 probes only up to its configured size), so the comparison is of
+    # the adapter's code, not of its packet size.
+    route = route_max_udp_payload(socket.AF_INET, ("127.0.0.1", port))
+    if route is not None:
+        config.max_datagram_size = min(route, adapter.MAX_DISCOVERED_DATAGRAM_SIZE)
     async with qh3_connect(
         "127.0.0.1", port, configuration=config, create_protocol=_paced_protocol_class()
     ) as protocol:
