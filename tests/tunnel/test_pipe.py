@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -39,7 +41,7 @@ class TcpStream:
         except ConnectionResetError as exc:
             raise StreamReset(1) from exc
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         self.writer.write(data)
         try:
             await self.writer.drain()
@@ -176,6 +178,101 @@ async def test_tcp_reset_resets_stream() -> None:
     assert result.outcome == "tcp reset"
 
 
+class RecordingStream:
+    """An in-process stream that keeps a copy of everything sent (nothing to read)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = False
+        self.closed = False
+
+    async def read(self, n: int = -1) -> bytes:
+        return b""
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        self.data += data  # copy: the pipe reuses the buffer behind ``data``
+
+    async def write_eof(self) -> None:
+        self.eof = True
+
+    def reset(self, code: int = 0) -> None:
+        self.closed = True
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_bytes_already_read_by_stream_reader_are_forwarded() -> None:
+    """Bytes (and EOF) the StreamReader received before :func:`pipe` took over the
+    socket (a client talking before the tunnel stream is open) are not lost."""
+    payload = os.urandom(40_000)
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname(), timeout=WAIT) as client,
+    ):
+        client.sendall(payload)  # all queued on the server socket before accept
+        client.shutdown(socket.SHUT_WR)
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=conn)
+        stream = RecordingStream()
+        async with asyncio.timeout(WAIT):
+            # One recv took everything: the rest now sits in the reader's buffer.
+            assert await reader.readexactly(5) == payload[:5]
+            result = await pipe(reader, writer, stream)
+        client.settimeout(WAIT)
+        assert client.recv(1) == b""  # the (empty) reply direction ended with FIN
+    assert bytes(stream.data) == payload[5:]
+    assert stream.eof and stream.closed
+    assert result.outcome == "closed"
+    assert result.tcp_to_stream == len(payload) - 5
+
+
+async def test_tcp_reset_before_pipe_starts_resets_stream() -> None:
+    """A TCP client that died with RST before :func:`pipe` took over: the stream is
+    reset at once (no wait for bytes that will never come)."""
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname(), timeout=WAIT) as client,
+    ):
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=conn)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST
+        stream = RecordingStream()
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(ConnectionResetError):
+                await reader.read(1)
+            result = await pipe(reader, writer, stream)
+    assert result.outcome == "tcp reset"
+    assert stream.closed and not stream.eof and not stream.data
+
+
+async def test_reused_buffers_do_not_corrupt_data() -> None:
+    """Many chunks through the two reusable buffers arrive intact and in order."""
+    stream = RecordingStream()
+    done: asyncio.Future[PipeResult] = asyncio.get_running_loop().create_future()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        done.set_result(await pipe(reader, writer, stream, chunk_size=4096))
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    try:
+        _reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.sockets[0].getsockname()[1]
+        )
+        async with asyncio.timeout(WAIT):
+            await send_all_then_eof(writer, payload)
+            result = await done
+        writer.close()
+    finally:
+        server.close()
+    assert hashlib.sha256(stream.data).digest() == hashlib.sha256(payload).digest()
+    assert result.tcp_to_stream == len(payload)
+
+
 class GatedStream:
     """An in-process stream whose ``send`` blocks until opened (a slow consumer)."""
 
@@ -190,7 +287,7 @@ class GatedStream:
         await self.eof.wait()
         return b""
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         self.written += len(data)
         if not self.gate.is_set():
             self.blocked.set()
@@ -256,7 +353,7 @@ async def test_cancel_while_closing_resets_stream_and_aborts_tcp(
         async def read(self, n: int = -1) -> bytes:
             return b""
 
-        async def send(self, data: bytes) -> None:
+        async def send(self, data: bytes | bytearray | memoryview) -> None:
             raise AssertionError("nothing to send")
 
         async def write_eof(self) -> None:

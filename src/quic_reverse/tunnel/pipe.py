@@ -15,6 +15,12 @@ What it guarantees:
   session) aborts the TCP connection with RST (``SO_LINGER`` 0), so the TCP peer
   sees a failure instead of a clean EOF.
 * ``TCP_NODELAY`` on the TCP leg; large reads (256 KiB); byte counters in the result.
+* **One copy** on the TCP -> stream path: the TCP transport is switched to a
+  :class:`asyncio.BufferedProtocol` (:class:`_TcpSource`) that receives into one of
+  two reusable buffers, and a view of that buffer goes straight to ``stream.send``
+  (which copies into the QUIC send queue before returning). The ``StreamReader`` path
+  copied every byte twice more (into its buffer, then out of it). Memory stays bounded
+  at two chunks: reading pauses while the spare buffer is full.
 """
 
 from __future__ import annotations
@@ -60,7 +66,9 @@ class TunnelStream(Protocol):
 
     async def read(self, n: int = -1) -> bytes: ...
 
-    async def send(self, data: bytes) -> None: ...
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data``; ``data`` must not be used after this returns
+        (the pipe reuses the buffer behind it)."""
 
     async def write_eof(self) -> None: ...
 
@@ -90,6 +98,121 @@ class _TcpFailed(Exception):
 
 class _StreamFailed(Exception):
     """The stream leg failed (peer reset, session gone): TCP must be aborted."""
+
+
+class _TcpSource(asyncio.BufferedProtocol):
+    """Takes over reading of a TCP transport that was set up with a ``StreamReader``.
+
+    Received bytes land directly in one of two ``chunk_size`` buffers; :meth:`take`
+    hands the filled one to the consumer (as a view) and reading goes on into the
+    other; :meth:`give_back` returns it. When the buffer being filled is full and the
+    consumer still holds the other, transport reading is paused (backpressure: the
+    rest stays in the kernel and the TCP peer's buffers). Write flow control and
+    ``connection_lost`` are forwarded to the original protocol, so the
+    ``StreamWriter`` (``drain``, ``wait_closed``) keeps working.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        transport: asyncio.Transport,
+        inner: asyncio.BaseProtocol,
+        chunk_size: int,
+    ) -> None:
+        self._transport = transport
+        self._inner = inner
+        self._fill = bytearray(chunk_size)
+        self._spare: bytearray | None = bytearray(chunk_size)
+        self._filled = 0
+        self._paused = False
+        self._eof = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        # Whatever the StreamReader already received (an SSH banner sent before the
+        # tunnel stream was open, even EOF or an error) is taken over first. asyncio
+        # offers no public way to read this without waiting, hence the private names.
+        pending: bytearray = getattr(reader, "_buffer", bytearray())
+        self._pending = bytes(pending)
+        pending.clear()
+        # A transport already closing reads nothing more (its connection_lost went to
+        # the StreamReader's protocol), so that counts as EOF too.
+        self._eof = bool(getattr(reader, "_eof", False)) or transport.is_closing()
+        self._error = reader.exception()
+        transport.set_protocol(self)
+        if not self._eof and self._error is None and not transport.is_reading():
+            transport.resume_reading()  # the StreamReader may have paused it
+
+    # ------------------------------------------------------------ protocol side
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._fill)[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._filled += nbytes
+        if self._filled == len(self._fill) and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # keep the transport open: the other direction may still write
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self._error is None:
+            self._error = exc
+        self._eof = True
+        self._wake()
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # ------------------------------------------------------------ consumer side
+
+    async def take(self) -> memoryview | bytes:
+        """Next received bytes; empty at EOF. Raises the TCP error (``OSError``).
+
+        The view stays valid until :meth:`give_back`; call that before the next take.
+        """
+        if self._pending:
+            data, self._pending = self._pending, b""
+            return data
+        while not self._filled:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._error is not None:
+            raise self._error
+        assert self._spare is not None, "take() called twice without give_back()"
+        full, n = self._fill, self._filled
+        self._fill, self._spare, self._filled = self._spare, None, 0
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+        return memoryview(full)[:n]
+
+    def give_back(self, data: memoryview | bytes) -> None:
+        """Return the buffer behind a view from :meth:`take` for reuse."""
+        if isinstance(data, memoryview):
+            buf = data.obj
+            data.release()
+            assert isinstance(buf, bytearray)
+            self._spare = buf
 
 
 def tune_tcp(writer: asyncio.StreamWriter) -> None:
@@ -152,20 +275,26 @@ async def pipe(
     result = PipeResult()
     tune_tcp(writer)
 
+    transport = writer.transport
+    assert isinstance(transport, asyncio.Transport)
+    source = _TcpSource(reader, transport, transport.get_protocol(), chunk_size)
+
     async def tcp_to_stream() -> None:
         while True:
             try:
-                data = await reader.read(chunk_size)
+                data = await source.take()
             except OSError as exc:
                 raise _TcpFailed(_describe(exc)) from exc
+            size = len(data)
             try:
-                if not data:
+                if not size:
                     await stream.write_eof()
                     return
                 await stream.send(data)
             except QuicReverseError as exc:
                 raise _StreamFailed(_describe(exc)) from exc
-            result.tcp_to_stream += len(data)
+            source.give_back(data)
+            result.tcp_to_stream += size
 
     async def stream_to_tcp() -> None:
         while True:
