@@ -249,13 +249,15 @@ async def test_tcp_reset_before_pipe_starts_resets_stream() -> None:
     assert stream.closed and not stream.eof and not stream.data
 
 
-async def test_reused_buffers_do_not_corrupt_data() -> None:
-    """Many chunks through the two reusable buffers arrive intact and in order."""
+@pytest.mark.parametrize("chunk_size", [4096, CHUNK_SIZE])
+async def test_reused_buffers_do_not_corrupt_data(chunk_size: int) -> None:
+    """Many chunks through the two reusable (and growing) buffers arrive intact and in
+    order."""
     stream = RecordingStream()
     done: asyncio.Future[PipeResult] = asyncio.get_running_loop().create_future()
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        done.set_result(await pipe(reader, writer, stream, chunk_size=4096))
+        done.set_result(await pipe(reader, writer, stream, chunk_size=chunk_size))
 
     server = await asyncio.start_server(on_client, "127.0.0.1", 0)
     payload = os.urandom(3 * 1024 * 1024 + 17)

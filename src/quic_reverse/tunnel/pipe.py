@@ -49,6 +49,9 @@ log = logging.getLogger("quic_reverse.tunnel.pipe")
 
 #: Read size on both legs: large enough to amortise per-call overhead.
 CHUNK_SIZE = 256 * 1024
+#: First size of the two TCP receive buffers; each doubles (up to the chunk size)
+#: whenever a read fills it, so idle connections stay small and bulk ones get big reads.
+FIRST_BUFFER_SIZE = 16 * 1024
 #: asyncio StreamReader limit used for TCP legs (it buffers up to 2x this before pausing).
 TCP_READ_LIMIT = 256 * 1024
 #: Application code carried by a stream reset caused by the TCP side (CloseCode.RESET).
@@ -103,7 +106,8 @@ class _StreamFailed(Exception):
 class _TcpSource(asyncio.BufferedProtocol):
     """Takes over reading of a TCP transport that was set up with a ``StreamReader``.
 
-    Received bytes land directly in one of two ``chunk_size`` buffers; :meth:`take`
+    Received bytes land directly in one of two buffers (``FIRST_BUFFER_SIZE``,
+    doubling up to ``chunk_size`` each time a read fills one); :meth:`take`
     hands the filled one to the consumer (as a view) and reading goes on into the
     other; :meth:`give_back` returns it. When the buffer being filled is full and the
     consumer still holds the other, transport reading is paused (backpressure: the
@@ -121,8 +125,10 @@ class _TcpSource(asyncio.BufferedProtocol):
     ) -> None:
         self._transport = transport
         self._inner = inner
-        self._fill = bytearray(chunk_size)
-        self._spare: bytearray | None = bytearray(chunk_size)
+        self._chunk_size = chunk_size
+        first = min(FIRST_BUFFER_SIZE, chunk_size)
+        self._fill = bytearray(first)
+        self._spare: bytearray | None = bytearray(first)
         self._filled = 0
         self._paused = False
         self._eof = False
@@ -210,8 +216,11 @@ class _TcpSource(asyncio.BufferedProtocol):
         """Return the buffer behind a view from :meth:`take` for reuse."""
         if isinstance(data, memoryview):
             buf = data.obj
+            filled = len(data)
             data.release()
             assert isinstance(buf, bytearray)
+            if filled == len(buf) < self._chunk_size:  # it ran full: read more per call
+                buf = bytearray(min(2 * len(buf), self._chunk_size))
             self._spare = buf
 
 
