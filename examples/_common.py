@@ -111,6 +111,33 @@ def write_dev_certificate(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def add_server_certificate_arguments(parser: argparse.ArgumentParser, *, cert_dir: Path) -> None:
+    """``--cert/--key`` (your own PEM pair) or ``--cert-dir`` (where a generated
+    development certificate is written, the default)."""
+    parser.add_argument("--cert", type=Path, help="certificate chain (PEM); needs --key")
+    parser.add_argument("--key", type=Path, help="private key (PEM); needs --cert")
+    parser.add_argument(
+        "--cert-dir",
+        type=Path,
+        default=cert_dir,
+        help="where to write the generated development certificate (default %(default)s)",
+    )
+
+
+def server_certificate(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """The ``(cert, key)`` paths the options ask for, generating a development
+    certificate unless ``--cert/--key`` were given; ``None`` (after printing why) if
+    only one of the two was given."""
+    if (args.cert is None) != (args.key is None):
+        print("error: --cert and --key go together", file=sys.stderr)
+        return None
+    if args.cert is not None:
+        return args.cert, args.key
+    cert_path, key_path = write_dev_certificate(args.cert_dir)
+    print(f"development certificate: {cert_path}", flush=True)
+    return cert_path, key_path
+
+
 def write_der_copy(cert_pem_path: Path, der_path: Path) -> None:
     """Write the PEM certificate at ``cert_pem_path`` as DER to ``der_path`` (Rust examples)."""
     der = ssl.PEM_cert_to_DER_cert(cert_pem_path.read_text("ascii"))

@@ -24,15 +24,15 @@ import argparse
 import asyncio
 import logging
 import sys
-from pathlib import Path
 
 from _common import (
     add_common_arguments,
+    add_server_certificate_arguments,
     default_cert_dir,
     run,
+    server_certificate,
     setup_logging,
     shutdown_on_signals,
-    write_dev_certificate,
 )
 
 from quic_reverse import Config, Role, Session, Stream
@@ -109,14 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, port=DEFAULT_PORT)
-    parser.add_argument("--cert", type=Path, help="certificate chain (PEM); needs --key")
-    parser.add_argument("--key", type=Path, help="private key (PEM); needs --cert")
-    parser.add_argument(
-        "--cert-dir",
-        type=Path,
-        default=default_cert_dir(),
-        help="where to write the generated development certificate (default %(default)s)",
-    )
+    add_server_certificate_arguments(parser, cert_dir=default_cert_dir())
     return parser.parse_args(argv)
 
 
@@ -124,14 +117,10 @@ def cli(argv: list[str] | None = None) -> int:
     """Parse options, prepare the certificate, run the server; return the exit status."""
     args = parse_args(argv)
     setup_logging(args.verbose)
-    if (args.cert is None) != (args.key is None):
-        print("error: --cert and --key go together", file=sys.stderr)
+    paths = server_certificate(args)
+    if paths is None:
         return 2
-    if args.cert is not None:
-        cert_path, key_path = args.cert, args.key
-    else:
-        cert_path, key_path = write_dev_certificate(args.cert_dir)
-        print(f"development certificate: {cert_path}", flush=True)
+    cert_path, key_path = paths
     tls = ServerTLS(certfile=str(cert_path), keyfile=str(key_path), alpn=(args.alpn,))
 
     return run(main(args, tls))
