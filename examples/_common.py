@@ -27,6 +27,9 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+from quic_reverse import QuicReverseError
+from quic_reverse.transport import Connection
+from quic_reverse.transport.quic import ClientTLS, connect
 from quic_reverse.transport.tls import generate_self_signed
 
 DEFAULT_HOST = "127.0.0.1"
@@ -109,6 +112,29 @@ def write_dev_certificate(directory: Path) -> tuple[Path, Path]:
     _write_atomic(key_path, key_pem, 0o600)
     _write_atomic(cert_path, cert_pem, 0o644)
     return cert_path, key_path
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--server-name`` (the TLS name to verify) and ``--timeout`` (connect deadline)."""
+    parser.add_argument(
+        "--server-name",
+        default=DEFAULT_SERVER_NAME,
+        help=f"TLS server name to verify (default {DEFAULT_SERVER_NAME})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="connect timeout in seconds (default 10)"
+    )
+
+
+async def dial(args: argparse.Namespace, tls: ClientTLS) -> Connection | None:
+    """Connect to ``args.host:args.port`` within ``args.timeout``; on failure print why
+    and return ``None``."""
+    try:
+        async with asyncio.timeout(args.timeout):
+            return await connect(args.host, args.port, tls=tls, stack=args.stack)
+    except (QuicReverseError, TimeoutError) as exc:
+        print(f"error: cannot connect to {args.host}:{args.port}: {exc!r}", file=sys.stderr)
+        return None
 
 
 def add_server_certificate_arguments(parser: argparse.ArgumentParser, *, cert_dir: Path) -> None:

@@ -18,22 +18,22 @@ Exit status: 0 on success, 1 if the service was rejected or the connection faile
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
 
 from _common import (
     CERT_NAME,
-    DEFAULT_SERVER_NAME,
+    add_client_arguments,
     add_common_arguments,
     default_cert_dir,
+    dial,
     run,
     setup_logging,
 )
 
 from quic_reverse import Config, Metadata, QuicReverseError, Role, Session, StreamRejected
-from quic_reverse.transport.quic import ClientTLS, connect
+from quic_reverse.transport.quic import ClientTLS
 
 DEFAULT_PORT = 4433
 log = logging.getLogger("quic_reverse.examples.echo_client")
@@ -41,11 +41,8 @@ log = logging.getLogger("quic_reverse.examples.echo_client")
 
 async def main(args: argparse.Namespace, tls: ClientTLS) -> int:
     """Connect, open ``args.service``, exchange ``args.message``, print the reply."""
-    try:
-        async with asyncio.timeout(args.timeout):
-            connection = await connect(args.host, args.port, tls=tls, stack=args.stack)
-    except (QuicReverseError, TimeoutError) as exc:
-        print(f"error: cannot connect to {args.host}:{args.port}: {exc!r}", file=sys.stderr)
+    connection = await dial(args, tls)
+    if connection is None:
         return 1
 
     try:
@@ -84,14 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="CA certificate to trust (default: the dev certificate echo_server.py wrote)",
     )
-    parser.add_argument(
-        "--server-name",
-        default=DEFAULT_SERVER_NAME,
-        help=f"TLS server name to verify (default {DEFAULT_SERVER_NAME})",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=10.0, help="connect timeout in seconds (default 10)"
-    )
+    add_client_arguments(parser)
     return parser.parse_args(argv)
 
 

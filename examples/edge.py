@@ -32,17 +32,18 @@ import time
 from pathlib import Path
 
 from _common import (
-    DEFAULT_SERVER_NAME,
     RUST_RELAY_CERT,
+    add_client_arguments,
     add_common_arguments,
     default_cert_dir,
+    dial,
     pem_ca_file,
     run,
     setup_logging,
 )
 
 from quic_reverse import Config, QuicReverseError, Role, Session, Stream
-from quic_reverse.transport.quic import ClientTLS, connect
+from quic_reverse.transport.quic import ClientTLS
 
 DEFAULT_PORT = 4434
 #: How long ``time`` waits for the relay to half-close after answering.
@@ -84,11 +85,8 @@ SERVICES = {"echo": echo, "time": unix_time}
 async def main(args: argparse.Namespace, tls: ClientTLS) -> int:
     """Dial the relay, serve ``echo`` and ``time`` until the relay closes the session."""
     print(f"connecting to relay {args.host}:{args.port} ...", flush=True)
-    try:
-        async with asyncio.timeout(args.timeout):
-            connection = await connect(args.host, args.port, tls=tls, stack=args.stack)
-    except (QuicReverseError, TimeoutError) as exc:
-        print(f"error: cannot connect to {args.host}:{args.port}: {exc!r}", file=sys.stderr)
+    connection = await dial(args, tls)
+    if connection is None:
         return 1
 
     try:
@@ -124,14 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="do not verify the relay's certificate (development only)",
     )
-    parser.add_argument(
-        "--server-name",
-        default=DEFAULT_SERVER_NAME,
-        help=f"TLS server name to verify (default {DEFAULT_SERVER_NAME})",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=10.0, help="connect timeout in seconds (default 10)"
-    )
+    add_client_arguments(parser)
     return parser.parse_args(argv)
 
 
