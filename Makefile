@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench bench-quick fuzz clean
+.PHONY: demo test test-fast lint typecheck pytest bench bench-quick fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ pytest: $(STAMP)
 	$(PY) -m pytest
 
 test: lint typecheck pytest
+
+# The in-process subset (no subprocesses, namespaces or Rust peers), for quick iteration.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m 'not subprocess and not faults and not interop'
 
 bench: $(STAMP)
 	$(PY) -m bench

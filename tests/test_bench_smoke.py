@@ -22,6 +22,8 @@ import pytest
 from bench import _harness as h
 from bench.__main__ import MODULES, _run_module
 
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 X = "\u00d7"  # the multiplication sign people write in goals
 

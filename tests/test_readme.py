@@ -25,6 +25,8 @@ from quic_reverse import Config
 
 from .examples._proc import free_udp_port, start_process
 
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)

@@ -24,6 +24,7 @@ from .errors import (
     StreamStopped,
     TimeoutKind,
     TransportError,
+    UsageError,
 )
 from .events import (
     CloseReceived,
@@ -77,5 +78,6 @@ __all__ = [
     "StreamStopped",
     "TimeoutKind",
     "TransportError",
+    "UsageError",
     "__version__",
 ]

@@ -5,6 +5,7 @@
 
     QuicReverseError
     ├── ConfigError (also ValueError) - invalid Config / CLI / TLS settings
+    ├── UsageError (also RuntimeError) - the API was called in a state that forbids it
     ├── EncodeError (also ValueError) - a local value cannot be put on the wire
     ├── ProtocolError - malformed or out-of-order data from the peer
     │   └── NegotiationError - Hello/HelloAck exchange failed
@@ -46,6 +47,7 @@ __all__ = [
     "StreamStopped",
     "TimeoutKind",
     "TransportError",
+    "UsageError",
 ]
 
 
@@ -55,6 +57,16 @@ class QuicReverseError(Exception):
 
 class ConfigError(QuicReverseError, ValueError):
     """A configuration value is invalid (raised at construction, never later)."""
+
+
+class UsageError(QuicReverseError, RuntimeError):
+    """A local call came in a state that does not allow it (a programming error).
+
+    Examples: starting a session twice, writing to a stream after ``write_eof()``,
+    accepting an open that was already answered. Nothing reached the peer; the
+    session is unaffected. Also a builtin :class:`RuntimeError`, which is what such
+    calls raised before this class existed.
+    """
 
 
 class EncodeError(QuicReverseError, ValueError):

@@ -28,6 +28,8 @@ from ._proc import (
     start_server,
 )
 
+pytestmark = pytest.mark.subprocess
+
 SCRIPTS = ["basic.py", "echo_server.py", "echo_client.py", "relay.py", "edge.py", "demo.py"]
 
 

@@ -37,6 +37,8 @@ from ._procs import (
 )
 from ._tcp import send_all_then_eof
 
+pytestmark = pytest.mark.subprocess
+
 WAIT = 30.0
 PROMPT = 3.0  # "closed promptly"
 
