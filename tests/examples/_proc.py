@@ -21,13 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from tests.support.timing import LONG, MS
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 READY = re.compile(r"^listening on (?P<host>\S+):(?P<port>\d+)$")
 
-STARTUP_TIMEOUT = 30.0
-RUN_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
+#: Bounds on a whole child process (each starts an interpreter and a QUIC stack).
+STARTUP_TIMEOUT = 3 * LONG
+RUN_TIMEOUT = 6 * LONG
+STOP_TIMEOUT = 15_000 * MS
+#: ``--timeout`` for a client that must give up on an address nobody answers on.
+NO_ANSWER_TIMEOUT = 1_000 * MS
 
 
 def script(name: str) -> str:
