@@ -119,20 +119,24 @@ def start_process(
     argv: list[str],
     *,
     cwd: Path | None = None,
-    ready: re.Pattern[str] = READY,
+    env: dict[str, str] | None = None,
+    ready: re.Pattern[str] | None = READY,
     timeout: float = STARTUP_TIMEOUT,
 ) -> Server:
     """Start ``argv`` and wait (bounded) until it prints a line matching ``ready``.
 
     ``ready`` defaults to ``listening on HOST:PORT``; if the pattern has a ``port``
-    group, the server's ``port`` is taken from it (else it is 0).
+    group, the server's ``port`` is taken from it (else it is 0). ``ready=None``
+    returns at once, for a process that prints nothing to wait for.
     """
     name = Path(argv[1]).name if len(argv) > 1 else argv[0]
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Server.wait()/kill()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd, env=env)
     assert proc.stdout is not None
     lines: list[str] = []
     buffer = bytearray()
+    if ready is None:
+        return Server(proc, 0, lines, stderr, buffer)
     deadline = time.monotonic() + timeout
     fd = proc.stdout.fileno()
     with selectors.DefaultSelector() as selector:
