@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import errno
 import getpass
+import importlib
 import logging
 import os
 import signal
@@ -254,6 +255,20 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def require_stack(stack: str) -> None:
+    """Check that the QUIC stack ``--stack`` names can be used.
+
+    Raises:
+        ExampleError: (status 2) it is not installed (aioquic is an optional extra).
+    """
+    try:
+        importlib.import_module(f"quic_reverse.transport.{stack}")
+    except ImportError:
+        raise usage_error(
+            f"--stack {stack}: {stack} is not installed (pip install 'quic-reverse[{stack}]')"
+        ) from None
+
+
 async def dial(args: argparse.Namespace, tls: ClientTLS) -> Connection:
     """Connect to ``args.host:args.port`` within ``args.timeout`` seconds.
 
@@ -261,6 +276,7 @@ async def dial(args: argparse.Namespace, tls: ClientTLS) -> Connection:
         ExampleError: (status 1) nobody answered, the certificate is not trusted, or
             the server refused the connection; the message says which, in words.
     """
+    require_stack(args.stack)
     address = f"{args.host}:{args.port}"
     # One deadline: the handshake's own bound and ours are the same --timeout.
     options = TransportOptions(handshake_timeout=args.timeout)
@@ -383,6 +399,7 @@ async def listen(
     Raises:
         ExampleError: (status 1) the address cannot be bound, e.g. the port is taken.
     """
+    require_stack(args.stack)
     address = f"{args.host}:{args.port}"
     try:
         return await serve(

@@ -49,7 +49,11 @@ def free_udp_port() -> int:
 
 
 def run_example(
-    name: str, *args: str, timeout: float = RUN_TIMEOUT, cwd: Path | None = None
+    name: str,
+    *args: str,
+    timeout: float = RUN_TIMEOUT,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``examples/<name>`` to completion (bounded by ``timeout``) and capture its output."""
     return subprocess.run(
@@ -58,6 +62,7 @@ def run_example(
         text=True,
         timeout=timeout,
         cwd=cwd,
+        env=env,
         check=False,
     )
 

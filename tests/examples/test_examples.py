@@ -7,6 +7,7 @@ Servers are shared per module where that is safe, to keep the suite lean.
 from __future__ import annotations
 
 import ast
+import os
 import re
 import signal
 import socket
@@ -424,6 +425,38 @@ def test_expected_refusal_is_not_a_warning(tmp_path: Path) -> None:
     assert "foobar: rejected as expected" in out
     assert "WARNING" not in err, err
     assert "WARNING" not in edge.stderr, edge.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("echo_server.py", ["--port", "0"]),
+        ("relay.py", ["--port", "0", "--no-cert-out"]),
+        ("echo_client.py", ["echo/plain", "x"]),
+        ("edge.py", []),
+    ],
+)
+def test_stack_not_installed(name: str, args: list[str], tmp_path: Path) -> None:
+    """``--stack aioquic`` without the extra: exit status 2 and how to install it, in one
+    line (an ``aioquic`` that fails to import stands in for a missing one)."""
+    fake = tmp_path / "site" / "aioquic"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('aioquic is not installed')\n")
+    cert, _ = write_self_signed(tmp_path / "cert")
+    client = ["--port", str(free_udp_port()), "--ca", str(cert)]
+    server = ["--cert-dir", str(tmp_path / "cert")]
+    result = run_example(
+        name,
+        *args,
+        *(client if name in ("echo_client.py", "edge.py") else server),
+        "--stack",
+        "aioquic",
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    )
+    assert result.returncode == 2, result.stderr
+    assert one_error_line(result.stderr) == (
+        "--stack aioquic: aioquic is not installed (pip install 'quic-reverse[aioquic]')"
+    )
 
 
 def test_demo() -> None:
