@@ -41,7 +41,6 @@ from _common import (
     add_common_arguments,
     client_tls,
     default_cert_dir,
-    describe,
     dial,
     peer_ended_normally,
     run,
@@ -109,13 +108,11 @@ async def main(args: argparse.Namespace) -> int:
             except QuicReverseError as exc:
                 if not peer_ended_normally(exc):
                     raise
-                # The relay closed the connection with code 0 but without the
+                # The relay closed the connection with code 0 (no error) without the
                 # session's close first: a normal end, not a failure.
-                log.info(
-                    "relay ended the connection without closing the session first: %s",
-                    describe(exc),
-                )
-        log.info("relay closed the session")
+                log.info("relay closed the connection without closing the session first (%s)", exc)
+            else:
+                log.info("relay closed the session")
         print("relay closed the session", flush=True)
         return EXIT_OK
     finally:

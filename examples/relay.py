@@ -79,7 +79,7 @@ async def run_demo(connection: Connection) -> bool:
                 timestamp = (await stream.read()).decode("utf-8", errors="replace")
             print(f"time: {timestamp}", flush=True)
         except QuicReverseError as exc:
-            print(f"time: failed: {exc}", flush=True)
+            print(f"time: failed: {describe(exc)}", flush=True)
             ok = False
 
         # 2. echo: send a message, FIN, read the echo to the end.
@@ -92,7 +92,7 @@ async def run_demo(connection: Connection) -> bool:
             print(f"echo: sent {ECHO_MESSAGE!r}, received {reply!r}", flush=True)
             ok = ok and reply == ECHO_MESSAGE
         except QuicReverseError as exc:
-            print(f"echo: failed: {exc}", flush=True)
+            print(f"echo: failed: {describe(exc)}", flush=True)
             ok = False
 
         # 3. foobar: not exposed by the edge, so it must be rejected.
@@ -102,7 +102,7 @@ async def run_demo(connection: Connection) -> bool:
             code = getattr(exc.code, "name", exc.code)
             print(f"foobar: rejected as expected: {code} ({exc.reason or 'no reason'})", flush=True)
         except QuicReverseError as exc:
-            print(f"foobar: failed: {exc}", flush=True)
+            print(f"foobar: failed: {describe(exc)}", flush=True)
             ok = False
         else:
             print("foobar: unexpectedly accepted", flush=True)
