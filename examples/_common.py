@@ -37,7 +37,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from quic_reverse import ConfigError, ConnectionClosed, QuicReverseError, SessionClosed
+from quic_reverse import (
+    CloseCode,
+    ConfigError,
+    ConnectionClosed,
+    QuicReverseError,
+    SessionClosed,
+)
 from quic_reverse.errors import CertificateError
 from quic_reverse.transport import Connection, QuicServer
 from quic_reverse.transport.quic import ClientTLS, ServerTLS, TransportOptions, connect, serve
@@ -310,8 +316,8 @@ def peer_ended_normally(exc: BaseException) -> bool:
     Both are a normal end. A close with any other code, or a QUIC idle timeout (which
     the stacks also report with code 0), is not.
     """
-    if isinstance(exc, SessionClosed):
-        return getattr(exc.code, "name", "NORMAL") == "NORMAL"
+    if isinstance(exc, SessionClosed):  # a peer's StreamClose(0) has code NORMAL
+        return exc.code is None or exc.code == CloseCode.NORMAL
     closed = _find_closed(exc)
     return closed is not None and closed.error_code == 0 and "idle" not in closed.reason.lower()
 
