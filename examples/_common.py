@@ -216,13 +216,20 @@ def ca_file(path: Path, scratch_dir: Path, *, option: str = "--ca") -> Path:
     return out
 
 
-def client_tls(args: argparse.Namespace, *, default_ca: Path, scratch_dir: Path) -> ClientTLS:
+def client_tls(
+    args: argparse.Namespace, *, default_ca: Path, written_by: str, scratch_dir: Path
+) -> ClientTLS:
     """The client TLS settings the options ask for: trust ``--ca`` (PEM or DER), or
-    ``default_ca`` when it was not given.
+    ``default_ca``, which the server ``written_by`` writes, when it was not given.
 
     Raises:
         ExampleError: (status 2) the CA file is missing or not a certificate.
     """
+    if args.ca is None and not default_ca.exists():
+        raise usage_error(
+            f"no --ca given and {default_ca} does not exist: "
+            f"start {written_by} first, or pass --ca FILE"
+        )
     option = "--ca" if args.ca is not None else "--ca (default)"
     ca: Path = args.ca if args.ca is not None else default_ca
     cafile = ca_file(ca, scratch_dir, option=option)

@@ -44,7 +44,10 @@ log = logging.getLogger("quic_reverse.examples.echo_client")
 async def main(args: argparse.Namespace) -> int:
     """Connect, open ``args.service``, exchange ``args.message``, print the reply."""
     tls = client_tls(
-        args, default_ca=default_cert_dir() / CERT_NAME, scratch_dir=default_cert_dir() / "client"
+        args,
+        default_ca=default_cert_dir() / CERT_NAME,
+        written_by="echo_server.py",
+        scratch_dir=default_cert_dir() / "client",
     )
     connection = await dial(args, tls)
     try:

@@ -92,7 +92,12 @@ async def main(args: argparse.Namespace) -> int:
     if args.insecure:
         tls = ClientTLS(alpn=(args.alpn,), server_name=args.server_name, verify=False)
     else:
-        tls = client_tls(args, default_ca=RUST_RELAY_CERT, scratch_dir=default_cert_dir() / "edge")
+        tls = client_tls(
+            args,
+            default_ca=RUST_RELAY_CERT,
+            written_by="relay.py",
+            scratch_dir=default_cert_dir() / "edge",
+        )
     print(f"connecting to relay {args.host}:{args.port} ...", flush=True)
     connection = await dial(args, tls)
     try:

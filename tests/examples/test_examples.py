@@ -428,6 +428,27 @@ def test_expected_refusal_is_not_a_warning(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "args", "server"),
+    [
+        ("echo_client.py", ["echo/plain", "x"], "echo_server.py"),
+        ("edge.py", [], "relay.py"),
+    ],
+)
+def test_client_before_its_server_wrote_the_certificate(
+    name: str, args: list[str], server: str, tmp_path: Path
+) -> None:
+    """No ``--ca`` and the server has not written its certificate yet: exit status 2,
+    saying what to do."""
+    result = run_example(
+        name, *args, "--port", str(free_udp_port()), env={**os.environ, "TMPDIR": str(tmp_path)}
+    )
+    assert result.returncode == 2, result.stderr
+    message = one_error_line(result.stderr)
+    assert message.startswith(f"no --ca given and {tmp_path}/"), message
+    assert message.endswith(f"does not exist: start {server} first, or pass --ca FILE")
+
+
+@pytest.mark.parametrize(
     ("name", "args"),
     [
         ("echo_server.py", ["--port", "0"]),
