@@ -71,8 +71,14 @@ async def main(args: argparse.Namespace) -> int:
         try:
             try:
                 port = await wait_ready(server)
-            except (TimeoutError, RuntimeError) as exc:
-                print(f"demo: the echo server did not start: {exc!r}", file=sys.stderr)
+            except TimeoutError:
+                print(
+                    f"demo: the echo server did not get ready within {STARTUP_TIMEOUT:g} s",
+                    file=sys.stderr,
+                )
+                return 1
+            except RuntimeError as exc:
+                print(f"demo: {exc}", file=sys.stderr)
                 return 1
             print(f"echo server ready on {args.host}:{port}", flush=True)
             command = ["echo_client.py", "echo/uppercase", "Hello World"]

@@ -9,10 +9,11 @@
 The client dials the server (QUIC client, session role CLIENT), asks for the service
 with an open request, writes the message, half-closes (FIN) and prints everything the
 server sends back. By default it trusts the development certificate that
-``echo_server.py`` wrote to the per-user temp dir; ``--ca`` names another CA file.
+``echo_server.py`` wrote to the per-user temp dir; ``--ca`` names another CA file
+(PEM or DER).
 
 Exit status: 0 on success, 1 if the service was rejected or the connection failed,
-130 on Ctrl-C.
+2 if the CA file is missing or not a certificate, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,31 +21,35 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from _common import (
     CERT_NAME,
+    EXIT_FAILURE,
+    EXIT_OK,
     add_client_arguments,
     add_common_arguments,
+    client_tls,
     default_cert_dir,
     dial,
     run,
     setup_logging,
 )
 
-from quic_reverse import Config, Metadata, QuicReverseError, Role, Session, StreamRejected
-from quic_reverse.transport.quic import ClientTLS
+from quic_reverse import Config, Metadata, Role, Session, StreamRejected
 
 DEFAULT_PORT = 4433
 log = logging.getLogger("quic_reverse.examples.echo_client")
 
 
-async def main(args: argparse.Namespace, tls: ClientTLS) -> int:
+async def main(args: argparse.Namespace) -> int:
     """Connect, open ``args.service``, exchange ``args.message``, print the reply."""
+    tls = client_tls(
+        args,
+        default_ca=default_cert_dir() / CERT_NAME,
+        written_by="echo_server.py",
+        scratch_dir=default_cert_dir() / "client",
+    )
     connection = await dial(args, tls)
-    if connection is None:
-        return 1
-
     try:
         session = Session(connection, Role.CLIENT, Config(agent="echo-client/0.1"))
         async with await session.start() as handle:
@@ -54,17 +59,14 @@ async def main(args: argparse.Namespace, tls: ClientTLS) -> int:
             except StreamRejected as exc:
                 code = getattr(exc.code, "name", exc.code)
                 print(f"rejected: {code}: {exc.reason or 'no reason given'}", file=sys.stderr)
-                return 1
+                return EXIT_FAILURE
             async with stream:
                 stream.write(args.message.encode("utf-8"))
                 await stream.drain()
                 await stream.write_eof()
                 reply = await stream.read()
             print(reply.decode("utf-8", errors="replace"), flush=True)
-            return 0
-    except QuicReverseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+            return EXIT_OK
     finally:
         connection.close()
         await connection.wait_closed()
@@ -76,25 +78,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("service", help="echo/plain, echo/uppercase or echo/reverse")
     parser.add_argument("message", help="the text to send")
     add_common_arguments(parser, port=DEFAULT_PORT)
-    parser.add_argument(
-        "--ca",
-        type=Path,
-        help="CA certificate to trust (default: the dev certificate echo_server.py wrote)",
+    add_client_arguments(
+        parser,
+        default_ca=default_cert_dir() / CERT_NAME,
+        ca_source="written by echo_server.py",
     )
-    add_client_arguments(parser)
     return parser.parse_args(argv)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Parse options, check the CA file, run the client; return the exit status."""
+    """Parse options and run the client; return the exit status."""
     args = parse_args(argv)
     setup_logging(args.verbose)
-    ca: Path = args.ca if args.ca is not None else default_cert_dir() / CERT_NAME
-    if not ca.is_file():
-        print(f"error: CA certificate {ca} not found (is echo_server.py running?)", file=sys.stderr)
-        return 1
-    tls = ClientTLS(alpn=(args.alpn,), server_name=args.server_name, cafile=str(ca))
-    return run(main(args, tls))
+    return run(main(args))
 
 
 if __name__ == "__main__":

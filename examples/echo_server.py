@@ -15,7 +15,9 @@ terminal run ``echo_client.py``::
 Without ``--cert/--key`` the server generates a development certificate at start-up
 and writes it to ``--cert-dir`` (a per-user temp dir), where the client looks by
 default. The server prints ``listening on HOST:PORT`` once it is ready (``--port 0``
-picks a free port) and stops cleanly on Ctrl-C or SIGTERM.
+picks a free port) and stops cleanly on Ctrl-C or SIGTERM (exit status 0). It exits
+2 if ``--cert/--key`` are missing, unreadable or do not belong together, and 1 if it
+cannot listen (the port is taken), with one ``error:`` line on stderr.
 """
 
 from __future__ import annotations
@@ -26,18 +28,19 @@ import logging
 import sys
 
 from _common import (
+    EXIT_OK,
     add_common_arguments,
     add_server_certificate_arguments,
     default_cert_dir,
+    listen,
     run,
-    server_certificate,
+    server_tls,
     setup_logging,
     shutdown_on_signals,
 )
 
 from quic_reverse import Config, Role, Session, Stream
 from quic_reverse.transport import Connection
-from quic_reverse.transport.quic import ServerTLS, serve
 
 DEFAULT_PORT = 4433
 log = logging.getLogger("quic_reverse.examples.echo_server")
@@ -90,19 +93,18 @@ async def handle_connection(connection: Connection) -> None:
     log.info("client %s done", connection.remote_address)
 
 
-async def main(args: argparse.Namespace, tls: ServerTLS) -> int:
+async def main(args: argparse.Namespace) -> int:
     """Start the QUIC server, print the ready line, serve until Ctrl-C/SIGTERM."""
+    tls = server_tls(args)
     stop = asyncio.Event()
     with shutdown_on_signals(stop):
-        server = await serve(
-            args.host, args.port, tls=tls, on_connection=handle_connection, stack=args.stack
-        )
+        server = await listen(args, tls, handle_connection)
         async with server:
             host, port = server.address
             print(f"listening on {host}:{port}", flush=True)
             await stop.wait()
             print("shutting down", flush=True)
-    return 0
+    return EXIT_OK
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,16 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Parse options, prepare the certificate, run the server; return the exit status."""
+    """Parse options and run the server; return the exit status."""
     args = parse_args(argv)
     setup_logging(args.verbose)
-    paths = server_certificate(args)
-    if paths is None:
-        return 2
-    cert_path, key_path = paths
-    tls = ServerTLS(certfile=str(cert_path), keyfile=str(key_path), alpn=(args.alpn,))
-
-    return run(main(args, tls))
+    return run(main(args))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ connection, then waits for the relay's open requests and serves two services:
 * ``time`` writes the current Unix timestamp (seconds) and finishes.
 
 Anything else (the relay's ``foobar`` probe) is rejected with
-``UNSUPPORTED_SERVICE``. The edge exits 0 once the relay closes the session.
+``UNSUPPORTED_SERVICE``. The edge exits 0 once the relay ends the session normally:
+with the session's close, or by closing the QUIC connection with code 0 (no error)
+without it, as the Rust relay example may do; either is logged at INFO. It exits 1
+if the session fails (another close code, a lost connection) or nobody answers, and
+2 if the CA file is missing or not a certificate.
 
 ::
 
@@ -29,15 +33,16 @@ import contextlib
 import logging
 import sys
 import time
-from pathlib import Path
 
 from _common import (
+    EXIT_OK,
     RUST_RELAY_CERT,
     add_client_arguments,
     add_common_arguments,
+    client_tls,
     default_cert_dir,
     dial,
-    pem_ca_file,
+    peer_ended_normally,
     run,
     setup_logging,
 )
@@ -82,13 +87,19 @@ async def unix_time(stream: Stream) -> None:
 SERVICES = {"echo": echo, "time": unix_time}
 
 
-async def main(args: argparse.Namespace, tls: ClientTLS) -> int:
-    """Dial the relay, serve ``echo`` and ``time`` until the relay closes the session."""
+async def main(args: argparse.Namespace) -> int:
+    """Dial the relay, serve ``echo`` and ``time`` until the relay ends the session."""
+    if args.insecure:
+        tls = ClientTLS(alpn=(args.alpn,), server_name=args.server_name, verify=False)
+    else:
+        tls = client_tls(
+            args,
+            default_ca=RUST_RELAY_CERT,
+            written_by="relay.py",
+            scratch_dir=default_cert_dir() / "edge",
+        )
     print(f"connecting to relay {args.host}:{args.port} ...", flush=True)
     connection = await dial(args, tls)
-    if connection is None:
-        return 1
-
     try:
         session = Session(connection, Role.CLIENT, Config(agent="edge/0.1"))
         async with await session.start() as handle:
@@ -97,12 +108,18 @@ async def main(args: argparse.Namespace, tls: ClientTLS) -> int:
                 f"exposing {', '.join(SERVICES)}",
                 flush=True,
             )
-            await handle.serve(SERVICES)
+            try:
+                await handle.serve(SERVICES)
+            except QuicReverseError as exc:
+                if not peer_ended_normally(exc):
+                    raise
+                # The relay closed the connection with code 0 (no error) without the
+                # session's close first: a normal end, not a failure.
+                log.info("relay closed the connection without closing the session first (%s)", exc)
+            else:
+                log.info("relay closed the session")
         print("relay closed the session", flush=True)
-        return 0
-    except QuicReverseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_OK
     finally:
         connection.close()
         await connection.wait_closed()
@@ -112,34 +129,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, port=DEFAULT_PORT)
-    parser.add_argument(
-        "--ca",
-        type=Path,
-        help=f"relay CA certificate, PEM or DER (default {RUST_RELAY_CERT})",
+    add_client_arguments(
+        parser, default_ca=RUST_RELAY_CERT, ca_source="written by relay.py or the Rust relay"
     )
     parser.add_argument(
         "--insecure",
         action="store_true",
         help="do not verify the relay's certificate (development only)",
     )
-    add_client_arguments(parser)
     return parser.parse_args(argv)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Parse options, find the relay's CA certificate, run the edge; return the exit status."""
+    """Parse options and run the edge; return the exit status."""
     args = parse_args(argv)
     setup_logging(args.verbose)
-    if args.insecure:
-        tls = ClientTLS(alpn=(args.alpn,), server_name=args.server_name, verify=False)
-    else:
-        ca: Path = args.ca if args.ca is not None else RUST_RELAY_CERT
-        if not ca.is_file():
-            print(f"error: CA certificate {ca} not found (is relay.py running?)", file=sys.stderr)
-            return 1
-        cafile = pem_ca_file(ca, default_cert_dir() / "edge")
-        tls = ClientTLS(alpn=(args.alpn,), server_name=args.server_name, cafile=str(cafile))
-    return run(main(args, tls))
+    return run(main(args))
 
 
 if __name__ == "__main__":

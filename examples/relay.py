@@ -19,7 +19,8 @@ server name ``localhost``, certificate written as DER to
 ``$TMPDIR/quic-reverse-relay.der``), so the Rust edge can dial this relay and the
 Python edge can dial the Rust relay. The relay prints ``listening on HOST:PORT`` when
 ready and runs until Ctrl-C/SIGTERM, or, with ``--once``, until the first edge's demo
-is done (exit 0 if every step behaved as expected, else 1).
+is done (exit 0 if every step behaved as expected, else 1). Bad ``--cert/--key``
+exit 2, a port that is taken 1, each with one ``error:`` line on stderr.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ import sys
 from pathlib import Path
 
 from _common import (
+    EXIT_FAILURE,
+    EXIT_OK,
     RUST_RELAY_CERT,
     add_common_arguments,
     add_server_certificate_arguments,
     default_cert_dir,
+    describe,
+    listen,
     run,
-    server_certificate,
+    server_tls,
     setup_logging,
     shutdown_on_signals,
     write_der_copy,
@@ -52,7 +57,6 @@ from quic_reverse import (
     StreamRejected,
 )
 from quic_reverse.transport import Connection
-from quic_reverse.transport.quic import ServerTLS, serve
 
 DEFAULT_PORT = 4434
 ECHO_MESSAGE = "Hello from the relay!"
@@ -75,7 +79,7 @@ async def run_demo(connection: Connection) -> bool:
                 timestamp = (await stream.read()).decode("utf-8", errors="replace")
             print(f"time: {timestamp}", flush=True)
         except QuicReverseError as exc:
-            print(f"time: failed: {exc}", flush=True)
+            print(f"time: failed: {describe(exc)}", flush=True)
             ok = False
 
         # 2. echo: send a message, FIN, read the echo to the end.
@@ -88,7 +92,7 @@ async def run_demo(connection: Connection) -> bool:
             print(f"echo: sent {ECHO_MESSAGE!r}, received {reply!r}", flush=True)
             ok = ok and reply == ECHO_MESSAGE
         except QuicReverseError as exc:
-            print(f"echo: failed: {exc}", flush=True)
+            print(f"echo: failed: {describe(exc)}", flush=True)
             ok = False
 
         # 3. foobar: not exposed by the edge, so it must be rejected.
@@ -98,7 +102,7 @@ async def run_demo(connection: Connection) -> bool:
             code = getattr(exc.code, "name", exc.code)
             print(f"foobar: rejected as expected: {code} ({exc.reason or 'no reason'})", flush=True)
         except QuicReverseError as exc:
-            print(f"foobar: failed: {exc}", flush=True)
+            print(f"foobar: failed: {describe(exc)}", flush=True)
             ok = False
         else:
             print("foobar: unexpectedly accepted", flush=True)
@@ -111,8 +115,12 @@ async def run_demo(connection: Connection) -> bool:
     return ok
 
 
-async def main(args: argparse.Namespace, tls: ServerTLS) -> int:
+async def main(args: argparse.Namespace) -> int:
     """Listen for edges and run the demo with each; ``--once`` stops after the first."""
+    tls = server_tls(args)
+    if args.cert_out is not None:
+        write_der_copy(Path(tls.certfile), args.cert_out)
+        print(f"certificate (DER) for edges: {args.cert_out}", flush=True)
     stop = asyncio.Event()
     results: list[bool] = []
 
@@ -120,24 +128,22 @@ async def main(args: argparse.Namespace, tls: ServerTLS) -> int:
         try:
             ok = await run_demo(connection)
         except QuicReverseError as exc:
-            print(f"edge session failed: {exc}", flush=True)
+            print(f"edge session failed: {describe(exc)}", flush=True)
             ok = False
         results.append(ok)
         if args.once:
             stop.set()
 
     with shutdown_on_signals(stop):
-        server = await serve(
-            args.host, args.port, tls=tls, on_connection=on_connection, stack=args.stack
-        )
+        server = await listen(args, tls, on_connection)
         async with server:
             host, port = server.address
             print(f"listening on {host}:{port}", flush=True)
             await stop.wait()
             print("shutting down", flush=True)
     if args.once and not results:
-        return 1  # interrupted before any edge came
-    return 0 if all(results) else 1
+        return EXIT_FAILURE  # interrupted before any edge came
+    return EXIT_OK if all(results) else EXIT_FAILURE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,19 +174,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Parse options, prepare the certificate, run the server; return the exit status."""
+    """Parse options and run the relay; return the exit status."""
     args = parse_args(argv)
     setup_logging(args.verbose)
-    paths = server_certificate(args)
-    if paths is None:
-        return 2
-    cert_path, key_path = paths
-    if args.cert_out is not None:
-        write_der_copy(cert_path, args.cert_out)
-        print(f"certificate (DER) for edges: {args.cert_out}", flush=True)
-    tls = ServerTLS(certfile=str(cert_path), keyfile=str(key_path), alpn=(args.alpn,))
-
-    return run(main(args, tls))
+    return run(main(args))
 
 
 if __name__ == "__main__":

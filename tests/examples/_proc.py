@@ -21,13 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from tests.support.timing import LONG, MS
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 READY = re.compile(r"^listening on (?P<host>\S+):(?P<port>\d+)$")
 
-STARTUP_TIMEOUT = 30.0
-RUN_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
+#: Bounds on a whole child process (each starts an interpreter and a QUIC stack).
+STARTUP_TIMEOUT = 3 * LONG
+RUN_TIMEOUT = 6 * LONG
+STOP_TIMEOUT = 15_000 * MS
+#: ``--timeout`` for a client that must give up on an address nobody answers on.
+NO_ANSWER_TIMEOUT = 1_000 * MS
 
 
 def script(name: str) -> str:
@@ -44,7 +49,11 @@ def free_udp_port() -> int:
 
 
 def run_example(
-    name: str, *args: str, timeout: float = RUN_TIMEOUT, cwd: Path | None = None
+    name: str,
+    *args: str,
+    timeout: float = RUN_TIMEOUT,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``examples/<name>`` to completion (bounded by ``timeout``) and capture its output."""
     return subprocess.run(
@@ -53,6 +62,7 @@ def run_example(
         text=True,
         timeout=timeout,
         cwd=cwd,
+        env=env,
         check=False,
     )
 
@@ -114,20 +124,24 @@ def start_process(
     argv: list[str],
     *,
     cwd: Path | None = None,
-    ready: re.Pattern[str] = READY,
+    env: dict[str, str] | None = None,
+    ready: re.Pattern[str] | None = READY,
     timeout: float = STARTUP_TIMEOUT,
 ) -> Server:
     """Start ``argv`` and wait (bounded) until it prints a line matching ``ready``.
 
     ``ready`` defaults to ``listening on HOST:PORT``; if the pattern has a ``port``
-    group, the server's ``port`` is taken from it (else it is 0).
+    group, the server's ``port`` is taken from it (else it is 0). ``ready=None``
+    returns at once, for a process that prints nothing to wait for.
     """
     name = Path(argv[1]).name if len(argv) > 1 else argv[0]
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Server.wait()/kill()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd, env=env)
     assert proc.stdout is not None
     lines: list[str] = []
     buffer = bytearray()
+    if ready is None:
+        return Server(proc, 0, lines, stderr, buffer)
     deadline = time.monotonic() + timeout
     fd = proc.stdout.fileno()
     with selectors.DefaultSelector() as selector:
