@@ -29,7 +29,8 @@ def rust_ref() -> RustRef:
     try:
         return ensure_built(timeout=BUILD_TIMEOUT * 1_000 * MS)
     except RustRefUnavailable as exc:
-        pytest.fail(f"the Rust reference peers are unavailable: {exc}", pytrace=False)
+        reason = str(exc)
+    pytest.fail(f"the Rust reference peers are unavailable: {reason}", pytrace=False)
 
 
 @pytest.fixture
