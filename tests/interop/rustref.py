@@ -29,6 +29,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -50,6 +51,8 @@ BUILD_TIMEOUT = 1200.0
 #: How many lines of ``build.log`` an error message quotes.
 LOG_TAIL = 25
 _STAMP = "complete.json"
+
+logger = logging.getLogger("quic_reverse.interop.rustref")
 
 
 class RustRefUnavailable(RuntimeError):
@@ -137,6 +140,7 @@ def _locked(path: Path, timeout: float) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         deadline = time.monotonic() + timeout
+        waited = False
         while True:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,6 +148,9 @@ def _locked(path: Path, timeout: float) -> Iterator[None]:
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
+                if not waited:
+                    logger.info("waiting for %s: another process is building", path)
+                    waited = True
                 if time.monotonic() >= deadline:
                     raise RustRefUnavailable(
                         f"another process held {path} (building the Rust reference) "
@@ -179,6 +186,7 @@ def _run_build(ref: Path, directory: Path, timeout: float) -> float:
     """Run ``build.sh directory`` (output to ``directory/build.log``); return its duration."""
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / "build.log"
+    logger.info("building the Rust reference into %s (log: %s)", directory, log)
     t0 = time.monotonic()
     with log.open("wb") as out:
         out.write(f"# {ref / 'build.sh'} {directory}\n".encode())
