@@ -20,7 +20,7 @@ from .rustref import BUILD_TIMEOUT, RustRef, RustRefUnavailable, ensure_built
 
 #: The first interop test of a run may build the binaries (about 2 min from scratch,
 #: more on a loaded machine): its time limit covers that plus the test itself.
-TEST_TIMEOUT = BUILD_TIMEOUT + 120
+TEST_TIMEOUT = (BUILD_TIMEOUT * 1_000 + 120_000) * MS
 
 
 @pytest.fixture(scope="session")

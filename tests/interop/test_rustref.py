@@ -94,7 +94,7 @@ def test_two_processes_build_once(ref: Path, tmp_path: Path) -> None:
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
         "from tests.interop.rustref import ensure_built;"
-        "r = ensure_built(timeout=60); print('built' if r.built_in else 'cached', r.directory)"
+        f"r = ensure_built(timeout={LONG}); print('built' if r.built_in else 'cached', r.directory)"
     )
     peers.env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     try:
