@@ -23,6 +23,8 @@ every process is stopped at the end of its test.
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
 import re
 import ssl
 import time
@@ -30,7 +32,7 @@ from typing import Literal
 
 import pytest
 
-from quic_reverse import CloseCode, Config, Metadata, Role, Session, StreamRejected
+from quic_reverse import CloseCode, Config, Features, Metadata, Role, Session, StreamRejected
 from quic_reverse.transport import Connection
 from quic_reverse.transport.quic import ServerTLS, serve
 from quic_reverse.transport.tls import write_self_signed
@@ -293,7 +295,12 @@ async def test_python_relay_opens_1000_streams_at_once_to_rust_edge(
         )
         async with asyncio.timeout(RUN):
             connection = await sessions.get()
-        session = Session(connection, Role.SERVER, Config(agent="python-relay-1000"))
+        # Advertise every feature this version knows (extensions included): the Rust
+        # peer keeps the ones it shares, and must work with the rest announced.
+        everything = functools.reduce(operator.or_, Features, Features(0))
+        session = Session(
+            connection, Role.SERVER, Config(agent="python-relay-1000", features=everything)
+        )
 
         async def echo(i: int) -> bytes:
             payload = f"payload-{i:04d}".encode() * (1 + i % 7)
@@ -308,6 +315,9 @@ async def test_python_relay_opens_1000_streams_at_once_to_rust_edge(
         async with asyncio.timeout(RUN):
             handle = await session.start()
             assert handle.remote_agent == "edge/1.0"
+            # The Rust edge example announces no feature (the crate's default): the
+            # intersection is empty, whatever we offered.
+            assert handle.negotiated_features == Features(0), handle.negotiated_features
             replies = await asyncio.gather(*(echo(i) for i in range(OPENS)))
             assert len(replies) == OPENS
             with pytest.raises(StreamRejected):
