@@ -22,16 +22,15 @@ class PanicException(BaseException):
 
 
 def test_raise_policy_converts_stack_and_os_errors() -> None:
-    with pytest.raises(TransportError, match=r"^doing x: \[Errno 111\] refused$") as info:
-        with stack_call("doing x"):
-            raise OSError(111, "refused")
+    refused = r"^doing x: \[Errno 111\] refused$"
+    with pytest.raises(TransportError, match=refused) as info, stack_call("doing x"):
+        raise OSError(111, "refused")
     assert isinstance(info.value.__cause__, OSError)
-    with pytest.raises(TransportError, match=r"^doing y: ValueError: stack internals$"):
-        with stack_call("doing y"):
-            raise ValueError("stack internals")
-    with pytest.raises(TransportError, match="stack panic"):
-        with stack_call("doing p"):
-            raise PanicException("unwrap on None")
+    internals = r"^doing y: ValueError: stack internals$"
+    with pytest.raises(TransportError, match=internals), stack_call("doing y"):
+        raise ValueError("stack internals")
+    with pytest.raises(TransportError, match="stack panic"), stack_call("doing p"):
+        raise PanicException("unwrap on None")
 
 
 def test_our_errors_and_control_flow_pass_through() -> None:

@@ -31,6 +31,7 @@ from ..errors import CertificateError, ConnectionClosed, TransportError
 from ._errors import StackCall, connection_closed, is_certificate_alert, stack_call, valid_code
 from ._gate import ReceiveGate
 from ._options import TransportOptions
+from ._stack import StackHooks
 from ._streams import QuicRecvStream, QuicSendStream, StreamState, check_writable, wake
 from .base import Connection, RecvStream, SendStream
 
@@ -106,6 +107,18 @@ class StackConnection(Connection):
             on_pause=self._recv_activity.set,
         )
         quic.qr_unread = self._unread
+        # Optional hooks the stack does not override are not called per packet/read.
+        hooks = type(quic)
+        self._flush_needed: Callable[[], bool] | None = (
+            quic.qr_flush_needed
+            if getattr(hooks, "qr_flush_needed", None) is not StackHooks.qr_flush_needed
+            else None
+        )
+        self._credit_consumed: Callable[[int, int], bool] | None = (
+            quic.qr_consumed
+            if getattr(hooks, "qr_consumed", None) is not StackHooks.qr_consumed
+            else None
+        )
         name = spec.name
         self._guard_feed = StackCall(f"{name}: incoming datagrams", on_error="log", warn_once=True)
         # Seen with a qh3 server and an aioquic client during the handshake
@@ -183,8 +196,10 @@ class StackConnection(Connection):
 
     def _feed(self, datagrams: list[bytes], addr: Any) -> None:
         """The gate's feed: hand a slice to the stack, then process its events."""
-        with self._guard_feed:
+        try:
             self._quic.qr_feed(datagrams, addr, self._loop.time())
+        except BaseException as exc:  # per packet: a plain try, the guard's policy
+            self._guard_feed.handle(exc)
         self._process_events()
 
     def _transmit_soon(self) -> None:
@@ -194,7 +209,7 @@ class StackConnection(Connection):
     def _transmit(self) -> None:
         self._transmit_handle = None
         self._send_datagrams()
-        if self._quic.qr_flush_needed():
+        if self._flush_needed is not None and self._flush_needed():
             self._send_datagrams()
         self._rearm_timer()
         if self._blocked_writers:
@@ -204,9 +219,11 @@ class StackConnection(Connection):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        datagrams: list[tuple[bytes, Any]] = []
-        with self._guard_build:
+        try:
             datagrams = self._quic.datagrams_to_send(now=self._loop.time())
+        except BaseException as exc:  # per packet: a plain try, the guard's policy
+            self._guard_build.handle(exc)
+            datagrams = []
         try:
             sendto_many = self._sendto_many
             if sendto_many is not None:
@@ -229,10 +246,11 @@ class StackConnection(Connection):
     # ----------------------------------------------------------------- timers
 
     def _stack_timer(self) -> float | None:
-        timer_at: float | None = None
-        with self._guard_quiet:
-            timer_at = self._quic.get_timer()
-        return timer_at
+        try:
+            return self._quic.get_timer()
+        except BaseException as exc:  # per packet: a plain try, the guard's policy
+            self._guard_quiet.handle(exc)
+            return None
 
     def _rearm_timer(self) -> None:
         """Keep one loop timer armed at or before the stack's next deadline.
@@ -284,8 +302,10 @@ class StackConnection(Connection):
             # sub-millisecond one.
             self._arm_timer(timer_at)
             return
-        with self._guard_timer:
+        try:
             self._quic.handle_timer(now=max(timer_at, now))
+        except BaseException as exc:
+            self._guard_timer.handle(exc)
         self._process_events()
         self._transmit()
 
@@ -500,7 +520,8 @@ class StackConnection(Connection):
 
     def _consumed(self, state: StreamState, nbytes: int) -> None:
         """The application read ``nbytes`` of ``state``'s stream."""
-        if self._quic.qr_consumed(state.stream_id, nbytes):
+        credit = self._credit_consumed
+        if credit is not None and credit(state.stream_id, nbytes):
             self._transmit_soon()
         if self._gate.consumed(nbytes):
             self._transmit()

@@ -58,8 +58,9 @@ def is_stack_failure(exc_type: type[BaseException]) -> bool:
 class StackCall:
     """Context manager guarding calls into a QUIC stack (see the module docstring).
 
-    Cheap enough for the per-packet paths: build the guard once and reuse it
-    (``with self._guard:``); when nothing is raised it costs one method call.
+    Build a guard once and reuse it (``with self._guard:``). The per-packet paths
+    of the driver use the same guard with a plain ``try`` (free when nothing is
+    raised) and hand the exception to :meth:`handle`, which applies the same policy.
     """
 
     __slots__ = ("_level", "_logger", "_on_error", "_warned", "what")
@@ -80,6 +81,12 @@ class StackCall:
 
     def __enter__(self) -> None:
         return None
+
+    def handle(self, exc: BaseException) -> None:
+        """Apply the policy to ``exc`` caught by the caller: return if it is swallowed
+        (logged), else raise it (or the TransportError it converts to)."""
+        if not self.__exit__(type(exc), exc, exc.__traceback__):
+            raise exc
 
     def __exit__(
         self,

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..errors import ConfigError, TransportError
-from ._client import stack_connect
 from ._errors import stack_call
 from ._options import (
     DEFAULT_CONNECTION_WINDOW,
@@ -33,7 +32,6 @@ from ._options import (
     DEFAULT_STREAM_WINDOW,
     TransportOptions,
 )
-from ._server import stack_serve
 from ._udp import DEFAULT_SOCKET_BUFFER
 from .tls import ServerCredentials, load_certificates, load_server_credentials
 
@@ -269,6 +267,8 @@ class StackSpec(Generic[C]):
             TransportError: no handshake within ``handshake_timeout`` seconds, or the
                 address cannot be resolved, or the socket cannot be opened.
         """
+        from ._client import stack_connect  # (the client imports the driver, which needs us)
+
         options = TransportOptions(
             handshake_timeout=handshake_timeout,
             send_buffer=send_buffer,
@@ -301,6 +301,8 @@ class StackSpec(Generic[C]):
             ConfigError: ``configuration`` is not a server one, or invalid options.
             TransportError: the address cannot be bound (the message names it).
         """
+        from ._server import stack_serve  # (the server imports the driver, which needs us)
+
         options = TransportOptions(
             handshake_timeout=handshake_timeout,
             send_buffer=send_buffer,
