@@ -52,6 +52,31 @@ class _SendToMany(Protocol):
     def __call__(self, datagrams: list[bytes], addr: Any, /) -> None: ...
 
 
+# The fields of the stack events the driver reads (same names in qh3 and aioquic).
+class _StreamDataEvent(Protocol):
+    stream_id: int
+    data: bytes
+    end_stream: bool
+
+
+class _StreamCodeEvent(Protocol):  # StreamReset, StopSendingReceived
+    stream_id: int
+    error_code: int
+
+
+class _ConnectionIdEvent(Protocol):
+    connection_id: bytes
+
+
+class _HandshakeEvent(Protocol):
+    alpn_protocol: str | None
+
+
+class _TerminatedEvent(Protocol):
+    error_code: int
+    reason_phrase: str
+
+
 class StackConnection(Connection):
     """Asyncio driver for a sans-IO QUIC connection object (see the module docstring).
 
@@ -326,20 +351,20 @@ class StackConnection(Connection):
             for fut in self._open_waiters:
                 wake(fut)
 
-    def _on_cid_issued(self, event: Any) -> None:
+    def _on_cid_issued(self, event: _ConnectionIdEvent) -> None:
         if self._cid_issued_callback is not None:
             self._cid_issued_callback(event.connection_id)
 
-    def _on_cid_retired(self, event: Any) -> None:
+    def _on_cid_retired(self, event: _ConnectionIdEvent) -> None:
         if self._cid_retired_callback is not None:
             self._cid_retired_callback(event.connection_id)
 
-    def _on_handshake_completed(self, event: Any) -> None:
+    def _on_handshake_completed(self, event: _HandshakeEvent) -> None:
         logger.debug("%s: handshake completed (alpn=%s)", self.stack_name, event.alpn_protocol)
         if not self._handshake_done.done():
             self._handshake_done.set_result(None)
 
-    def _on_connection_terminated(self, event: Any) -> None:
+    def _on_connection_terminated(self, event: _TerminatedEvent) -> None:
         self._on_terminated(int(event.error_code), str(event.reason_phrase))
 
     def _check_stack_closing(self) -> None:
@@ -397,11 +422,11 @@ class StackConnection(Connection):
             wake(self._accept_waiter)
         return state
 
-    def _on_stream_data(self, event: Any) -> None:
+    def _on_stream_data(self, event: _StreamDataEvent) -> None:
         state = self._state_for_event(event.stream_id)
         if state is None or state.stop_sent or state.reset_received is not None:
             return
-        data: bytes = event.data
+        data = event.data
         if data:
             state.push(data)
             self._gate.delivered(len(data))
@@ -410,8 +435,8 @@ class StackConnection(Connection):
         wake(state.read_waiter)
         self._recv_activity.set()
 
-    def _on_stream_reset(self, event: Any) -> None:
-        stream_id: int = event.stream_id
+    def _on_stream_reset(self, event: _StreamCodeEvent) -> None:
+        stream_id = event.stream_id
         state = self._state_for_event(stream_id)
         if state is None or state.stop_sent:
             return
@@ -422,8 +447,8 @@ class StackConnection(Connection):
         self._drop_recv_buffer(state)
         wake(state.read_waiter)
 
-    def _on_stop_sending(self, event: Any) -> None:
-        stream_id: int = event.stream_id
+    def _on_stop_sending(self, event: _StreamCodeEvent) -> None:
+        stream_id = event.stream_id
         error_code = int(event.error_code)
         state = self._streams.get(stream_id)
         if state is None:
