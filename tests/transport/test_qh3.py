@@ -566,9 +566,9 @@ async def test_paused_connection_still_delivers_other_streams_to_a_slow_reader()
                 await ctl_send.write(b"ping")
                 await ctl_send.finish()
                 consumed = 0
-                ctl = await server.accept_bi() if server._accept_queue else None
+                ctl = await server.accept_bi() if server._table.accept_queue else None
                 for _ in range(256):  # bounded: at most 64 MiB read in 256 KiB bites
-                    if ctl is None and server._accept_queue:
+                    if ctl is None and server._table.accept_queue:
                         ctl = await server.accept_bi()
                     if ctl is not None and ctl[1].buffered_bytes >= 4:
                         break

@@ -10,7 +10,7 @@ three things with it:
   stream operation the stack's outgoing datagrams are sent (batched per address);
 * **timers**: one loop timer armed at or before the stack's next deadline;
 * **events**: stack events are dispatched by type to stream state
-  (:class:`~._streams.StreamState`), the accept queue, the handshake future and
+  (:class:`~._streams.StreamTable`), the handshake future and
   the termination callbacks.
 
 The stream halves (:mod:`._streams`) and the :class:`~.base.Connection` methods
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -32,7 +31,14 @@ from ._errors import StackCall, connection_closed, is_certificate_alert, stack_c
 from ._gate import ReceiveGate
 from ._options import TransportOptions
 from ._stack import StackHooks
-from ._streams import QuicRecvStream, QuicSendStream, StreamState, check_writable, wake
+from ._streams import (
+    QuicRecvStream,
+    QuicSendStream,
+    StreamState,
+    StreamTable,
+    check_writable,
+    wake,
+)
 from .base import Connection, RecvStream, SendStream
 
 if TYPE_CHECKING:
@@ -106,9 +112,7 @@ class StackConnection(Connection):
         self._timer: asyncio.Handle | None = None
         self._timer_armed_at = 0.0  # the loop time self._timer runs at
         self._transmit_handle: asyncio.Handle | None = None
-        self._streams: dict[int, StreamState] = {}
-        self._accept_queue: deque[tuple[SendStream, RecvStream]] = deque()
-        self._accept_waiter: asyncio.Future[None] | None = None
+        self._table = StreamTable(is_client=is_client)
         self._open_waiters: list[asyncio.Future[None]] = []
         self._blocked_writers: set[StreamState] = set()
         self._is_open = True
@@ -118,12 +122,6 @@ class StackConnection(Connection):
         self._terminated_callbacks: list[Callable[[StackConnection], None]] = []
         self._cid_issued_callback: Callable[[bytes], None] | None = None
         self._cid_retired_callback: Callable[[bytes], None] | None = None
-        # Next peer-initiated bidirectional stream id. Lower ids are either in
-        # ``_unseen_peer_ids`` (implicitly opened by the peer, no frame yet) or were
-        # already surfaced; those absent from ``_streams`` are finished and late
-        # frames for them are ignored.
-        self._next_peer_bidi = 1 if is_client else 0
-        self._unseen_peer_ids: set[int] = set()
         self._recv_activity = asyncio.Event()
         self._gate = ReceiveGate(
             max(64 * 1024, receive_high_water),
@@ -390,36 +388,19 @@ class StackConnection(Connection):
         self._fail_handshake()
         self._wake_all()
 
-    def _is_peer_initiated(self, stream_id: int) -> bool:
-        return (stream_id & 1) == (0 if not self._is_client else 1)
-
     def _state_for_event(self, stream_id: int) -> StreamState | None:
-        state = self._streams.get(stream_id)
-        if state is not None:
-            return state
-        if not self._is_peer_initiated(stream_id) or stream_id & 2:
-            if stream_id & 2 and self._is_peer_initiated(stream_id):
-                # Unidirectional streams are not part of the contract: refuse them.
-                logger.debug(
-                    "%s: stopping peer unidirectional stream %d", self.stack_name, stream_id
+        state, new = self._table.for_frame(stream_id)
+        if new:
+            assert state is not None
+            if self._is_open:
+                self._table.push_accepted(
+                    (QuicSendStream(self, state), QuicRecvStream(self, state))
                 )
-                with self._guard_stop:
-                    self._quic.stop_stream(stream_id, 0)
-            return None
-        if stream_id < self._next_peer_bidi:
-            if stream_id not in self._unseen_peer_ids:
-                return None
-            self._unseen_peer_ids.discard(stream_id)
-        else:
-            # Lower ids are open in QUIC terms but become visible (accept_bi) only
-            # when their first frame arrives, like the stream written first.
-            self._unseen_peer_ids.update(range(self._next_peer_bidi, stream_id, 4))
-            self._next_peer_bidi = stream_id + 4
-        state = StreamState(stream_id)
-        self._streams[stream_id] = state
-        if self._is_open:
-            self._accept_queue.append((QuicSendStream(self, state), QuicRecvStream(self, state)))
-            wake(self._accept_waiter)
+        elif state is None and stream_id & 2 and self._table.is_peer_initiated(stream_id):
+            # Unidirectional streams are not part of the contract: refuse them.
+            logger.debug("%s: stopping peer unidirectional stream %d", self.stack_name, stream_id)
+            with self._guard_stop:
+                self._quic.stop_stream(stream_id, 0)
         return state
 
     def _on_stream_data(self, event: _StreamDataEvent) -> None:
@@ -450,7 +431,7 @@ class StackConnection(Connection):
     def _on_stop_sending(self, event: _StreamCodeEvent) -> None:
         stream_id = event.stream_id
         error_code = int(event.error_code)
-        state = self._streams.get(stream_id)
+        state = self._table.live.get(stream_id)
         if state is None:
             return
         logger.debug(
@@ -506,12 +487,9 @@ class StackConnection(Connection):
         self._handshake_done.exception()  # retrieved: no "never retrieved" warning
 
     def _wake_all(self) -> None:
-        wake(self._accept_waiter)
+        self._table.wake_all()
         for fut in self._open_waiters:
             wake(fut)
-        for state in self._streams.values():
-            wake(state.read_waiter)
-            wake(state.write_waiter)
         self._blocked_writers.clear()
 
     def _wake_writers(self) -> None:
@@ -557,8 +535,7 @@ class StackConnection(Connection):
             self._consumed(state, dropped)
 
     def _maybe_forget(self, state: StreamState) -> None:
-        if state.recv_done and state.send_done:
-            self._streams.pop(state.stream_id, None)
+        if self._table.forget_if_done(state):
             self._quic.qr_forget(state.stream_id)
 
     # -------------------------------------------------------- Connection API
@@ -578,23 +555,23 @@ class StackConnection(Connection):
                 self._open_waiters.remove(fut)
         with stack_call("open_bi"):
             stream_id = quic.qr_allocate_bidi()
-        state = StreamState(stream_id)
-        self._streams[stream_id] = state
+        state = self._table.add_local(stream_id)
         logger.debug("%s: opened stream %d", self.stack_name, stream_id)
         return QuicSendStream(self, state), QuicRecvStream(self, state)
 
     async def accept_bi(self) -> tuple[SendStream, RecvStream] | None:
+        table = self._table
         while True:
-            if self._accept_queue:
-                return self._accept_queue.popleft()
+            if table.accept_queue:
+                return table.accept_queue.popleft()
             if not self._is_open:
                 return None
             fut = self._loop.create_future()
-            self._accept_waiter = fut
+            table.accept_waiter = fut
             try:
                 await fut
             finally:
-                self._accept_waiter = None
+                table.accept_waiter = None
 
     def close(self, code: int = 0, reason: bytes = b"") -> None:
         if not self._is_open:

@@ -2,7 +2,8 @@
 
 :class:`StreamState` is the book-keeping of one bidirectional stream: the receive
 buffer (chunks as the stack delivered them, read without copying where possible)
-and the flags of both halves. :class:`QuicSendStream` and :class:`QuicRecvStream`
+and the flags of both halves; :class:`StreamTable` holds a connection's streams and
+its accept queue. :class:`QuicSendStream` and :class:`QuicRecvStream`
 implement the stream half of the transport contract on top of it; they reach the
 stack only through their connection (:class:`~._driver.StackConnection`), which
 owns the stack object, the timers and the I/O.
@@ -26,7 +27,14 @@ from .base import RecvStream, SendStream
 if TYPE_CHECKING:
     from ._driver import StackConnection
 
-__all__ = ["QuicRecvStream", "QuicSendStream", "StreamState", "check_writable", "wake"]
+__all__ = [
+    "QuicRecvStream",
+    "QuicSendStream",
+    "StreamState",
+    "StreamTable",
+    "check_writable",
+    "wake",
+]
 
 
 def wake(fut: asyncio.Future[None] | None) -> None:
@@ -289,3 +297,73 @@ class QuicRecvStream(RecvStream):
 
     def __repr__(self) -> str:
         return f"<QuicRecvStream id={self.stream_id}>"
+
+
+class StreamTable:
+    """The streams of one connection: live stream states by id, which peer-initiated
+    ids were already seen, and the queue of peer streams waiting for ``accept_bi``.
+
+    QUIC opens every lower-numbered peer stream implicitly when a frame for a higher
+    one arrives; here a peer stream becomes visible (is queued for ``accept_bi``) only
+    when its own first frame arrives, like the stream the peer wrote first. A frame
+    for an id that was seen and is no longer live belongs to a finished stream and is
+    ignored.
+    """
+
+    __slots__ = ("_next_peer_bidi", "_unseen_peer_ids", "accept_queue", "accept_waiter", "live")
+
+    def __init__(self, *, is_client: bool) -> None:
+        self.live: dict[int, StreamState] = {}
+        self.accept_queue: deque[tuple[SendStream, RecvStream]] = deque()
+        self.accept_waiter: asyncio.Future[None] | None = None
+        # Next peer-initiated bidirectional id; lower ones are either in
+        # ``_unseen_peer_ids`` (opened implicitly, no frame yet) or were surfaced.
+        self._next_peer_bidi = 1 if is_client else 0
+        self._unseen_peer_ids: set[int] = set()
+
+    def is_peer_initiated(self, stream_id: int) -> bool:
+        """True for ids the peer opens (bit 0 is the initiator: 0 = client)."""
+        return (stream_id & 1) == (self._next_peer_bidi & 1)
+
+    def add_local(self, stream_id: int) -> StreamState:
+        """Register a stream this side opened."""
+        state = StreamState(stream_id)
+        self.live[stream_id] = state
+        return state
+
+    def for_frame(self, stream_id: int) -> tuple[StreamState | None, bool]:
+        """The state a frame of ``stream_id`` belongs to, and whether it is a new
+        peer stream (the caller queues it for ``accept_bi``). ``(None, False)`` for a
+        finished stream, an id that is not ours to receive, or a unidirectional one."""
+        state = self.live.get(stream_id)
+        if state is not None:
+            return state, False
+        if stream_id & 2 or not self.is_peer_initiated(stream_id):
+            return None, False
+        if stream_id < self._next_peer_bidi:
+            if stream_id not in self._unseen_peer_ids:
+                return None, False
+            self._unseen_peer_ids.discard(stream_id)
+        else:
+            self._unseen_peer_ids.update(range(self._next_peer_bidi, stream_id, 4))
+            self._next_peer_bidi = stream_id + 4
+        state = StreamState(stream_id)
+        self.live[stream_id] = state
+        return state, True
+
+    def forget_if_done(self, state: StreamState) -> bool:
+        """Drop a stream finished in both directions; True if it was dropped."""
+        if state.recv_done and state.send_done:
+            return self.live.pop(state.stream_id, None) is not None
+        return False
+
+    def push_accepted(self, pair: tuple[SendStream, RecvStream]) -> None:
+        self.accept_queue.append(pair)
+        wake(self.accept_waiter)
+
+    def wake_all(self) -> None:
+        """Wake every waiter (accept, reads, writes): the connection is closing."""
+        wake(self.accept_waiter)
+        for state in self.live.values():
+            wake(state.read_waiter)
+            wake(state.write_waiter)
