@@ -385,6 +385,7 @@ async def test_write_after_finish_or_reset_is_a_usage_error(transport_pair: Pair
     assert not isinstance(UsageError("x"), TransportError)
 
 
+@CROSS_STACK
 async def test_cancelled_write_was_accepted_in_full(
     make_pair: PairFactory, transport_kind: str
 ) -> None:
