@@ -27,6 +27,7 @@ from quic_reverse.transport.quic import (
     serve,
 )
 from quic_reverse.transport.tls import write_self_signed
+from tests.support.timing import LONG
 
 __all__ = ["dev_certificate", "quic_pair", "quic_server"]
 
@@ -82,14 +83,14 @@ async def quic_pair(
             stack=client_stack or stack,
             options=options,
         )
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(LONG):
             server_conn = await accepted
         yield client, server_conn
     finally:
         if client is not None:
             client.close()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(LONG / 2):
                     await client.wait_closed()
         server.close()
         await server.wait_closed()

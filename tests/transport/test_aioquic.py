@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 
 from quic_reverse.errors import StreamStopped
-from quic_reverse.transport._common import StackConnection
+from quic_reverse.transport._driver import StackConnection
 from quic_reverse.transport.base import Connection
 from tests.support.quic import quic_pair
 
@@ -46,7 +46,7 @@ async def test_receive_window_follows_consumption() -> None:
             async with asyncio.timeout(T):
                 while recv.buffered_bytes < window - 1:
                     await server.wait_receive_activity()
-            stream = server._quic._streams[recv.stream_id]
+            stream = server._quic._streams[recv.stream_id]  # type: ignore[attr-defined]
             assert stream.max_stream_data_local <= 1 + window  # not doubled
             assert recv.buffered_bytes <= window
             assert not writing.done()

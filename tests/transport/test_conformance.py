@@ -28,6 +28,7 @@ from quic_reverse.errors import (
     StreamReset,
     StreamStopped,
     TransportError,
+    UsageError,
 )
 from quic_reverse.transport.base import Connection, RecvStream, SendStream
 
@@ -350,13 +351,15 @@ async def test_cancelled_read_and_accept_lose_nothing(transport_pair: Pair) -> N
     assert await read_to_eof(recv, 6) == b"second"  # nor did the cancelled read
 
 
-async def test_write_after_finish_or_reset_is_a_transport_error(transport_pair: Pair) -> None:
+async def test_write_after_finish_or_reset_is_a_usage_error(transport_pair: Pair) -> None:
+    """Local misuse (our own finish/reset/stop came first) is a UsageError, not a
+    network failure (TransportError)."""
     client, server = transport_pair
     send, _ = await bounded(client.open_bi())
     await bounded(send.write(b"x"))
     await bounded(send.finish())
     await bounded(send.finish())  # idempotent
-    with pytest.raises(TransportError):
+    with pytest.raises(UsageError, match="after finish"):
         await bounded(send.write(b"late"))
     send.reset(1)  # after FIN: a no-op, never raises
     _, recv = await accept(server)
@@ -366,8 +369,58 @@ async def test_write_after_finish_or_reset_is_a_transport_error(transport_pair: 
     await bounded(send2.write(b"y"))
     send2.reset(5)
     send2.reset(6)  # idempotent
-    with pytest.raises(TransportError):
+    with pytest.raises(UsageError, match="after reset"):
         await bounded(send2.write(b"late"))
+
+    send3, _ = await bounded(client.open_bi())
+    await bounded(send3.write(b"z"))
+    for _ in range(3):  # the reset stream above may be accepted first
+        _, recv3 = await accept(server)
+        if recv3.stream_id == send3.stream_id:
+            break
+    assert recv3.stream_id == send3.stream_id
+    recv3.stop(7)
+    with pytest.raises(UsageError, match="after stop"):
+        await bounded(recv3.read())
+    assert not isinstance(UsageError("x"), TransportError)
+
+
+@CROSS_STACK
+async def test_cancelled_write_was_accepted_in_full(
+    make_pair: PairFactory, transport_kind: str
+) -> None:
+    """``write`` cancelled while it waits for room has accepted *all* of its data
+    (base.SendStream.write): the peer receives it whole, then what comes next."""
+    _, written_bound = slow_reader_bounds(transport_kind)
+    payload = b"".join(pattern(4 * written_bound, 6))  # far more than fits: must block
+    async with make_pair(**slow_reader_opts(transport_kind)) as (client, server):
+        send, _ = await bounded(client.open_bi())
+        await bounded(send.write(b"!"))
+        _, peer_recv = await accept(server)
+        assert await bounded(peer_recv.read_exactly(1)) == b"!"
+
+        writing = asyncio.ensure_future(send.write(payload))
+        try:
+            await wait_until_stalled(writing, lambda: send.buffered_bytes)
+        finally:
+            writing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await bounded(writing)
+        # A write task cancelled before it first ran has accepted nothing.
+        never = asyncio.ensure_future(send.write(b"NEVER"))
+        never.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await never
+
+        async def rest() -> None:
+            await send.write(b"TAIL")
+            await send.finish()
+
+        _, received = await bounded(
+            asyncio.gather(rest(), read_to_eof(peer_recv, len(payload) + 4, 256 * 1024))
+        )
+        assert len(received) == len(payload) + 4
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload + b"TAIL").digest()
 
 
 # --- half-close, reset, stop ---------------------------------------------------
@@ -615,7 +668,8 @@ async def test_slow_reader_blocks_writer_and_bounds_buffers(
         try:
             await wait_until_stalled(writing, lambda: written)
             assert peer_recv.buffered_bytes <= recv_bound
-            assert send.buffered_bytes <= written_bound
+            # plus the one write accepted in full and not yet drained (see write())
+            assert send.buffered_bytes <= written_bound + len(chunk)
             assert written <= written_bound
 
             # Reading resumes the writer; everything arrives intact, still bounded.
@@ -691,7 +745,8 @@ async def test_slow_reader_with_default_settings_stays_bounded(
     try:
         await wait_until_stalled(writing, lambda: written)
         assert peer_recv.buffered_bytes <= recv_bound
-        assert send.buffered_bytes <= written_bound
+        # plus the one write accepted in full and not yet drained (see write())
+        assert send.buffered_bytes <= written_bound + len(chunk)
         assert written <= written_bound
     finally:
         await discard(writing)

@@ -12,7 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quic_reverse.errors import ConnectionClosed, StreamReset, StreamStopped, TransportError
+from quic_reverse.errors import (
+    ConnectionClosed,
+    StreamReset,
+    StreamStopped,
+    UsageError,
+)
 from quic_reverse.transport.memory import connection_pair
 
 WAIT = 5.0  # upper bound for anything that should happen promptly
@@ -136,7 +141,7 @@ async def test_reset_discards_bytes_in_flight() -> None:
     with pytest.raises(StreamReset) as info:
         await asyncio.wait_for(recv.read(), WAIT)
     assert info.value.error_code == 3
-    with pytest.raises(TransportError):
+    with pytest.raises(UsageError):
         await send.write(b"more")
     client.close()
 
@@ -168,7 +173,7 @@ async def test_stop_semantics_on_the_reading_side() -> None:
     recv.stop(9)
     recv.stop(10)  # idempotent: the first code wins
     assert recv.buffered_bytes == 0  # buffered data is dropped
-    with pytest.raises(TransportError):
+    with pytest.raises(UsageError):
         await recv.read()
     with pytest.raises(StreamStopped) as info:
         await send.write(b"more")

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from quic_reverse.transport import qh3 as qh3_adapter
-from quic_reverse.transport._common import StackConnection
+from quic_reverse.transport._driver import StackConnection
+from quic_reverse.transport._stack import StackSpec
 from quic_reverse.transport._udp import route_max_udp_payload
 from quic_reverse.transport.base import Connection
 from tests.support.quic import quic_pair
@@ -72,7 +73,7 @@ def _record_client_datagrams(
                 out = [(d, a) for d, a in out if len(d) <= drop_above]
             return list(out)
 
-        quic.datagrams_to_send = filtered
+        quic.datagrams_to_send = filtered  # type: ignore[method-assign]
         try:
             original(self)
         finally:
@@ -110,15 +111,16 @@ async def test_narrower_path_than_route_still_delivers(monkeypatch: pytest.Monke
 
 async def test_explicit_datagram_size_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     configs: list[Any] = []
-    make = qh3_adapter.client_configuration
+    make = StackSpec.client_configuration
 
-    def client_configuration(**kwargs: Any) -> Any:
-        config = make(**kwargs)
-        config.max_datagram_size = 1300
-        configs.append(config)
+    def client_configuration(self: StackSpec[Any], **kwargs: Any) -> Any:
+        config = make(self, **kwargs)
+        if self is qh3_adapter.SPEC:
+            config.max_datagram_size = 1300
+            configs.append(config)
         return config
 
-    monkeypatch.setattr(qh3_adapter, "client_configuration", client_configuration)
+    monkeypatch.setattr(StackSpec, "client_configuration", client_configuration)
     sizes = _record_client_datagrams(monkeypatch)
     async with quic_pair("qh3") as (client, server):
         assert configs, "the qh3 client configuration helper was not used"

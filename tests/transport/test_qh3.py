@@ -26,7 +26,8 @@ from quic_reverse.errors import (
     TransportError,
 )
 from quic_reverse.transport import qh3 as qh3_adapter
-from quic_reverse.transport._common import StackConnection, convert_stack_errors
+from quic_reverse.transport._driver import StackConnection
+from quic_reverse.transport._errors import convert_stack_errors
 from quic_reverse.transport.base import Connection
 from quic_reverse.transport.quic import (
     ClientTLS,
@@ -350,7 +351,7 @@ async def test_stack_errors_are_converted_at_the_boundary() -> None:
     with pytest.raises(asyncio.CancelledError), convert_stack_errors("doing z"):
         raise asyncio.CancelledError
     # A client configuration handed to serve() is refused with a typed error.
-    with pytest.raises(TransportError):
+    with pytest.raises(ConfigError, match="server configuration"):
         await qh3_adapter.serve(
             "127.0.0.1",
             0,
@@ -416,14 +417,15 @@ async def test_stack_panic_on_incoming_data_does_not_escape() -> None:
 
     async with quic_pair("qh3") as (client, server):
         assert isinstance(server, StackConnection)
-        real_feed = server._stack_feed
+        quic = server._quic
+        real_feed = quic.qr_feed
 
         def panicking(datagrams: list[bytes], addr: Any, now: float) -> None:
             raise PanicException("called `Option::unwrap()` on a `None` value")
 
-        server._stack_feed = panicking  # type: ignore[method-assign]
+        quic.qr_feed = panicking  # type: ignore[method-assign]
         server.datagrams_received([b"\x40" + bytes(40)], ("127.0.0.1", 9))  # must not raise
-        server._stack_feed = real_feed  # type: ignore[method-assign]
+        quic.qr_feed = real_feed  # type: ignore[method-assign]
         send, _ = await client.open_bi()
         await send.write(b"still alive")
         await send.finish()
@@ -431,9 +433,9 @@ async def test_stack_panic_on_incoming_data_does_not_escape() -> None:
         assert pair is not None
         assert await asyncio.wait_for(pair[1].read_exactly(11), T) == b"still alive"
         with pytest.raises(KeyboardInterrupt):  # anything else is not swallowed
-            server._stack_feed = _raise_keyboard_interrupt  # type: ignore[method-assign]
+            quic.qr_feed = _raise_keyboard_interrupt  # type: ignore[method-assign]
             server.datagrams_received([b"\x40" + bytes(40)], ("127.0.0.1", 9))
-        server._stack_feed = real_feed  # type: ignore[method-assign]
+        quic.qr_feed = real_feed  # type: ignore[method-assign]
 
 
 def _raise_keyboard_interrupt(datagrams: list[bytes], addr: Any, now: float) -> None:
@@ -564,9 +566,9 @@ async def test_paused_connection_still_delivers_other_streams_to_a_slow_reader()
                 await ctl_send.write(b"ping")
                 await ctl_send.finish()
                 consumed = 0
-                ctl = await server.accept_bi() if server._accept_queue else None
+                ctl = await server.accept_bi() if server._table.accept_queue else None
                 for _ in range(256):  # bounded: at most 64 MiB read in 256 KiB bites
-                    if ctl is None and server._accept_queue:
+                    if ctl is None and server._table.accept_queue:
                         ctl = await server.accept_bi()
                     if ctl is not None and ctl[1].buffered_bytes >= 4:
                         break
@@ -651,8 +653,9 @@ async def test_failing_connection_constructor_logs_one_error(
         finally:
             sock.close()
         assert server.connection_count == 0
-    failures = [r for r in caplog.records if "cannot create a connection" in r.getMessage()]
-    assert [r.levelno for r in failures] == [logging.ERROR, logging.DEBUG, logging.DEBUG]
+    failures = [r for r in caplog.records if "creating a connection failed" in r.getMessage()]
+    assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert failures[0].exc_info is not None  # the first one carries the traceback
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -669,7 +672,7 @@ async def test_unreadable_peer_certificate_is_none_and_logged(
         def broken() -> bytes | None:
             raise RuntimeError("stack lost the certificate")
 
-        monkeypatch.setattr(client, "_peer_certificate_der", broken)
+        monkeypatch.setattr(client._quic, "qr_peer_certificate", broken)
         assert client.peer_certificate is None
     assert any(
         "reading the peer certificate failed" in r.getMessage() and "lost" in r.getMessage()

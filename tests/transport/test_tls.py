@@ -112,18 +112,17 @@ def test_tls_settings_validate_at_construction(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("stack", ["qh3", "aioquic"])
-def test_stack_configuration_bad_files_raise_transport_error(stack: str, tmp_path: Path) -> None:
-    """A missing CA file or a malformed certificate is a TransportError, not an OSError."""
+def test_stack_configuration_bad_files_raise_config_error(stack: str, tmp_path: Path) -> None:
+    """A missing CA file or a malformed certificate is a one-line ConfigError naming
+    the file (a configuration problem, found before serving), not an OSError."""
     import importlib
-
-    from quic_reverse.errors import TransportError
 
     adapter = importlib.import_module(f"quic_reverse.transport.{stack}")
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
-    with pytest.raises(TransportError, match="CA file"):
+    with pytest.raises(ConfigError, match=r"CA file .*missing\.pem"):
         adapter.client_configuration(cafile=str(tmp_path / "missing.pem"))
-    with pytest.raises(TransportError, match="loading certificate"):
+    with pytest.raises(ConfigError, match=r"junk\.pem: not a PEM or DER certificate"):
         adapter.server_configuration(str(junk), str(junk))
     config = adapter.client_configuration(verify=False)
     assert config.is_client and config.verify_mode == 0

@@ -1,7 +1,7 @@
 """The aioquic adapter (second supported QUIC stack).
 
 Same shape as :mod:`quic_reverse.transport.qh3` and the same driver
-(:class:`~._common.StackConnection`); only the stack-specific hooks live here.
+(:class:`~._driver.StackConnection`); only the stack-specific hooks live here.
 :func:`connect` and :func:`serve` take aioquic's own
 :class:`aioquic.quic.configuration.QuicConfiguration`.
 
@@ -14,6 +14,9 @@ aioquic specifics handled here:
   one window per stream (and one connection window overall);
 * send backpressure uses the stream sender's buffer (bytes not yet acknowledged);
 * the concurrent-stream limit (hard-coded 128) is set from ``max_streams``;
+* aioquic is an optional extra: :func:`quic_reverse.transport.quic.connect` /
+  ``serve`` with ``stack="aioquic"`` raise a ConfigError naming
+  ``pip install 'quic-reverse[aioquic]'`` when it is missing;
 * aioquic's ``QuicConnectionProtocol.wait_connected()`` can hang when called after
   the handshake finished: this adapter does not use that protocol class; the
   handshake is awaited through our own future, set from the
@@ -23,7 +26,6 @@ aioquic specifics handled here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aioquic._buffer import Buffer
@@ -42,21 +44,10 @@ from aioquic.quic.packet import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ._common import (
-    DEFAULT_CONNECTION_WINDOW,
-    DEFAULT_MAX_HANDSHAKES,
-    DEFAULT_MAX_STREAMS,
-    DEFAULT_SEND_BUFFER,
-    DEFAULT_STREAM_WINDOW,
-    StackConnection,
-    StackServer,
-    _StreamState,
-    build_client_configuration,
-    build_server_configuration,
-    stack_connect,
-    stack_serve,
-)
-from ._udp import DEFAULT_SOCKET_BUFFER
+from ._driver import StackConnection
+from ._server import StackServer
+from ._stack import Header, QuicStack, StackEvents, StackHooks, StackSpec
+from .tls import ServerCredentials
 
 __all__ = [
     "AioquicConnection",
@@ -70,60 +61,9 @@ __all__ = [
 logger = logging.getLogger("quic_reverse.transport.aioquic")
 
 
-def client_configuration(
-    *,
-    alpn: list[str] | tuple[str, ...] = ("quic-reverse-example",),
-    server_name: str | None = "localhost",
-    cafile: str | None = None,
-    verify: bool = True,
-    idle_timeout: float = 60.0,
-    stream_window: int = DEFAULT_STREAM_WINDOW,
-    connection_window: int = DEFAULT_CONNECTION_WINDOW,
-) -> QuicConfiguration:
-    """A client :class:`QuicConfiguration` with this library's tuned defaults.
-
-    Raises:
-        TransportError: ``cafile`` cannot be loaded.
-    """
-    return build_client_configuration(
-        QuicConfiguration,
-        alpn=alpn,
-        server_name=server_name,
-        cafile=cafile,
-        verify=verify,
-        idle_timeout=idle_timeout,
-        stream_window=stream_window,
-        connection_window=connection_window,
-    )
-
-
-def server_configuration(
-    certfile: str,
-    keyfile: str,
-    *,
-    alpn: list[str] | tuple[str, ...] = ("quic-reverse-example",),
-    idle_timeout: float = 60.0,
-    stream_window: int = DEFAULT_STREAM_WINDOW,
-    connection_window: int = DEFAULT_CONNECTION_WINDOW,
-) -> QuicConfiguration:
-    """A server :class:`QuicConfiguration` with this library's tuned defaults.
-
-    Raises:
-        TransportError: the certificate or key cannot be loaded.
-    """
-    return build_server_configuration(
-        QuicConfiguration,
-        certfile,
-        keyfile,
-        alpn=alpn,
-        idle_timeout=idle_timeout,
-        stream_window=stream_window,
-        connection_window=connection_window,
-    )
-
-
-class _CreditQuicConnection(QuicConnection):
-    """aioquic QuicConnection whose receive windows follow what the application read."""
+class _CreditQuicConnection(StackHooks, QuicConnection):
+    """aioquic QuicConnection whose receive windows follow what the application read,
+    with the driver's ``qr_*`` hooks (:class:`~._stack.QuicStack`)."""
 
     def __init__(self, *, max_streams: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -132,14 +72,48 @@ class _CreditQuicConnection(QuicConnection):
         self._qr_stream_window = self._local_max_stream_data_bidi_remote
         self._qr_connection_window = self._local_max_data.value
         self._qr_consumed: dict[int, int] = {}
-        # Bytes delivered to the adapter and not yet read (set by the adapter).
-        self.qr_unread: Callable[[], int] = lambda: 0
 
-    def qr_consumed(self, stream_id: int, nbytes: int) -> None:
+    # -- driver hooks ------------------------------------------------------------
+
+    def qr_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+        receive = self.receive_datagram
+        for data in datagrams:
+            receive(data, addr, now)
+
+    def qr_send_queue_size(self, stream_id: int) -> int:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def qr_bidi_slot_available(self) -> bool:
+        return bool(self._local_next_stream_id_bidi // 4 < self._remote_max_streams_bidi)
+
+    def qr_allocate_bidi(self) -> int:
+        stream_id = int(self.get_next_available_stream_id())
+        self._get_or_create_stream_for_send(stream_id)
+        return stream_id
+
+    def qr_consumed(self, stream_id: int, nbytes: int) -> bool:
+        # Credit follows reads: announce it (transmit) once the limits moved enough.
         self._qr_consumed[stream_id] = self._qr_consumed.get(stream_id, 0) + nbytes
+        return True
 
     def qr_forget(self, stream_id: int) -> None:
         self._qr_consumed.pop(stream_id, None)
+
+    def qr_flush_needed(self) -> bool:
+        # aioquic discards finished streams (raising MAX_STREAMS) while building a
+        # packet, after it already wrote the connection limits into that packet;
+        # with nothing else to send the new limit would wait for unrelated traffic
+        # and a peer waiting for a stream slot would stall. Send it at once.
+        limit = self._local_max_streams_bidi
+        return limit.value != limit.sent and limit.sent - limit.used < limit.value - limit.sent
+
+    def qr_peer_certificate(self) -> bytes | None:
+        cert = self.tls._peer_certificate
+        return None if cert is None else bytes(cert.public_bytes(Encoding.DER))
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
@@ -184,143 +158,68 @@ class _CreditQuicConnection(QuicConnection):
 class AioquicConnection(StackConnection):
     """An aioquic :class:`QuicConnection` behind the transport contract."""
 
-    events = aioquic_events
-    stack_name = "aioquic"
-    quic_class = _CreditQuicConnection
-
-    def __init__(self, quic: _CreditQuicConnection, **kwargs: Any) -> None:
-        super().__init__(quic, **kwargs)
-        quic.qr_unread = lambda: self._recv_buffered_total
-
-    def _stack_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
-        receive = self._quic.receive_datagram
-        for data in datagrams:
-            receive(data, addr, now)
-
-    def _send_queue_size(self, stream_id: int) -> int:
-        stream = self._quic._streams.get(stream_id)
-        if stream is None:
-            return 0
-        sender = stream.sender
-        return int(sender._buffer_stop - sender._buffer_start)
-
-    def _bidi_slot_available(self) -> bool:
-        quic = self._quic
-        return bool(quic._local_next_stream_id_bidi // 4 < quic._remote_max_streams_bidi)
-
-    def _allocate_bidi(self) -> int:
-        quic = self._quic
-        stream_id = int(quic.get_next_available_stream_id())
-        quic._get_or_create_stream_for_send(stream_id)
-        return stream_id
-
-    def _receive_paused(self) -> bool:
-        # Credit is held back per stream (see _CreditQuicConnection): never pause.
-        return False
-
-    def _on_consumed(self, state: _StreamState, nbytes: int) -> None:
-        self._quic.qr_consumed(state.stream_id, nbytes)
-        self._transmit_soon()
-
-    def _maybe_forget(self, state: _StreamState) -> None:
-        super()._maybe_forget(state)
-        if state.stream_id not in self._streams:
-            self._quic.qr_forget(state.stream_id)
-
-    def _transmit(self) -> None:
-        super()._transmit()
-        # aioquic discards finished streams (raising MAX_STREAMS) while building a
-        # packet, after it already wrote the connection limits into that packet;
-        # with nothing else to send the new limit would wait for unrelated traffic
-        # and a peer waiting for a stream slot would stall. Flush it now.
-        limit = self._quic._local_max_streams_bidi
-        if limit.value != limit.sent and limit.sent - limit.used < limit.value - limit.sent:
-            super()._transmit()
-
-    def _peer_certificate_der(self) -> bytes | None:
-        cert = self._quic.tls._peer_certificate
-        return None if cert is None else bytes(cert.public_bytes(Encoding.DER))
-
 
 class AioquicServer(StackServer):
     """Server dispatcher creating :class:`AioquicConnection` objects."""
 
-    connection_class = AioquicConnection
-    encode_version_negotiation = staticmethod(encode_quic_version_negotiation)
 
-    def _parse_header(self, data: bytes) -> tuple[int | None, bool, bytes, bytes] | None:
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=self._cid_length)
-        except ValueError:
-            return None
-        return (
-            header.version,
-            header.packet_type == QuicPacketType.INITIAL,
-            header.destination_cid,
-            header.source_cid,
-        )
-
-
-async def connect(
-    host: str,
-    port: int,
-    *,
-    configuration: QuicConfiguration,
-    handshake_timeout: float = 10.0,
-    send_buffer: int = DEFAULT_SEND_BUFFER,
-    socket_buffer: int = DEFAULT_SOCKET_BUFFER,
-    max_streams: int = DEFAULT_MAX_STREAMS,
-) -> AioquicConnection:
-    """Connect to a QUIC server with aioquic and wait for the handshake.
-
-    Raises:
-        CertificateError: the server's certificate was rejected.
-        ConnectionClosed: the server closed the connection during the handshake.
-        TransportError: resolution/socket failure or no handshake within the timeout.
-    """
-    return await stack_connect(
-        AioquicConnection,
-        host,
-        port,
-        configuration=configuration,
-        handshake_timeout=handshake_timeout,
-        send_buffer=send_buffer,
-        socket_buffer=socket_buffer,
+def _create(
+    configuration: QuicConfiguration, max_streams: int, original_dcid: bytes | None
+) -> QuicStack:
+    return _CreditQuicConnection(
         max_streams=max_streams,
+        configuration=configuration,
+        original_destination_connection_id=original_dcid,
     )
 
 
-async def serve(
-    host: str,
-    port: int,
-    *,
-    configuration: QuicConfiguration,
-    on_connection: Callable[[AioquicConnection], Awaitable[None]],
-    send_buffer: int = DEFAULT_SEND_BUFFER,
-    socket_buffer: int = DEFAULT_SOCKET_BUFFER,
-    max_streams: int = DEFAULT_MAX_STREAMS,
-    handshake_timeout: float = 10.0,
-    max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
-) -> AioquicServer:
-    """Serve QUIC with aioquic on ``(host, port)`` on a batching UDP transport.
-
-    ``on_connection(conn)`` runs as a task per connection once its handshake
-    completed; when it returns, the connection is closed if still open. A
-    connection whose handshake does not complete within ``handshake_timeout``
-    seconds is dropped; at most ``max_handshakes`` handshakes run at once.
-
-    Raises:
-        TransportError: the address cannot be bound or the configuration is unusable.
-    """
-    return await stack_serve(
-        AioquicServer,
-        host,
-        port,
-        configuration=configuration,
-        on_connection=on_connection,
-        send_buffer=send_buffer,
-        socket_buffer=socket_buffer,
-        max_streams=max_streams,
-        handshake_timeout=handshake_timeout,
-        max_handshakes=max_handshakes,
+def _parse_header(data: bytes, cid_length: int) -> Header | None:
+    try:
+        header = pull_quic_header(Buffer(data=data), host_cid_length=cid_length)
+    except ValueError:
+        return None
+    return (
+        header.version,
+        header.packet_type == QuicPacketType.INITIAL,
+        header.destination_cid,
+        header.source_cid,
     )
+
+
+def _load_credentials(configuration: QuicConfiguration, credentials: ServerCredentials) -> None:
+    # aioquic takes cryptography objects (so DER files work too).
+    configuration.certificate = credentials.chain[0]
+    configuration.certificate_chain = list(credentials.chain[1:])
+    configuration.private_key = credentials.key
+
+
+#: The aioquic stack, as the shared driver, client and server see it.
+SPEC: StackSpec[QuicConfiguration] = StackSpec(
+    name="aioquic",
+    events=StackEvents(
+        stream_data=aioquic_events.StreamDataReceived,
+        stream_reset=aioquic_events.StreamReset,
+        stop_sending=aioquic_events.StopSendingReceived,
+        connection_id_issued=aioquic_events.ConnectionIdIssued,
+        connection_id_retired=aioquic_events.ConnectionIdRetired,
+        handshake_completed=aioquic_events.HandshakeCompleted,
+        connection_terminated=aioquic_events.ConnectionTerminated,
+    ),
+    configuration_class=QuicConfiguration,
+    create=_create,
+    parse_header=_parse_header,
+    encode_version_negotiation=encode_quic_version_negotiation,
+    load_credentials=_load_credentials,
+    connection_class=AioquicConnection,
+    server_class=AioquicServer,
+    receive_gate=False,
+)
+
+#: A client :class:`QuicConfiguration` with this library's tuned defaults.
+client_configuration = SPEC.client_configuration
+#: A server :class:`QuicConfiguration` with this library's tuned defaults.
+server_configuration = SPEC.server_configuration
+#: Connect with aioquic and wait for the handshake (see :meth:`._stack.StackSpec.connect`).
+connect = SPEC.connect
+#: Serve QUIC with aioquic on a batching UDP transport (see :meth:`._stack.StackSpec.serve`).
+serve = SPEC.serve

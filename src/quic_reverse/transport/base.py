@@ -9,13 +9,20 @@ Semantics shared by all implementations:
 * A bidirectional stream opened with :meth:`Connection.open_bi` becomes visible to
   the peer's :meth:`Connection.accept_bi` only once the opener writes data or FIN
   (as in QUIC).
-* :meth:`SendStream.write` applies real backpressure: it returns only once the data
-  fits in the stream's bounded send buffer.
+* :meth:`SendStream.write` applies real backpressure: it accepts all of its data at
+  once and returns only once the stream's send buffer is back within its budget.
+  A cancelled ``write`` has accepted *all* of its data (see :meth:`SendStream.write`).
 * A receiver that does not read holds back flow-control credit past a high-water
   mark, so a slow reader cannot make the process grow without bound.
 * A peer reset surfaces as :class:`~quic_reverse.errors.StreamReset` from ``read``,
   never as EOF; a peer STOP_SENDING as :class:`~quic_reverse.errors.StreamStopped`
   from ``write``.
+* Calling a stream in a state its own side caused (write after ``finish()`` or
+  ``reset()``, read after ``stop()``) is a programming error:
+  :class:`~quic_reverse.errors.UsageError`. Everything the peer or the network
+  causes stays in the :class:`~quic_reverse.errors.TransportError` family; a closed
+  connection is always :class:`~quic_reverse.errors.ConnectionClosed`, whoever
+  closed it, because a close can race with any pending operation.
 * Closing the connection (either side) wakes every pending ``accept_bi``/``read``/
   ``write`` with :class:`~quic_reverse.errors.ConnectionClosed` (``accept_bi``
   returns ``None`` instead).
@@ -40,12 +47,28 @@ class SendStream(abc.ABC):
 
     @abc.abstractmethod
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data``; return once it is within the stream's send budget.
+        """Accept all of ``data`` for sending, then wait while the stream's send buffer
+        is over its budget (backpressure).
+
+        **Cancellation.** ``data`` is accepted in full (copied; the caller may reuse
+        its buffer) in the same event-loop step in which ``write`` starts running,
+        before it first suspends; the only thing a cancellation can interrupt is the
+        wait for room that follows. So when ``await stream.write(data)`` raises
+        ``CancelledError``, all of ``data`` has been accepted, exactly as if it had
+        returned: it will be sent in order after everything written before it, and
+        the stream stays usable (the next ``write`` continues after it). Nothing is
+        ever accepted in part. (A task wrapping ``write`` that is cancelled before it
+        first runs has accepted none of it: the coroutine body never ran.) Accepted
+        data is lost only if the stream is reset or the connection closes.
+
+        The cost of the guarantee: a stream holds at most its send budget plus the
+        last ``write`` not yet drained, so very large single writes hold that much.
 
         Raises:
-            StreamStopped: the peer sent STOP_SENDING.
+            StreamStopped: the peer sent STOP_SENDING (raised before accepting, or
+                after accepting while waiting: then the data will not arrive).
             ConnectionClosed: the connection is closed.
-            TransportError: the stream was already finished or reset locally.
+            UsageError: the stream was already finished or reset locally.
         """
 
     @abc.abstractmethod
@@ -85,6 +108,7 @@ class RecvStream(abc.ABC):
         Raises:
             StreamReset: the peer reset the stream.
             ConnectionClosed: the connection closed before FIN.
+            UsageError: this side already called :meth:`stop`.
             ValueError: ``max_bytes`` < 1.
         """
 

@@ -9,9 +9,11 @@ suite (``tests/transport/test_conformance.py``) runs over all transports:
 * a stream opened with :meth:`MemoryConnection.open_bi` becomes visible to the
   peer's :meth:`~MemoryConnection.accept_bi` only once the opener writes data,
   FIN, or resets it (as in QUIC);
-* each direction of a stream has a bounded receive buffer (``buffer_size``): a
-  writer blocks while the peer's unread bytes (plus bytes still in flight) reach
-  it, so a reader that never reads keeps memory bounded;
+* each direction of a stream has a bounded receive buffer (``buffer_size``):
+  ``write`` queues all its data at once (so a cancelled ``write`` was accepted in
+  full, as the contract says), moves what fits into the peer's buffer and waits
+  until the rest has moved too, as the reader makes room; a reader that never
+  reads keeps memory bounded by ``buffer_size`` plus one pending write;
 * FIN, RESET_STREAM (peer ``read`` raises :class:`~quic_reverse.errors.StreamReset`),
   STOP_SENDING (peer ``write`` raises :class:`~quic_reverse.errors.StreamStopped`);
 * ``max_streams``: ``open_bi`` waits while the peer already holds that many of our
@@ -34,7 +36,7 @@ import contextlib
 import logging
 from typing import Final
 
-from ..errors import ConnectionClosed, StreamReset, StreamStopped, TransportError
+from ..errors import ConnectionClosed, StreamReset, StreamStopped, UsageError
 from .base import Connection, RecvStream, SendStream
 
 __all__ = [
@@ -133,6 +135,9 @@ class _Pipe:
         self.inflight: collections.deque[bytes | None] = collections.deque()
         self.inflight_timers: collections.deque[asyncio.TimerHandle] = collections.deque()
         self.inflight_bytes = 0
+        # accepted by write()/finish(), waiting for room in the peer's buffer
+        self.pending: collections.deque[bytes | None] = collections.deque()
+        self.pending_bytes = 0
         self.fin_queued = False  # writer called finish()
         self.fin_delivered = False  # reader will see EOF after the buffer
         self.reset_code: int | None = None  # writer reset
@@ -163,24 +168,43 @@ class _Pipe:
         if self.stop_code is not None:
             raise StreamStopped(self.stop_code, self.stream_id)
         if self.reset_code is not None:
-            raise TransportError(f"stream {self.stream_id} was reset locally")
+            raise UsageError(f"stream {self.stream_id}: write after reset()")
         if self.fin_queued:
-            raise TransportError(f"stream {self.stream_id} was already finished")
+            raise UsageError(f"stream {self.stream_id}: write after finish()")
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
         self.check_writable()
-        offset = 0
-        total = len(view)
-        while offset < total:
+        chunk = bytes(memoryview(data).cast("B"))
+        if not chunk:
+            return
+        # All of it is accepted before the first wait: a cancellation can only
+        # interrupt the wait, never leave part of ``data`` unsent.
+        self.pending.append(chunk)
+        self.pending_bytes += len(chunk)
+        self.pump()
+        while self.pending_bytes:
+            await self.writable.wait()
+            self.check_writable()
+
+    def pump(self) -> None:
+        """Move pending data (and a FIN behind it) into the peer's buffer as room allows."""
+        pending = self.pending
+        while pending:
+            item = pending[0]
+            if item is None:
+                pending.popleft()
+                self.send(_FIN)
+                continue
             room = self.link.buffer_size - len(self.buffer) - self.inflight_bytes
-            while room <= 0:
-                await self.writable.wait()
-                self.check_writable()
-                room = self.link.buffer_size - len(self.buffer) - self.inflight_bytes
-            chunk = bytes(view[offset : offset + room])
-            offset += len(chunk)
-            self.send(chunk)
+            if room <= 0:
+                return
+            if len(item) <= room:
+                pending.popleft()
+            else:
+                pending[0] = item[room:]
+                item = item[:room]
+            self.pending_bytes -= len(item)
+            self.send(item)
 
     async def finish(self) -> None:
         if self.link.closed:
@@ -190,12 +214,13 @@ class _Pipe:
         if self.fin_queued or self.reset_code is not None:
             return
         self.fin_queued = True
-        self.send(_FIN)
+        self.pending.append(_FIN)
+        self.pump()
 
     def reset(self, code: int) -> None:
         if self.link.closed or self.reset_code is not None:
             return
-        if self.fin_queued and not self.inflight:
+        if self.fin_queued and not self.inflight and not self.pending:
             return  # everything including FIN was delivered: nothing left to abort
         if self.stop_code is not None:
             return  # the peer already ended this direction
@@ -243,11 +268,14 @@ class _Pipe:
         self.readable.notify()
 
     def drop_inflight(self) -> None:
+        """Drop everything not yet delivered (pending and in flight)."""
         for timer in self.inflight_timers:
             timer.cancel()
         self.inflight_timers.clear()
         self.inflight.clear()
         self.inflight_bytes = 0
+        self.pending.clear()
+        self.pending_bytes = 0
 
     # -- reader side ---------------------------------------------------------
 
@@ -258,11 +286,13 @@ class _Pipe:
             if self.reset_code is not None:
                 raise StreamReset(self.reset_code, self.stream_id)
             if self.stop_code is not None:
-                raise TransportError(f"stream {self.stream_id} was stopped locally")
+                raise UsageError(f"stream {self.stream_id}: read after stop()")
             if self.buffer:
                 n = 1 if self.link.trickle else min(max_bytes, len(self.buffer))
                 data = bytes(self.buffer[:n])
                 del self.buffer[:n]
+                if self.pending:
+                    self.pump()
                 self.writable.notify()
                 if not self.buffer and self.fin_delivered:
                     self.stream.check_done()
@@ -336,12 +366,12 @@ class MemorySendStream(SendStream):
         return self._pipe.stream_id
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue ``data``, waiting while the peer's receive buffer is full.
+        """Accept all of ``data``, then wait until it has moved into the peer's buffer.
 
         Raises:
             StreamStopped: the peer sent STOP_SENDING.
             ConnectionClosed: the connection is closed.
-            TransportError: the stream was already finished or reset locally.
+            UsageError: the stream was already finished or reset locally.
         """
         await self._pipe.write(data)
 
@@ -360,8 +390,9 @@ class MemorySendStream(SendStream):
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes written but still in flight (only with ``delay > 0``)."""
-        return self._pipe.inflight_bytes
+        """Bytes accepted by ``write`` and not yet in the peer's buffer: waiting for
+        room, or in flight (``delay > 0``)."""
+        return self._pipe.inflight_bytes + self._pipe.pending_bytes
 
 
 class MemoryRecvStream(RecvStream):
@@ -380,7 +411,7 @@ class MemoryRecvStream(RecvStream):
         Raises:
             StreamReset: the peer reset the stream.
             ConnectionClosed: the connection closed before FIN.
-            TransportError: this side already called :meth:`stop`.
+            UsageError: this side already called :meth:`stop`.
             ValueError: ``max_bytes`` < 1.
         """
         return await self._pipe.read(max_bytes)
@@ -433,7 +464,7 @@ class MemoryConnection(Connection):
             await self._slot_signal.wait()
         peer = self._peer
         if peer is None:
-            raise TransportError("memory connection is not paired (use connection_pair())")
+            raise UsageError("memory connection is not paired (use connection_pair())")
         self._open_streams += 1
         stream = _Stream(self._link, self._next_stream_id, self, peer)
         self._next_stream_id += 4

@@ -18,8 +18,8 @@ qh3 traps handled here (see ``QUIC-STACKS.md``):
   parameters; this adapter raises it (``max_streams``) by patching the advertised
   value and the native core's limit consistently;
 * the native core grants flow-control credit as data is delivered, so the
-  receive side stops feeding the core past the high-water mark (see
-  :class:`~._common.StackConnection`);
+  receive gate (:class:`~._gate.ReceiveGate`) stops feeding the core past the
+  high-water mark;
 * qh3 logs every CONNECTION_CLOSE it receives, including the graceful close that
   ends every session, as a *warning* on its ``quic`` logger: :class:`_PeerCloseIsDebug`
   demotes that one message to debug (protocol errors stay warnings).
@@ -28,7 +28,7 @@ qh3 traps handled here (see ``QUIC-STACKS.md``):
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,20 +45,10 @@ from qh3.quic.packet import (
     encode_quic_version_negotiation,
 )
 
-from ._common import (
-    DEFAULT_CONNECTION_WINDOW,
-    DEFAULT_MAX_HANDSHAKES,
-    DEFAULT_MAX_STREAMS,
-    DEFAULT_SEND_BUFFER,
-    DEFAULT_SOCKET_BUFFER,
-    DEFAULT_STREAM_WINDOW,
-    StackConnection,
-    StackServer,
-    build_client_configuration,
-    build_server_configuration,
-    stack_connect,
-    stack_serve,
-)
+from ._driver import StackConnection
+from ._server import StackServer
+from ._stack import Header, QuicStack, StackEvents, StackHooks, StackSpec
+from .tls import ServerCredentials
 
 __all__ = [
     "Qh3Connection",
@@ -95,58 +85,6 @@ if not any(isinstance(f, _PeerCloseIsDebug) for f in _qh3_logger.filters):
     _qh3_logger.addFilter(_PeerCloseIsDebug())
 
 
-def client_configuration(
-    *,
-    alpn: list[str] | tuple[str, ...] = ("quic-reverse-example",),
-    server_name: str | None = "localhost",
-    cafile: str | None = None,
-    verify: bool = True,
-    idle_timeout: float = 60.0,
-    stream_window: int = DEFAULT_STREAM_WINDOW,
-    connection_window: int = DEFAULT_CONNECTION_WINDOW,
-) -> QuicConfiguration:
-    """A client :class:`QuicConfiguration` with this library's tuned defaults.
-
-    Raises:
-        TransportError: ``cafile`` cannot be loaded.
-    """
-    return build_client_configuration(
-        QuicConfiguration,
-        alpn=alpn,
-        server_name=server_name,
-        cafile=cafile,
-        verify=verify,
-        idle_timeout=idle_timeout,
-        stream_window=stream_window,
-        connection_window=connection_window,
-    )
-
-
-def server_configuration(
-    certfile: str,
-    keyfile: str,
-    *,
-    alpn: list[str] | tuple[str, ...] = ("quic-reverse-example",),
-    idle_timeout: float = 60.0,
-    stream_window: int = DEFAULT_STREAM_WINDOW,
-    connection_window: int = DEFAULT_CONNECTION_WINDOW,
-) -> QuicConfiguration:
-    """A server :class:`QuicConfiguration` with this library's tuned defaults.
-
-    Raises:
-        TransportError: the certificate or key cannot be loaded.
-    """
-    return build_server_configuration(
-        QuicConfiguration,
-        certfile,
-        keyfile,
-        alpn=alpn,
-        idle_timeout=idle_timeout,
-        stream_window=stream_window,
-        connection_window=connection_window,
-    )
-
-
 # qh3 2.1 hard-codes the concurrent-stream limits it advertises (100 bidi, 103 uni)
 # in two places: the native core's constructor and the TLS transport parameters.
 # Both are patched consistently, for the duration of the call that uses them.
@@ -173,8 +111,9 @@ def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
         setattr(module, name, original)
 
 
-class _LimitedQuicConnection(QuicConnection):
-    """qh3 QuicConnection advertising ``max_streams`` concurrent bidirectional streams."""
+class _LimitedQuicConnection(StackHooks, QuicConnection):
+    """qh3 QuicConnection advertising ``max_streams`` concurrent bidirectional streams,
+    with the driver's ``qr_*`` hooks (:class:`~._stack.QuicStack`)."""
 
     def __init__(self, *, max_streams: int, **kwargs: Any) -> None:
         self._qr_max_streams = max_streams
@@ -237,43 +176,36 @@ class _LimitedQuicConnection(QuicConnection):
         bridge.serialize_transport_parameters = serialize  # type: ignore[method-assign]
         return bridge
 
+    # -- driver hooks ------------------------------------------------------------
 
-class Qh3Connection(StackConnection):
-    """A qh3 :class:`QuicConnection` behind the transport contract."""
-
-    events = qh3_events
-    stack_name = "qh3"
-    quic_class = _LimitedQuicConnection
-
-    def _stack_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+    def qr_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
         # Once the handshake is done, even a single datagram goes through the batch
         # entry point: qh3's one-datagram path re-parses every packet header in Python
         # (version negotiation, retry, coalesced packets, connection-id learning),
         # which only matters during the handshake; the batch path hands the datagram
         # straight to the native core (and itself falls back before the handshake).
-        quic = self._quic
-        if len(datagrams) == 1 and not quic._handshake_complete:
-            quic.receive_datagram(datagrams[0], addr, now)
+        if len(datagrams) == 1 and not self._handshake_complete:
+            self.receive_datagram(datagrams[0], addr, now)
         else:
-            quic.receive_many_datagrams(datagrams, addr, now)
+            self.receive_many_datagrams(datagrams, addr, now)
 
-    def _send_queue_size(self, stream_id: int) -> int:
+    def qr_send_queue_size(self, stream_id: int) -> int:
         try:
-            return int(self._quic.get_send_buffer_size(stream_id))
-        except Exception:
+            return int(self.get_send_buffer_size(stream_id))
+        except Exception:  # unknown/finished stream: nothing queued
             return 0
 
-    def _bidi_slot_available(self) -> bool:
-        core = self._quic._core
+    def qr_bidi_slot_available(self) -> bool:
+        core = self._core
         if core is None:
             return False
         peer_limit = core.stream_limits[0]
-        return bool(self._quic.get_next_available_stream_id() // 4 < peer_limit)
+        return bool(self.get_next_available_stream_id() // 4 < peer_limit)
 
-    def _allocate_bidi(self) -> int:
-        return int(self._quic._open_stream())
+    def qr_allocate_bidi(self) -> int:
+        return int(self._open_stream())
 
-    def _route_known(self, max_udp_payload: int | None) -> None:
+    def qr_route_known(self, max_udp_payload: int | None) -> None:
         """Let qh3's path MTU discovery probe up to what the local route carries.
 
         Only when the configuration keeps qh3's conservative default (1280); an
@@ -281,98 +213,83 @@ class Qh3Connection(StackConnection):
         starts small and uses a bigger size only once a probe of it was acknowledged,
         so a path narrower than the local route costs only lost probes.
         """
-        quic = self._quic
-        if max_udp_payload is None or not isinstance(quic, _LimitedQuicConnection):
+        if max_udp_payload is None:
             return
-        configured = int(quic._configuration.max_datagram_size)
-        if configured != PACKET_MAX_SIZE or not quic._configuration.probe_datagram_size:
+        configured = int(self._configuration.max_datagram_size)
+        if configured != PACKET_MAX_SIZE or not self._configuration.probe_datagram_size:
             return
         limit = min(max_udp_payload, MAX_DISCOVERED_DATAGRAM_SIZE)
         if limit > configured:
-            quic._qr_max_datagram_size = limit
+            self._qr_max_datagram_size = limit
             logger.debug("qh3: path MTU discovery up to %d-byte datagrams", limit)
 
-    def _peer_certificate_der(self) -> bytes | None:
-        cert = self._quic.get_peercert()
+    def qr_peer_certificate(self) -> bytes | None:
+        cert = self.get_peercert()
         return None if cert is None else bytes(cert.public_bytes())
+
+
+class Qh3Connection(StackConnection):
+    """A qh3 :class:`QuicConnection` behind the transport contract."""
 
 
 class Qh3Server(StackServer):
     """Server dispatcher creating :class:`Qh3Connection` objects."""
 
-    connection_class = Qh3Connection
-    encode_version_negotiation = staticmethod(encode_quic_version_negotiation)
 
-    def _parse_header(self, data: bytes) -> tuple[int | None, bool, bytes, bytes] | None:
-        try:
-            header = _pull_quic_header(data, 0, self._cid_length)
-        except ValueError:
-            return None
-        version, packet_type, _, dcid, scid = header[:5]
-        return version, packet_type == int(QuicPacketType.INITIAL), dcid, scid
-
-
-async def connect(
-    host: str,
-    port: int,
-    *,
-    configuration: QuicConfiguration,
-    handshake_timeout: float = 10.0,
-    send_buffer: int = DEFAULT_SEND_BUFFER,
-    socket_buffer: int = DEFAULT_SOCKET_BUFFER,
-    max_streams: int = DEFAULT_MAX_STREAMS,
-) -> Qh3Connection:
-    """Connect to a QUIC server with qh3 and wait for the handshake.
-
-    Raises:
-        CertificateError: the server's certificate was rejected.
-        ConnectionClosed: the server closed the connection during the handshake.
-        TransportError: no handshake within ``handshake_timeout`` seconds, or the address
-            cannot be resolved, or the socket cannot be opened.
-    """
-    return await stack_connect(
-        Qh3Connection,
-        host,
-        port,
-        configuration=configuration,
-        handshake_timeout=handshake_timeout,
-        send_buffer=send_buffer,
-        socket_buffer=socket_buffer,
+def _create(
+    configuration: QuicConfiguration, max_streams: int, original_dcid: bytes | None
+) -> QuicStack:
+    if original_dcid is None:
+        return _LimitedQuicConnection(max_streams=max_streams, configuration=configuration)
+    return _LimitedQuicConnection(
         max_streams=max_streams,
+        configuration=configuration,
+        original_destination_connection_id=original_dcid,
     )
 
 
-async def serve(
-    host: str,
-    port: int,
-    *,
-    configuration: QuicConfiguration,
-    on_connection: Callable[[Qh3Connection], Awaitable[None]],
-    send_buffer: int = DEFAULT_SEND_BUFFER,
-    socket_buffer: int = DEFAULT_SOCKET_BUFFER,
-    max_streams: int = DEFAULT_MAX_STREAMS,
-    handshake_timeout: float = 10.0,
-    max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
-) -> Qh3Server:
-    """Serve QUIC with qh3 on ``(host, port)`` on a batching UDP transport.
+def _parse_header(data: bytes, cid_length: int) -> Header | None:
+    try:
+        header = _pull_quic_header(data, 0, cid_length)
+    except ValueError:
+        return None
+    version, packet_type, _, dcid, scid = header[:5]
+    return version, packet_type == int(QuicPacketType.INITIAL), dcid, scid
 
-    ``on_connection(conn)`` runs as a task per connection once its handshake
-    completed; when it returns, the connection is closed if still open. A
-    connection whose handshake does not complete within ``handshake_timeout``
-    seconds is dropped; at most ``max_handshakes`` handshakes run at once.
 
-    Raises:
-        TransportError: the address cannot be bound or the configuration is unusable.
-    """
-    return await stack_serve(
-        Qh3Server,
-        host,
-        port,
-        configuration=configuration,
-        on_connection=on_connection,
-        send_buffer=send_buffer,
-        socket_buffer=socket_buffer,
-        max_streams=max_streams,
-        handshake_timeout=handshake_timeout,
-        max_handshakes=max_handshakes,
-    )
+def _load_credentials(configuration: QuicConfiguration, credentials: ServerCredentials) -> None:
+    # qh3 takes PEM bytes in place of file names (so DER files work too).
+    configuration.load_cert_chain(credentials.chain_pem(), credentials.key_pem())
+
+
+#: The qh3 stack, as the shared driver, client and server see it.
+SPEC: StackSpec[QuicConfiguration] = StackSpec(
+    name="qh3",
+    events=StackEvents(
+        stream_data=qh3_events.StreamDataReceived,
+        stream_reset=qh3_events.StreamReset,
+        stop_sending=qh3_events.StopSendingReceived,
+        connection_id_issued=qh3_events.ConnectionIdIssued,
+        connection_id_retired=qh3_events.ConnectionIdRetired,
+        handshake_completed=qh3_events.HandshakeCompleted,
+        connection_terminated=qh3_events.ConnectionTerminated,
+    ),
+    configuration_class=QuicConfiguration,
+    create=_create,
+    parse_header=_parse_header,
+    encode_version_negotiation=encode_quic_version_negotiation,
+    load_credentials=_load_credentials,
+    connection_class=Qh3Connection,
+    server_class=Qh3Server,
+    receive_gate=True,
+)
+
+#: A client :class:`QuicConfiguration` with this library's tuned defaults (see
+#: :meth:`StackSpec.client_configuration <._stack.StackSpec.client_configuration>`).
+client_configuration = SPEC.client_configuration
+#: A server :class:`QuicConfiguration` with this library's tuned defaults.
+server_configuration = SPEC.server_configuration
+#: Connect with qh3 and wait for the handshake (see :meth:`._stack.StackSpec.connect`).
+connect = SPEC.connect
+#: Serve QUIC with qh3 on a batching UDP transport (see :meth:`._stack.StackSpec.serve`).
+serve = SPEC.serve

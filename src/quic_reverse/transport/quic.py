@@ -25,27 +25,27 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-import math
 import os
 from collections.abc import Awaitable, Callable
-from types import ModuleType, TracebackType
+from types import TracebackType
 from typing import Any, Literal
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ..errors import CertificateError, ConfigError, TransportError
-from ._common import (
-    DEFAULT_CONNECTION_WINDOW,
-    DEFAULT_MAX_HANDSHAKES,
-    DEFAULT_MAX_STREAMS,
-    DEFAULT_SEND_BUFFER,
-    DEFAULT_STREAM_WINDOW,
-    StackConnection,
-    StackServer,
-)
-from ._udp import DEFAULT_SOCKET_BUFFER
+from ..errors import CertificateError, ConfigError
+from ._client import stack_connect
+from ._driver import StackConnection
+from ._options import TransportOptions
+from ._server import StackServer, stack_serve
+from ._stack import StackSpec
 from .base import Connection
-from .tls import certificate_fingerprint, normalize_fingerprint
+from .tls import (
+    certificate_fingerprint,
+    load_certificates,
+    load_server_credentials,
+    normalize_fingerprint,
+)
 
 __all__ = ["ClientTLS", "QuicServer", "ServerTLS", "Stack", "TransportOptions", "connect", "serve"]
 
@@ -59,7 +59,8 @@ _STACKS = ("qh3", "aioquic")
 class ClientTLS:
     """Client TLS settings.
 
-    ``cafile``: PEM bundle of trusted CAs (default: the system store).
+    ``cafile``: trusted CAs, PEM (one or more) or DER (default: the system store);
+    checked (read and parsed) here, so a missing or garbled file fails at once.
     ``verify=False`` disables chain and name verification (logs a loud warning
     unless ``pin_sha256`` is set). ``pin_sha256``: the server certificate's
     SHA-256 fingerprint (hex, colons allowed); when set, the chain is not
@@ -78,13 +79,18 @@ class ClientTLS:
         object.__setattr__(self, "alpn", tuple(self.alpn))
         if self.pin_sha256 is not None:
             object.__setattr__(self, "pin_sha256", normalize_fingerprint(self.pin_sha256))
-        if self.cafile is not None and not os.path.isfile(self.cafile):
-            raise ConfigError(f"cafile not found: {self.cafile}")
+        if self.cafile is not None:
+            load_certificates(self.cafile, "CA file")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerTLS:
-    """Server TLS settings: PEM certificate chain and private key files."""
+    """Server TLS settings: certificate chain and private key files (PEM or DER).
+
+    Both files are loaded and checked to belong together here, so a wrong pair
+    fails when the settings are made (:class:`ConfigError` naming both files), not
+    at every client's handshake.
+    """
 
     certfile: str | os.PathLike[str]
     keyfile: str | os.PathLike[str]
@@ -94,72 +100,7 @@ class ServerTLS:
         if isinstance(self.alpn, str) or not self.alpn:
             raise ConfigError("alpn must be a non-empty sequence of protocol names")
         object.__setattr__(self, "alpn", tuple(self.alpn))
-        for name in ("certfile", "keyfile"):
-            path = getattr(self, name)
-            if not os.path.isfile(path):
-                raise ConfigError(f"{name} not found: {path}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TransportOptions:
-    """Tuning knobs shared by both stacks (defaults are the tuned values).
-
-    ``max_streams``: concurrent bidirectional streams the peer may open.
-    ``stream_window`` / ``connection_window``: receive flow-control windows.
-    ``send_buffer``: bytes per stream ``write`` may queue in the stack before it waits.
-    ``max_handshakes`` (servers): connections in their handshake at once; Initials
-    beyond it are dropped until one finishes or times out (``handshake_timeout``).
-
-    How a receiver that does not read is bounded differs by stack:
-
-    * aioquic: credit is granted per stream as the application reads, so one
-      unread stream holds at most ``stream_window`` and others keep flowing;
-    * qh3: its native core grants credit as soon as data is delivered to Python,
-      so the adapter stops feeding the connection's (large) incoming packets once
-      unread bytes over all streams pass ``connection_window`` and resumes when a
-      quarter was read. Small packets (ACKs, close, short messages) still get
-      through, but bulk data on *every* stream of that connection waits until the
-      slow reader catches up.
-    """
-
-    idle_timeout: float = 60.0
-    handshake_timeout: float = 10.0
-    max_streams: int = DEFAULT_MAX_STREAMS
-    stream_window: int = DEFAULT_STREAM_WINDOW
-    connection_window: int = DEFAULT_CONNECTION_WINDOW
-    send_buffer: int = DEFAULT_SEND_BUFFER
-    socket_buffer: int = DEFAULT_SOCKET_BUFFER
-    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
-
-    def __post_init__(self) -> None:
-        for name in ("idle_timeout", "handshake_timeout"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-            ):
-                raise ConfigError(f"{name} must be a finite number of seconds, got {value!r}")
-        for name in (
-            "max_streams",
-            "stream_window",
-            "connection_window",
-            "send_buffer",
-            "socket_buffer",
-            "max_handshakes",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be an int, got {value!r}")
-        if self.idle_timeout <= 0 or self.handshake_timeout <= 0:
-            raise ConfigError("timeouts must be > 0")
-        if not 1 <= self.max_streams <= 1 << 20:
-            raise ConfigError("max_streams must be in 1..2**20")
-        if self.max_handshakes < 1:
-            raise ConfigError("max_handshakes must be >= 1")
-        for name in ("stream_window", "connection_window", "send_buffer", "socket_buffer"):
-            if getattr(self, name) < 1024:
-                raise ConfigError(f"{name} must be >= 1024")
+        load_server_credentials(self.certfile, self.keyfile)
 
 
 def _check_stack(stack: str) -> None:
@@ -208,56 +149,53 @@ async def connect(
         )
     if direct is not None:
         cafile = None
-    mod = _stack_module(stack)
-    conn: Any = await mod.connect(
-        host,
-        port,
-        configuration=mod.client_configuration(
-            alpn=tls.alpn,
-            server_name=tls.server_name,
-            cafile=cafile,
-            verify=verify,
-            idle_timeout=opts.idle_timeout,
-            stream_window=opts.stream_window,
-            connection_window=opts.connection_window,
-        ),
-        handshake_timeout=opts.handshake_timeout,
-        send_buffer=opts.send_buffer,
-        socket_buffer=opts.socket_buffer,
-        max_streams=opts.max_streams,
+    spec = _stack_spec(stack)
+    configuration = spec.client_configuration(
+        alpn=tls.alpn,
+        server_name=tls.server_name,
+        cafile=cafile,
+        verify=verify,
+        idle_timeout=opts.idle_timeout,
+        stream_window=opts.stream_window,
+        connection_window=opts.connection_window,
     )
+    conn = await stack_connect(spec, host, port, configuration, opts)
     if tls.pin_sha256 is not None:
         _check_pin(conn, {tls.pin_sha256}, "the pin")
     elif direct is not None:
         _check_pin(conn, direct, f"a certificate in {tls.cafile}")
-    assert isinstance(conn, Connection)
     return conn
 
 
-def _stack_module(stack: str) -> ModuleType:
-    """The adapter module of ``stack`` (imported on first use: each pulls in its stack)."""
+def _stack_spec(stack: str) -> StackSpec[Any]:
+    """The :class:`StackSpec` of ``stack`` (its module is imported on first use: each
+    pulls in its QUIC stack, and aioquic is an optional extra).
+
+    Raises:
+        ConfigError: the stack is not installed.
+    """
     if stack == "qh3":
         from . import qh3
 
-        return qh3
-    from . import aioquic
-
-    return aioquic
+        return qh3.SPEC
+    try:
+        from . import aioquic
+    except ImportError as exc:
+        if exc.name is not None and exc.name.split(".")[0] != "aioquic":
+            raise
+        raise ConfigError(
+            "the aioquic QUIC stack is not installed: pip install 'quic-reverse[aioquic]' "
+            "(or use the default stack, qh3)"
+        ) from None
+    return aioquic.SPEC
 
 
 def _direct_trust(cafile: str | None) -> set[str] | None:
     """Fingerprints of ``cafile`` if it holds only non-CA certificates, else None."""
     if cafile is None:
         return None
-    from cryptography import x509
-
-    try:
-        with open(cafile, "rb") as fh:
-            certs = x509.load_pem_x509_certificates(fh.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read cafile {cafile}: {exc}") from exc
     fingerprints: set[str] = set()
-    for cert in certs:
+    for cert in load_certificates(cafile, "CA file"):
         try:
             is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         except x509.ExtensionNotFound:
@@ -266,28 +204,6 @@ def _direct_trust(cafile: str | None) -> set[str] | None:
             return None
         fingerprints.add(certificate_fingerprint(cert.public_bytes(Encoding.DER)))
     return fingerprints or None
-
-
-def _check_certificate_files(certfile: str, keyfile: str) -> None:
-    """Parse the server certificate and key with ``cryptography`` before a stack sees
-    them: qh3 panics (instead of raising) on some malformed keys.
-
-    Raises:
-        ConfigError: unreadable files, no certificate, or a key that is not a PEM key.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    try:
-        with open(certfile, "rb") as fh:
-            certs = x509.load_pem_x509_certificates(fh.read())
-        with open(keyfile, "rb") as fh:
-            key_pem = fh.read()
-        load_pem_private_key(key_pem, password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot load certificate/key ({certfile}, {keyfile}): {exc}") from exc
-    if not certs:
-        raise ConfigError(f"no certificate in {certfile}")
 
 
 def _check_pin(conn: Connection, accepted: set[str], what: str) -> None:
@@ -365,29 +281,15 @@ async def serve(
     _check_stack(stack)
     _check_port(port, allow_zero=True)
     opts = options or TransportOptions(idle_timeout=idle_timeout)
-    certfile, keyfile = os.fspath(tls.certfile), os.fspath(tls.keyfile)
-    _check_certificate_files(certfile, keyfile)
-    mod = _stack_module(stack)
-    try:
-        config: Any = mod.server_configuration(
-            certfile,
-            keyfile,
-            alpn=tls.alpn,
-            idle_timeout=opts.idle_timeout,
-            stream_window=opts.stream_window,
-            connection_window=opts.connection_window,
-        )
-    except TransportError as exc:
-        raise ConfigError(f"cannot load certificate/key: {exc}") from exc
-    impl: StackServer = await mod.serve(
-        host,
-        port,
-        configuration=config,
-        on_connection=on_connection,
-        send_buffer=opts.send_buffer,
-        socket_buffer=opts.socket_buffer,
-        max_streams=opts.max_streams,
-        handshake_timeout=opts.handshake_timeout,
-        max_handshakes=opts.max_handshakes,
+    spec = _stack_spec(stack)
+    # Loaded and checked again: the files may have changed since ServerTLS was made.
+    configuration = spec.server_configuration(
+        tls.certfile,
+        tls.keyfile,
+        alpn=tls.alpn,
+        idle_timeout=opts.idle_timeout,
+        stream_window=opts.stream_window,
+        connection_window=opts.connection_window,
     )
+    impl = await stack_serve(spec, host, port, configuration, on_connection, opts)
     return QuicServer(impl)

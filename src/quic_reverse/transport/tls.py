@@ -13,6 +13,7 @@ DER encoding, the format used for certificate pinning (``ClientTLS.pin_sha256``)
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import ipaddress
@@ -23,15 +24,22 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigError
 
 __all__ = [
+    "ServerCredentials",
     "certificate_fingerprint",
     "generate_self_signed",
+    "load_certificates",
+    "load_private_key",
+    "load_server_credentials",
+    "normalise_fingerprint",
     "normalize_fingerprint",
     "write_self_signed",
 ]
@@ -151,33 +159,148 @@ def certificate_fingerprint(pem_or_der: bytes) -> str:
         ConfigError: the bytes are not a certificate.
     """
     data = bytes(pem_or_der)
-    if b"-----BEGIN" in data:
-        try:
+    try:
+        if b"-----BEGIN" in data:
             der = x509.load_pem_x509_certificate(data).public_bytes(serialization.Encoding.DER)
-        except ValueError as exc:
-            raise ConfigError(f"not a PEM certificate: {exc}") from exc
-    else:
-        try:
+        else:
             x509.load_der_x509_certificate(data)
-        except ValueError as exc:
-            raise ConfigError(f"not a DER certificate: {exc}") from exc
-        der = data
+            der = data
+    except ValueError:
+        # cryptography's message is Rust debug text (ParseError { kind: ShortData }).
+        raise ConfigError("not a PEM or DER certificate") from None
     return hashlib.sha256(der).hexdigest()
 
 
 def normalize_fingerprint(text: str) -> str:
-    """Normalise a SHA-256 fingerprint to 64 lowercase hex digits.
+    """Normalise a SHA-256 certificate fingerprint to 64 lowercase hex digits.
 
-    Accepts colons, spaces and upper case (``AB:CD:...``) and an optional
-    ``sha256:`` prefix.
+    The one normaliser of fingerprints in quic-reverse (library, CLI, tunnel config).
+    Accepts, case-insensitively: plain hex (``ab12...``), colon- or space-separated
+    hex (``AB:12:...``, what ``openssl x509 -fingerprint`` prints) and any of these
+    behind a ``sha256:`` / ``SHA256:`` / ``sha256=`` prefix, with surrounding blanks.
 
     Raises:
-        ConfigError: the text is not a SHA-256 fingerprint.
+        ConfigError: the text is not a SHA-256 fingerprint (one line, shows the text).
     """
+    if not isinstance(text, str):
+        raise ConfigError(f"a SHA-256 fingerprint must be text, got {type(text).__name__}")
     cleaned = text.strip()
-    if cleaned.lower().startswith("sha256:"):
-        cleaned = cleaned[len("sha256:") :]
+    for prefix in ("sha256:", "sha256="):
+        if cleaned.lower().startswith(prefix):
+            cleaned = cleaned[len(prefix) :].strip()
+            break
     cleaned = cleaned.replace(":", "").replace(" ", "").lower()
     if len(cleaned) != 64 or not set(cleaned) <= _HEX:
-        raise ConfigError(f"not a SHA-256 fingerprint (64 hex digits): {text!r}")
+        raise ConfigError(
+            f"not a SHA-256 fingerprint (64 hex digits, colons and a sha256: prefix "
+            f"allowed): {text!r}"
+        )
     return cleaned
+
+
+#: Alias of :func:`normalize_fingerprint` (British spelling used in some docs).
+normalise_fingerprint = normalize_fingerprint
+
+
+# -- loading certificates and keys (PEM or DER) --------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerCredentials:
+    """A server's certificate chain (end-entity first) and its private key, checked
+    to belong together (see :func:`load_server_credentials`)."""
+
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKeyTypes
+
+    def chain_pem(self) -> bytes:
+        """The chain as concatenated PEM blocks."""
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+
+    def key_pem(self) -> bytes:
+        """The key as unencrypted PKCS#8 PEM."""
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+def _read(path: str | os.PathLike[str], what: str) -> bytes:
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {name}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {name}: {exc.strerror or exc}") from None
+
+
+def load_certificates(
+    path: str | os.PathLike[str], what: str = "certificate"
+) -> list[x509.Certificate]:
+    """The certificates in a PEM (one or more blocks) or DER (one certificate) file.
+
+    The one loader for certificate and CA files (``what`` names the file's role in
+    messages: "certificate", "CA file").
+
+    Raises:
+        ConfigError: one line naming the file: missing, unreadable, not PEM/DER, or
+            holding no certificate.
+    """
+    data = _read(path, what)
+    name = os.fspath(path)
+    try:
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        # cryptography's message is Rust debug text (ParseError { kind: ShortData }).
+        raise ConfigError(f"{what} {name}: not a PEM or DER certificate") from None
+    if not certs:
+        raise ConfigError(f"{what} {name}: holds no certificate")
+    return certs
+
+
+def load_private_key(path: str | os.PathLike[str]) -> PrivateKeyTypes:
+    """The unencrypted private key in a PEM or DER file.
+
+    Raises:
+        ConfigError: one line naming the file: missing, unreadable, encrypted, or not
+            a PEM/DER private key.
+    """
+    data = _read(path, "key file")
+    name = os.fspath(path)
+    try:
+        if b"-----BEGIN" in data:
+            return serialization.load_pem_private_key(data, password=None)
+        return serialization.load_der_private_key(data, password=None)
+    except TypeError:
+        raise ConfigError(
+            f"key file {name}: the key is encrypted (use an unencrypted key)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"key file {name}: not a PEM or DER private key") from None
+
+
+def load_server_credentials(
+    certfile: str | os.PathLike[str], keyfile: str | os.PathLike[str]
+) -> ServerCredentials:
+    """Load a server certificate chain and key and check that they belong together.
+
+    Raises:
+        ConfigError: a file cannot be loaded, or the key is not the certificate's
+            (message names both files). Caught here, not at every peer's handshake.
+    """
+    chain = load_certificates(certfile, "certificate")
+    key = load_private_key(keyfile)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if chain[0].public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        raise ConfigError(
+            f"certificate {os.fspath(certfile)} and key {os.fspath(keyfile)} do not match "
+            "(the key is not the certificate's private key)"
+        )
+    return ServerCredentials(tuple(chain), key)

@@ -1,0 +1,302 @@
+"""The server side of the QUIC adapters: one UDP socket, many connections.
+
+:class:`StackServer` routes datagram batches by destination connection id to
+:class:`~._driver.StackConnection` objects it creates for new Initials (bounded by
+``max_handshakes``), runs each connection's handler once its handshake completed,
+and closes everything on :meth:`StackServer.close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, TransportError
+from ._driver import StackConnection
+from ._errors import StackCall
+from ._options import TransportOptions
+from ._udp import open_udp_endpoint
+
+if TYPE_CHECKING:
+    from ._stack import QuicConfigurationLike, StackSpec
+
+__all__ = ["StackServer", "stack_serve"]
+
+logger = logging.getLogger("quic_reverse.transport")
+
+
+class StackServer:
+    """UDP dispatcher for one server socket: routes datagram batches to connections.
+
+    Batches arrive grouped by source address (see :mod:`._udp`), are routed by
+    destination connection id and handed to the connection in one call, so one
+    connection processes a whole burst of packets before it transmits once.
+    """
+
+    def __init__(
+        self,
+        spec: StackSpec[Any],
+        configuration: QuicConfigurationLike,
+        on_connection: Callable[[Any], Awaitable[None]],
+        options: TransportOptions,
+    ) -> None:
+        self._spec = spec
+        self._configuration = configuration
+        self._options = options
+        #: Connections allowed in their handshake at once (see DEFAULT_MAX_HANDSHAKES).
+        self.max_handshakes = options.max_handshakes
+        self._handshaking = 0
+        self._handshake_limit_warned = False
+        self._on_connection = on_connection
+        #: Seconds a new connection may take to complete its handshake.
+        self.handshake_timeout = options.handshake_timeout
+        self._cid_length: int = configuration.connection_id_length
+        self._supported_versions: list[int] = list(configuration.supported_versions)
+        self._loop = asyncio.get_running_loop()
+        self._connections: dict[bytes, StackConnection] = {}
+        self._all: set[StackConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._closing = False
+        self._close_requested = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._guard_header = StackCall(
+            f"{spec.name} server: parsing a packet header", on_error="log"
+        )
+        # Any peer can trigger this with one datagram: one warning, then debug lines.
+        self._guard_create = StackCall(
+            f"{spec.name} server: creating a connection", on_error="log", warn_once=True
+        )
+
+    def _version_negotiation(self, dcid: bytes, scid: bytes) -> bytes:
+        return bytes(
+            self._spec.encode_version_negotiation(
+                source_cid=dcid,
+                destination_cid=scid,
+                supported_versions=self._supported_versions,
+            )
+        )
+
+    def _new_connection(self, original_dcid: bytes) -> StackConnection:
+        spec = self._spec
+        quic = spec.create(self._configuration, self._options.max_streams, original_dcid)
+        return spec.connection_class(
+            spec,
+            quic,
+            is_client=False,
+            options=self._options,
+            receive_high_water=self._configuration.max_data,
+        )
+
+    # wiring ----------------------------------------------------------------
+
+    def set_transport(self, transport: asyncio.DatagramTransport) -> None:
+        self._transport = transport
+
+    def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
+        if self._closing:
+            return
+        batch: list[bytes] = []
+        target: StackConnection | None = None
+        connections = self._connections
+        cid_end = 1 + self._cid_length
+        for data in datagrams:
+            # Fast path for 1-RTT (short header) packets, nearly all of them: the
+            # destination connection id follows the first byte, no parsing needed.
+            if data and not data[0] & 0x80:
+                conn = connections.get(data[1:cid_end])
+            else:
+                conn = self._route(data, addr)
+            if conn is not target:
+                if batch and target is not None:
+                    target.datagrams_received(batch, addr)
+                batch = []
+                target = conn
+            if conn is not None:
+                batch.append(data)
+        if batch and target is not None:
+            target.datagrams_received(batch, addr)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed.set()
+
+    def _route(self, data: bytes, addr: Any) -> StackConnection | None:
+        header = None
+        with self._guard_header:
+            header = self._spec.parse_header(data, self._cid_length)
+        if header is None:
+            return None
+        version, is_initial, dcid, scid = header
+        if version is not None and version not in self._supported_versions:
+            if self._transport is not None:
+                self._transport.sendto(self._version_negotiation(dcid, scid), addr)
+            return None
+        conn = self._connections.get(dcid)
+        if conn is None and is_initial and len(data) >= 1200:
+            if self._handshaking >= self.max_handshakes:
+                level = logging.DEBUG if self._handshake_limit_warned else logging.WARNING
+                self._handshake_limit_warned = True
+                logger.log(
+                    level,
+                    "server: %d handshakes in progress (max_handshakes); dropping Initial from %s",
+                    self._handshaking,
+                    addr,
+                )
+                return None
+            with self._guard_create:
+                conn = self._new_connection(dcid)
+            if conn is None:
+                return None
+            self._register(conn, dcid, addr)
+        return conn
+
+    def _register(self, conn: StackConnection, dcid: bytes, addr: Any) -> None:
+        assert self._transport is not None
+        conn.attach(self._transport, addr)
+        self._connections[dcid] = conn
+        self._connections[conn._quic.host_cid] = conn
+        self._all.add(conn)
+
+        def issued(cid: bytes) -> None:
+            self._connections[cid] = conn
+
+        def retired(cid: bytes) -> None:
+            if self._connections.get(cid) is conn:
+                del self._connections[cid]
+
+        conn._cid_issued_callback = issued
+        conn._cid_retired_callback = retired
+        conn.on_terminated(self._forget)
+        self._handshaking += 1  # until _run sees the handshake end (either way)
+        task = self._loop.create_task(self._run(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _forget(self, conn: StackConnection) -> None:
+        for cid in [c for c, v in self._connections.items() if v is conn]:
+            del self._connections[cid]
+        self._all.discard(conn)
+
+    async def _run(self, conn: StackConnection) -> None:
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                await conn.wait_handshake()
+        except TransportError as exc:
+            logger.info(
+                "%s server: handshake failed from %s: %s", conn.stack_name, conn.remote_address, exc
+            )
+            conn.abort()
+            return
+        except TimeoutError:
+            # Garbage or spoofed Initials would otherwise hold state until the idle
+            # timeout; a handshake that does not finish in time is dropped silently.
+            logger.debug("%s server: no handshake from %s", conn.stack_name, conn.remote_address)
+            conn.abort()
+            return
+        finally:
+            self._handshaking -= 1
+        logger.info("%s server: connection from %s", conn.stack_name, conn.remote_address)
+        try:
+            await self._on_connection(conn)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            logger.exception("connection handler failed for %s", conn.remote_address)
+        finally:
+            if conn.is_open:
+                conn.close()
+
+    # public ----------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._transport is None:
+            return ("", 0)
+        name = self._transport.get_extra_info("sockname")
+        return (str(name[0]), int(name[1]))
+
+    def close(self) -> None:
+        """Stop accepting and close every connection (their handlers see it)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._close_requested.set()
+        logger.info("server on %s:%d closing", *self.address)
+        for conn in list(self._all):
+            conn.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`close` was called, then (bounded) for handlers and
+        connections to finish; finally release the socket."""
+        await self._close_requested.wait()
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        pending = [c for c in self._all if not c._closed.is_set()]
+        if pending:
+            waiters = [self._loop.create_task(c.wait_closed()) for c in pending]
+            _, late = await asyncio.wait(waiters, timeout=2.0)
+            for waiter in late:
+                waiter.cancel()
+            if late:
+                await asyncio.wait(late)
+        for conn in list(self._all):
+            conn.abort()
+        if self._transport is not None:
+            self._transport.close()
+        self._closed.set()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_error(host: str, port: int, exc: OSError) -> TransportError:
+    """A one-line :class:`TransportError` naming the address a bind failed on."""
+    where = _address(host, port)
+    if isinstance(exc, socket.gaierror):
+        return TransportError(f"cannot resolve {host!r} to bind {where}: {exc.strerror or exc}")
+    if exc.errno == errno.EADDRINUSE:
+        return TransportError(f"address {where} already in use")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return TransportError(f"permission denied binding {where}")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return TransportError(f"address {where} is not available on this host")
+    return TransportError(f"cannot bind UDP {where}: {exc.strerror or exc}")
+
+
+async def stack_serve(
+    spec: StackSpec[Any],
+    host: str,
+    port: int,
+    configuration: QuicConfigurationLike,
+    on_connection: Callable[[Any], Awaitable[None]],
+    options: TransportOptions,
+) -> StackServer:
+    """Bind a UDP endpoint on ``(host, port)`` and serve it with ``spec``'s stack.
+
+    Raises:
+        ConfigError: the configuration is not a server one or has no certificate/key.
+        TransportError: the address cannot be bound (the message names it, e.g.
+            ``address 127.0.0.1:4433 already in use``).
+    """
+    if configuration.is_client:
+        raise ConfigError("serve() needs a server configuration (is_client=False)")
+    if configuration.certificate is None or configuration.private_key is None:
+        raise ConfigError("serve() needs a certificate and private key in the configuration")
+    server = spec.server_class(spec, configuration, on_connection, options)
+    try:
+        transport, _ = await open_udp_endpoint(
+            server, host, port, socket_buffer=options.socket_buffer
+        )
+    except OSError as exc:
+        raise bind_error(host, port, exc) from None
+    server.set_transport(transport)
+    logger.info("%s: serving on %s", spec.name, _address(*server.address))
+    return server
