@@ -258,7 +258,10 @@ def _address(host: str, port: int) -> str:
 
 
 def bind_error(host: str, port: int, exc: OSError) -> TransportError:
-    """A one-line :class:`TransportError` naming the address a bind failed on."""
+    """A one-line :class:`TransportError` naming the address a bind failed on.
+
+    Raised ``from`` the :class:`OSError`, so callers can still branch on its ``errno``.
+    """
     where = _address(host, port)
     if isinstance(exc, socket.gaierror):
         return TransportError(f"cannot resolve {host!r} to bind {where}: {exc.strerror or exc}")
@@ -296,7 +299,7 @@ async def stack_serve(
             server, host, port, socket_buffer=options.socket_buffer
         )
     except OSError as exc:
-        raise bind_error(host, port, exc) from None
+        raise bind_error(host, port, exc) from exc
     server.set_transport(transport)
     logger.info("%s: serving on %s", spec.name, _address(*server.address))
     return server
