@@ -352,11 +352,12 @@ class Lab:
             _ip("-n", ns.name, "link", "set", "lo", "up")
             if self.tcp_buffer_max is not None:
                 n = int(self.tcp_buffer_max)
-                _ip("netns", "exec", ns.name, "sysctl", "-q", "-w",
-                    f"net.ipv4.tcp_rmem=4096 131072 {n}", f"net.ipv4.tcp_wmem=4096 16384 {n}")  # fmt: skip
+                rmem = f"net.ipv4.tcp_rmem=4096 131072 {n}"
+                wmem = f"net.ipv4.tcp_wmem=4096 16384 {n}"
+                _ip("netns", "exec", ns.name, "sysctl", "-q", "-w", rmem, wmem)
         if self.emulate:
             binary = build_line()
-            self._line_err = tempfile.TemporaryFile()
+            self._line_err = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
             self._line = subprocess.Popen(
                 [
                     str(binary),
@@ -384,6 +385,10 @@ class Lab:
                     f"{peer.address}/32", "dev", ns.ifname)  # fmt: skip
             else:
                 _ip("-n", ns.name, "addr", "add", f"{ns.address}/24", "dev", ns.ifname)
+            # No IPv6 on the lab link: no router/neighbour chatter consuming the seeded
+            # loss sequence, so a seed gives the same pattern for the same traffic.
+            _ip("netns", "exec", ns.name, "sysctl", "-q", "-w",
+                f"net.ipv6.conf.{ns.ifname}.disable_ipv6=1")  # fmt: skip
             _ip("-n", ns.name, "link", "set", ns.ifname, "mtu", str(self.mtu),
                 "txqueuelen", "10000", "up")  # fmt: skip
 

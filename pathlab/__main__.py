@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Literal
 
 from . import Lab, LabError, LinkSettings
 from .measure import tcp_throughput
@@ -67,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             **kwargs,
         ) as lab:
             if args.measure is not None:
-                for sender in ("edge", "relay"):
-                    t = tcp_throughput(lab, args.measure, sender=sender)  # type: ignore[arg-type]
+                senders: tuple[Literal["edge", "relay"], ...] = ("edge", "relay")
+                for sender in senders:
+                    t = tcp_throughput(lab, args.measure, sender=sender)
                     row = {
                         "from": sender,
                         "bytes": t.nbytes,

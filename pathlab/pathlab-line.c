@@ -307,6 +307,7 @@ static void *run_dir(void *arg) {
             }
             if (n == 0) break;
             BUMP(rx);
+            refresh(d); /* per packet: a `set` answered "ok" applies to the next packet */
             now = now_ns();
             const params_t *p = &d->p;
             if (__atomic_load_n(&g_partition[d->index], __ATOMIC_RELAXED)) {
