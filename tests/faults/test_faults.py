@@ -169,10 +169,8 @@ async def test_edge_kill9_and_restart(world: World) -> None:
     relay_mark = relay.proc.mark()
 
     edge.kill()  # SIGKILL: the relay hears nothing
-    killed = time.monotonic()
     outcomes = await asyncio.gather(*(closed(c, RELAY_NOTICES) for c in clients))
     assert set(outcomes) <= {"eof", "reset"}
-    took = time.monotonic() - killed
     close_all(clients)
     assert relay.proc.find(RELAY_LOST, after=relay_mark), relay.proc.tail()
     # The dead edge's legs died with it (the kernel closed its sockets).
@@ -188,7 +186,6 @@ async def test_edge_kill9_and_restart(world: World) -> None:
         PROMPT,
     )
     await wait_until("edge legs at the end", world.edge_legs, lambda v: v == 0, PROMPT)
-    assert took <= RELAY_NOTICES
 
 
 # ---------------------------------------------------------------------------- (d)
@@ -242,17 +239,20 @@ async def test_two_edges_with_one_name_do_not_flap(world: World) -> None:
 # ---------------------------------------------------------------------------- (e)
 
 
-def _stream_limit_flag() -> str | None:
-    """The relay's option for its stream limit, if the CLI has one."""
+def _stream_limit_flag(command: str) -> str | None:
+    """The option of ``quic-reverse COMMAND`` that sets its concurrent-stream limit,
+    if the CLI has one (an option naming streams and a maximum or limit)."""
     done = subprocess.run(
-        [QUIC_REVERSE, "relay", "--help"],
+        [QUIC_REVERSE, command, "--help"],
         capture_output=True,
         text=True,
         timeout=STARTUP,
         check=False,
     )
-    m = re.search(r"(--[a-z-]*streams?\b[a-z-]*)", done.stdout)
-    return m.group(1) if m else None
+    for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", done.stdout):
+        if "stream" in option and any(w in option for w in ("max", "limit", "concurrent")):
+            return str(option)
+    return None
 
 
 BURST = 2000
@@ -263,10 +263,10 @@ STREAM_LIMIT = 1000  # the session default (Config.max_concurrent_streams)
 async def test_burst_larger_than_the_stream_limit(world: World) -> None:
     """2,000 concurrent clients against a stream limit of 1,000: every one is served
     (queued opens wait at most open_timeout), and nothing is left open afterwards."""
-    flag = _stream_limit_flag()
-    extra = [flag, str(STREAM_LIMIT)] if flag else []
-    relay = world.start_relay([FORWARD], extra=extra)
-    edge = world.start_edge(relay, extra=extra)
+    flag = _stream_limit_flag("relay")
+    edge_flag = _stream_limit_flag("edge")
+    relay = world.start_relay([FORWARD], extra=[flag, str(STREAM_LIMIT)] if flag else [])
+    edge = world.start_edge(relay, extra=[edge_flag, str(STREAM_LIMIT)] if edge_flag else [])
     port = relay.forwards["edgeA/echo"]
     baseline = fd_count(relay.proc.popen.pid)
     edge_baseline = fd_count(edge.popen.pid)

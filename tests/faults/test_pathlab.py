@@ -4,6 +4,7 @@ and that nothing the lab creates outlives it (also after a failure)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -11,7 +12,7 @@ import time
 
 import pytest
 from pathlab import Lab, LabError, _pid_alive, cleanup_stale, lab_namespaces
-from pathlab.measure import tcp_throughput
+from pathlab.measure import python_command, tcp_throughput
 
 from tests.support.timing import MS
 
@@ -197,3 +198,31 @@ def test_stale_namespaces_of_dead_runs_are_removed() -> None:
         assert name not in lab_namespaces()
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def test_command_line_runs_a_command_in_a_lab_and_cleans_up() -> None:
+    script = (
+        'ip netns exec "$PATHLAB_EDGE_NS" ip -br addr show ple; '
+        'echo "relay=$PATHLAB_RELAY_NS line=$PATHLAB_LINE_PID"; exit 3'
+    )
+    done = subprocess.run(
+        [*python_command("pathlab", "--delay-ms", "5", "--"), "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60_000 * MS,
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "10.99.0.2" in done.stdout
+    m = re.search(r"relay=(\S+) line=(\d+)", done.stdout)
+    assert m, done.stdout
+    assert m.group(1) not in lab_namespaces()
+    assert not _pid_alive(int(m.group(2)))
+    bad = subprocess.run(
+        python_command("pathlab", "--loss", "2", "--", "true"),
+        capture_output=True,
+        text=True,
+        timeout=60_000 * MS,
+        check=False,
+    )
+    assert bad.returncode == 2 and "probability" in bad.stderr, bad.stderr
