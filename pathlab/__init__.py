@@ -291,7 +291,8 @@ class Lab:
     ``loss``...), plus ``mtu`` (the interfaces' MTU, default 1500), ``seed`` (loss
     generators), ``emulate`` (``False``: a plain veth pair, no line) and
     ``tcp_buffer_max`` (bytes: raise the namespaces' ``tcp_rmem``/``tcp_wmem`` maximum,
-    so one TCP connection can fill a long fat path; default: the kernel's 4-6 MiB).
+    so one TCP connection can fill a long fat path; default: the kernel's, here a 4 MiB
+    send buffer).
     """
 
     def __init__(

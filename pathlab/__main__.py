@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="loss generator seed")
     p.add_argument("--veth", action="store_true", help="plain veth pair, no emulation")
     p.add_argument("--tcp-buffer-max", type=int, help="tcp_rmem/tcp_wmem max in the lab")
+    p.add_argument("--tcp-congestion", help="--measure: sender's TCP congestion control")
     p.add_argument("--measure", type=int, metavar="BYTES", help="TCP blast each way first")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     return p
@@ -70,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.measure is not None:
                 senders: tuple[Literal["edge", "relay"], ...] = ("edge", "relay")
                 for sender in senders:
-                    t = tcp_throughput(lab, args.measure, sender=sender)
+                    t = tcp_throughput(
+                        lab, args.measure, sender=sender, congestion=args.tcp_congestion
+                    )
                     row = {
                         "from": sender,
+                        "congestion": args.tcp_congestion or "default",
                         "bytes": t.nbytes,
                         "seconds": round(t.seconds, 3),
                         "MiB/s": round(t.mib_per_s, 2),

@@ -70,10 +70,13 @@ def tcp_throughput(
     port: int = 5201,
     timeout: float = 300.0,
     seed: int = 1,
+    congestion: str | None = None,
 ) -> Throughput:
     """Send ``nbytes`` over TCP from ``sender``'s namespace to the other side's address
-    and measure it at the receiver. Raises ``subprocess.TimeoutExpired`` after
-    ``timeout`` seconds (both processes are killed)."""
+    and measure it at the receiver. ``congestion`` sets the sender's TCP congestion
+    control per socket (``TCP_CONGESTION``, e.g. ``"cubic"``; default: the host's).
+    Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds (both processes are
+    killed)."""
     src: Namespace = lab.edge_ns if sender == "edge" else lab.relay_ns
     dst: Namespace = lab.relay_ns if sender == "edge" else lab.edge_ns
     sink = lab.popen(
@@ -90,7 +93,12 @@ def tcp_throughput(
         source = lab.run(
             src,
             python_command(
-                "pathlab.measure", "source", f"{dst.address}:{port}", str(nbytes), str(seed)
+                "pathlab.measure",
+                "source",
+                f"{dst.address}:{port}",
+                str(nbytes),
+                str(seed),
+                *([congestion] if congestion else []),
             ),
             timeout=timeout,
             capture_output=True,
@@ -135,11 +143,15 @@ def _sink(address: str, nbytes: int) -> None:
     print(json.dumps({"bytes": total, "seconds": last - first, "sha256": digest.hexdigest()}))
 
 
-def _source(address: str, nbytes: int, seed: int) -> None:
+def _source(address: str, nbytes: int, seed: int, congestion: str | None) -> None:
     host, port = address.rsplit(":", 1)
     block = _payload_block(seed)
     digest = hashlib.sha256()
-    with socket.create_connection((host, int(port)), timeout=60) as conn:
+    with socket.socket() as conn:
+        if congestion:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+        conn.settimeout(60)
+        conn.connect((host, int(port)))
         conn.settimeout(None)
         sent = 0
         while sent < nbytes:
@@ -154,7 +166,8 @@ def _source(address: str, nbytes: int, seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pathlab.measure sink HOST:PORT NBYTES`` / ``source HOST:PORT NBYTES SEED``."""
+    """``python -m pathlab.measure sink HOST:PORT NBYTES`` or
+    ``python -m pathlab.measure source HOST:PORT NBYTES [SEED [CONGESTION]]``."""
     parser = argparse.ArgumentParser(prog="python -m pathlab.measure")
     sub = parser.add_subparsers(dest="role", required=True)
     s = sub.add_parser("sink", help="accept one connection, read NBYTES, print JSON")
@@ -164,11 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("address")
     c.add_argument("nbytes", type=int)
     c.add_argument("seed", type=int, nargs="?", default=1)
+    c.add_argument("congestion", nargs="?", help="TCP congestion control (e.g. cubic)")
     args = parser.parse_args(argv)
     if args.role == "sink":
         _sink(args.address, args.nbytes)
     else:
-        _source(args.address, args.nbytes, args.seed)
+        _source(args.address, args.nbytes, args.seed, args.congestion)
     return 0
 
 
