@@ -398,10 +398,16 @@ class Lab:
         Idempotent; also called by ``__exit__``."""
         for proc in self._procs:
             if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its group, if it leads one
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(_COMMAND_TIMEOUT)
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
         self._procs.clear()
         if self._line is not None:
             line, self._line = self._line, None

@@ -55,7 +55,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -410,7 +409,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s NETNS_A TUN_A NETNS_B TUN_B [KEY=VALUE ...]\n", argv[0]);
         return 2;
     }
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    /* No PR_SET_PDEATHSIG: it fires when the parent *thread* exits. The parent holds
+     * our stdin; its death closes the pipe and the EOF below ends us. */
     defaults(&g_params[0]);
     defaults(&g_params[1]);
     char err[160];
