@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypedDict, Unpack
 
 __all__ = [
     "EDGE_ADDRESS",
@@ -61,6 +61,7 @@ __all__ = [
     "LabError",
     "LinkSettings",
     "Namespace",
+    "Settings",
     "available",
     "build_line",
     "cleanup_stale",
@@ -148,6 +149,23 @@ class LinkSettings:
             key = "mtu" if f.name == "path_mtu" else f.name
             out.append(f"{prefix}{key}={getattr(self, f.name)!r}")
         return out
+
+
+class Settings(TypedDict, total=False):
+    """The :class:`LinkSettings` fields as keyword arguments of :class:`Lab` and
+    :meth:`Lab.set`."""
+
+    delay_ms: float
+    jitter_ms: float
+    loss: float
+    ge_p: float
+    ge_r: float
+    ge_bad_loss: float
+    ge_good_loss: float
+    rate_mbit: float
+    burst_bytes: int
+    path_mtu: int
+    limit: int
 
 
 def available() -> str | None:
@@ -302,7 +320,7 @@ class Lab:
         seed: int = 1,
         emulate: bool = True,
         tcp_buffer_max: int | None = None,
-        **settings: Any,
+        **settings: Unpack[Settings],
     ) -> None:
         if not 576 <= mtu <= 65535:
             raise ValueError(f"mtu: expected 576..65535, got {mtu!r}")
@@ -500,14 +518,14 @@ class Lab:
     def partitioned(self) -> bool:
         return self._partitioned
 
-    def set(self, *, direction: Direction = "both", **changes: Any) -> None:
+    def set(self, *, direction: Direction = "both", **changes: Unpack[Settings]) -> None:
         """Change :class:`LinkSettings` fields at run time, for one direction or both
         (``lab.set(loss=0.05)``, ``lab.set(delay_ms=100, direction="to_relay")``)."""
         if not self.emulate:
             raise LabError("a veth lab has no delay line to configure")
         if direction not in ("both", "to_edge", "to_relay"):
             raise ValueError(f"direction: expected both, to_edge or to_relay, got {direction!r}")
-        if "limit" in changes and changes["limit"] > self.settings.limit:
+        if changes.get("limit", 0) > self.settings.limit:
             raise ValueError(f"limit: at most the initial {self.settings.limit} packets")
         checked = dataclasses.replace(self.settings, **changes)  # validates
         prefix = {"both": "", "to_edge": "a2b.", "to_relay": "b2a."}[direction]

@@ -154,7 +154,7 @@ def test_settings_change_at_run_time_and_bad_values_are_refused() -> None:
         with pytest.raises(ValueError, match="direction"):
             lab.set(loss=0.1, direction="sideways")  # type: ignore[arg-type]
         with pytest.raises(TypeError):
-            lab.set(bogus=1)
+            lab.set(bogus=1)  # type: ignore[call-arg]
 
 
 def test_veth_mode_carries_traffic_and_partitions_by_link_down() -> None:
