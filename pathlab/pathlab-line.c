@@ -203,8 +203,8 @@ static int apply(params_t *params, const char *item, int at_start, char *err, si
         else if (!strcmp(key, "burst_bytes")) p->burst_bytes = (long)v;
         else if (!strcmp(key, "mtu")) p->mtu = (long)v;
         else if (!strcmp(key, "limit")) {
-            if (v < 1 || (!at_start && v > g_dirs[i].cap)) {
-                snprintf(err, errlen, "limit must be in [1, %u]", at_start ? 1u << 20 : g_dirs[i].cap);
+            if (v < 1 || v > (at_start ? 1u << 20 : g_dirs[i].cap - 1)) {
+                snprintf(err, errlen, "limit must be in [1, %u]", at_start ? 1u << 20 : g_dirs[i].cap - 1);
                 return -1;
             }
             p->limit = (long)v;
@@ -328,8 +328,11 @@ static void *run_dir(void *arg) {
             uint64_t depart = now;
             if (p->rate_mbit > 0) {
                 double bytes_per_ns = p->rate_mbit * 1e6 / 8 / 1e9;
-                long burst = p->burst_bytes > 0 ? p->burst_bytes : (long)(bytes_per_ns * 1e6);
-                if (burst < 65536) burst = 65536;
+                long burst = p->burst_bytes;
+                if (burst <= 0) { /* default: 1 ms at the rate, at least 64 KiB */
+                    burst = (long)(bytes_per_ns * 1e6);
+                    if (burst < 65536) burst = 65536;
+                }
                 uint64_t burst_ns = (uint64_t)(burst / bytes_per_ns);
                 if (d->tat_ns < now) d->tat_ns = now;
                 d->tat_ns += (uint64_t)(n / bytes_per_ns);
@@ -430,7 +433,7 @@ int main(int argc, char **argv) {
         d->out_fd = i == 0 ? fd_b : fd_a;
         d->rng = g_seed * 2 + (uint64_t)i;
         d->slot = (g_max_packet + 63) & ~(size_t)63;
-        d->cap = (uint32_t)g_params[i].limit;
+        d->cap = (uint32_t)g_params[i].limit + 1; /* the limit check drops before it fills */
         d->buf = calloc(d->cap, d->slot); /* large: mmap'ed lazily, touched as used */
         d->len = calloc(d->cap, sizeof *d->len);
         d->release = calloc(d->cap, sizeof *d->release);

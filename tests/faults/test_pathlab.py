@@ -226,3 +226,14 @@ def test_command_line_runs_a_command_in_a_lab_and_cleans_up() -> None:
         check=False,
     )
     assert bad.returncode == 2 and "probability" in bad.stderr, bad.stderr
+
+
+def test_queue_limit_tail_drops_behind_a_slow_rate() -> None:
+    # 1 Mbit/s with a 2 KiB bucket and a 10-packet queue: a burst of 100 datagrams
+    # (200 bytes each) overflows the queue; what was queued is delivered in order.
+    with Lab(rate_mbit=1, burst_bytes=2048, limit=10) as lab:
+        got = _blast(lab, 100)
+        stats = lab.stats()["to_edge"]
+    assert stats["queue"] > 0, stats
+    assert stats["tx"] == len(got) and stats["rx"] == 100
+    assert got == sorted(got)
