@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples bench
-	$(PY) -m ruff format --check src tests examples bench
+	$(PY) -m ruff check src tests examples pathlab bench
+	$(PY) -m ruff format --check src tests examples pathlab bench
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
