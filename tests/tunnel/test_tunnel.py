@@ -247,6 +247,9 @@ def private(services: Services, tmp_path: Path) -> Iterator[tuple[Path, RelayPro
 async def test_edge_killed_and_restarted(
     services: Services, private: tuple[Path, RelayProc]
 ) -> None:
+    """A new edge process is a new instance: it joins as a replica at once and serves
+    new clients; the killed one leaves the pool when keep-alive finds it dead, and the
+    TCP client that was using it is closed."""
     tmp, relay = private
     expose = [f"echo=127.0.0.1:{services.echo}"]
     port = relay.forwards["edgeA/echo"]
@@ -262,9 +265,12 @@ async def test_edge_killed_and_restarted(
         mark = relay.proc.mark()
         second = start_edge("edgeA", tmp / "edgeA.token", relay, expose)
         await asyncio.to_thread(
-            relay.proc.wait_for, r"edge 'edgeA' reconnected .* replacing its session", after=mark
+            relay.proc.wait_for, r"edge 'edgeA' authenticated .*2 live replica", after=mark
         )
-        # The dead session's TCP client is closed...
+        # New clients are served by the new instance (the one with fewer streams)...
+        async with asyncio.timeout(WAIT):
+            assert await _echo_roundtrip(port, b"after") == b"after"
+        # ...and the dead session's TCP client is closed once keep-alive finds it dead.
         async with asyncio.timeout(WAIT):
             try:
                 rest = await reader.read()
@@ -272,9 +278,10 @@ async def test_edge_killed_and_restarted(
                 rest = b""
         assert rest == b""
         writer.close()
-        # ...and new clients are served by the new session.
+        await asyncio.to_thread(relay.proc.wait_for, r"session lost", after=mark)
+        assert not relay.proc.find(r"replacing its session", after=mark)
         async with asyncio.timeout(WAIT):
-            assert await _echo_roundtrip(port, b"after") == b"after"
+            assert await _echo_roundtrip(port, b"again") == b"again"
     finally:
         first.kill()
         if second is not None:
