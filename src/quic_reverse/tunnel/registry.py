@@ -77,6 +77,10 @@ class Pool:
         self.waiting = 0
         self._changed = asyncio.Event()
 
+    async def wait_changed(self) -> None:
+        """Wait until a replica joins, leaves or releases a stream."""
+        await self._changed.wait()
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()

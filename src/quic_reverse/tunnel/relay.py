@@ -133,7 +133,7 @@ class Relay:
             host,
             port,
             tls=tls,
-            on_connection=self._on_connection,
+            on_connection=self.serve_connection,
             stack=cast(quic.Stack, cfg.stack),
             options=options,
         )
@@ -228,9 +228,10 @@ class Relay:
             max_queued_opens=cfg.max_streams,
         )
 
-    async def _on_connection(self, conn: Connection) -> None:
-        """One edge connection: negotiate and authenticate within ``auth_timeout`` of
-        now (one deadline for both), then serve until it ends."""
+    async def serve_connection(self, conn: Connection) -> None:
+        """One edge connection (the QUIC server's handler; any transport works, e.g.
+        the memory transport in tests): negotiate and authenticate within
+        ``auth_timeout`` of now (one deadline for both), then serve until it ends."""
         peer = "{}:{}".format(*conn.remote_address)
         if self._stopping:
             conn.close(0, b"relay shutting down")
