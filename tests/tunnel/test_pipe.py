@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import struct
@@ -477,3 +478,40 @@ async def test_cancel_after_stream_failure_closes_tcp(turns: int) -> None:
         assert leftover == b""
         assert stream.resets, "the stream leg was not reset"
         client_writer.close()
+
+
+async def test_both_directions_failing_logs_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer's STOP_SENDING (send fails) together with its reset (read fails) is an
+    ordinary "stream reset" outcome: nothing at ERROR, no "exception never retrieved"."""
+    import gc
+
+    from quic_reverse.errors import StreamStopped
+
+    class Stopped:
+        async def read(self, n: int = -1) -> bytes:
+            raise StreamReset(int(CloseCode.RESET))
+
+        async def send(self, data: bytes | bytearray | memoryview) -> None:
+            raise StreamStopped(int(CloseCode.RESET))
+
+        async def write_eof(self) -> None:
+            raise StreamStopped(int(CloseCode.RESET))
+
+        def reset(self, code: int = 0) -> None:
+            pass
+
+        async def aclose(self) -> None:
+            pass
+
+    caplog.set_level(logging.DEBUG)
+    async with leg_server() as (port, legs):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"data")
+        async with asyncio.timeout(WAIT):
+            leg = await legs.get()
+            await asyncio.sleep(0)
+            result = await pipe(leg, Stopped())
+        writer.close()
+    gc.collect()
+    assert result.outcome == "stream reset"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

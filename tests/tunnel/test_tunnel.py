@@ -185,11 +185,21 @@ async def test_half_close_client_still_gets_reply(tunnel: Tunnel) -> None:
 
 
 async def test_service_not_on_allow_list_is_refused(tunnel: Tunnel) -> None:
-    mark = tunnel.relay.proc.mark()
+    mark, edge_mark = tunnel.relay.proc.mark(), tunnel.edge.mark()
     assert await _closed_within(tunnel.port("edgeA/secret"), PROMPT) in ("eof", "reset")
     await asyncio.to_thread(
         tunnel.relay.proc.wait_for, r"edgeA/secret: edge rejected .*UNSUPPORTED_SERVICE", after=mark
     )
+    await asyncio.to_thread(
+        tunnel.edge.wait_for, r"'secret'.*not exposed; rejected", after=edge_mark
+    )
+    # An expected rejection is not a problem of the tunnel: at most one WARNING line for it.
+    problems = [
+        line
+        for line in tunnel.edge.text.splitlines()[edge_mark:]
+        if "'secret'" in line and re.search(r" (WARNING|ERROR) ", line)
+    ]
+    assert len(problems) <= 1, problems
 
 
 async def test_edge_not_connected_client_closed_promptly(tunnel: Tunnel) -> None:
