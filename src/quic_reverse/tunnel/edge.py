@@ -77,8 +77,9 @@ class Edge:
         self._backoff = Backoff(config.backoff_initial, config.backoff_cap)
         self._stop = asyncio.Event()
         self._forwards: set[asyncio.Task[None]] = set()
-        #: "host:port" of our own connections to exposed services (loop detection).
-        self._local_ends: set[str] = set()
+        #: (our end, service end) of our connections to exposed services, as
+        #: "host:port" pairs (forwarding-loop detection).
+        self._local_ends: set[tuple[str, str]] = set()
         if config.insecure:
             log.warning(
                 "!!! --insecure: the relay's certificate is NOT verified; anyone on the path "
@@ -268,37 +269,36 @@ class Edge:
         client = request.metadata.get("client")
         # The relay's note of who asked (shown in logs only if it looks like HOST:PORT).
         shown = client if isinstance(client, str) and _CLIENT_RE.match(client) else None
-        via = f" for {shown}" if shown else ""
+        asked = f" for {shown}" if shown else ""
         entry: Exposed | None = cfg.exposed(service)
         if entry is None:
-            log.info("relay asked for service %r%s: not exposed; rejected", service, via)
+            log.info("relay asked for service %r%s: not exposed; rejected", service, asked)
             await self._reject(handle, rid, RejectCode.UNSUPPORTED_SERVICE, "not exposed")
             return
         if self._stop.is_set():
-            log.info("relay asked for %r%s while stopping; rejected", service, via)
+            log.info("relay asked for %r%s while stopping; rejected", service, asked)
             await self._reject(handle, rid, RejectCode.SERVICE_UNAVAILABLE, "stopping")
             return
         target = f"{entry.host}:{entry.port}"
-        if shown is not None and shown in self._local_ends:
+        forward = request.metadata.get("via")
+        if shown is not None and (shown, forward) in self._local_ends:
             log.error(
                 "forwarding loop: the relay's client %s for %r is this edge's own connection "
-                "to %s; a relay --forward leads back to this --expose. Rejected.",
+                "to %s (the relay's forward %s leads back to this --expose); rejected",
                 shown,
                 service,
                 target,
+                forward,
             )
             await self._reject(handle, rid, RejectCode.INTERNAL_ERROR, "forwarding loop")
             return
         leg: TcpLeg | None = None
-        local_end = ""
+        ends: tuple[str, str] | None = None
 
         def connected(new: TcpLeg) -> None:
-            nonlocal local_end
-            assert new.transport is not None
-            sockname = new.transport.get_extra_info("sockname")
-            if sockname:
-                local_end = f"{sockname[0]}:{sockname[1]}"
-                self._local_ends.add(local_end)
+            nonlocal ends
+            ends = (new.local, new.peer)
+            self._local_ends.add(ends)
 
         try:
             loop = asyncio.get_running_loop()
@@ -311,7 +311,7 @@ class Edge:
                     )
             except (OSError, TimeoutError) as exc:
                 why = str(exc) or f"no answer within {cfg.service_timeout:g}s"
-                log.warning("service %r%s: cannot connect to %s: %s", service, via, target, why)
+                log.warning("service %r%s: cannot connect to %s: %s", service, asked, target, why)
                 await self._reject(
                     handle, rid, RejectCode.SERVICE_UNAVAILABLE, "service unavailable"
                 )
@@ -319,7 +319,7 @@ class Edge:
             stream = await handle.accept_open(rid)
             started = time.monotonic()
             lsid = stream.logical_stream_id
-            log.info("stream %d%s -> %s (%s) opened", lsid, via, service, target)
+            log.info("stream %d%s -> %s (%s) opened", lsid, asked, service, target)
             result = await pipe(leg, stream)
             log.info(
                 "stream %d -> %s: %s%s; %d bytes to service, %d bytes back, %.2fs",
@@ -332,12 +332,13 @@ class Edge:
                 time.monotonic() - started,
             )
         except QuicReverseError as exc:
-            log.info("service %r%s: %s", service, via, exc)
+            log.info("service %r%s: %s", service, asked, exc)
         finally:
             # Safety net: whatever happened (session lost, cancelled), no TCP leg stays.
             if leg is not None:
                 leg.abort_unless_closing()
-            self._local_ends.discard(local_end)
+            if ends is not None:
+                self._local_ends.discard(ends)
 
     async def _finish(self, handle: SessionHandle) -> None:
         """Abort what still runs, then close the session (bounded by the session's

@@ -148,7 +148,9 @@ class TcpLeg(asyncio.BufferedProtocol):
         self.chunk_size = chunk_size
         self._on_connected = on_connected
         self.transport: asyncio.Transport | None = None
+        #: "host:port" of the remote end and of our end ("?" until connected).
         self.peer: str = "?"
+        self.local: str = "?"
         self._size = min(FIRST_BUFFER_SIZE, chunk_size)
         self._fill: bytearray | None = None
         self._filled = 0
@@ -173,6 +175,9 @@ class TcpLeg(asyncio.BufferedProtocol):
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = f"{peername[0]}:{peername[1]}"
+        sockname = transport.get_extra_info("sockname")
+        if sockname:
+            self.local = f"{sockname[0]}:{sockname[1]}"
         if self._on_connected is not None:
             callback, self._on_connected = self._on_connected, None
             callback(self)
@@ -360,6 +365,7 @@ async def _tcp_to_stream(leg: TcpLeg, stream: TunnelStream, result: PipeResult) 
         except QuicReverseError as exc:
             raise _StreamFailed(_describe(exc)) from exc
         leg.give_back(data)
+        del data
         result.tcp_to_stream += size
 
 
@@ -374,10 +380,12 @@ async def _stream_to_tcp(leg: TcpLeg, stream: TunnelStream, result: PipeResult) 
                 leg.write_eof()
                 return
             leg.write(data)
+            result.stream_to_tcp += len(data)
+            # Not kept while waiting for the next read: an idle pipe holds no chunk.
+            del data
             await leg.drain()
         except OSError as exc:
             raise _TcpFailed(_describe(exc)) from exc
-        result.stream_to_tcp += len(data)
 
 
 async def pipe(leg: TcpLeg, stream: TunnelStream) -> PipeResult:

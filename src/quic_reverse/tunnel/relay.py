@@ -367,7 +367,7 @@ class Relay:
         task.add_done_callback(self._clients.discard)
 
     async def _open(
-        self, fwd: Forward, pool: Pool, client: str, target: str
+        self, fwd: Forward, pool: Pool, leg: TcpLeg, target: str
     ) -> tuple[Replica, Stream] | None:
         """A stream to ``fwd``'s service on one replica, trying others on failures
         another replica may not have; ``None`` (reason logged) if there is none."""
@@ -376,6 +376,10 @@ class Relay:
         deadline = asyncio.get_running_loop().time() + self.config.open_timeout
         tried: set[Replica] = set()
         why = ""
+        client = leg.peer
+        # "client" is shown in the edge's logs; with "via" (the forward's address it
+        # came in on) the edge recognises its own connections: a forwarding loop.
+        metadata = Metadata.structured({"client": client, "via": leg.local})
         while True:
             try:
                 replica = await pool.acquire(tried, deadline)
@@ -389,9 +393,7 @@ class Relay:
                 return None
             replica.forwards.add(task)
             try:
-                stream = await replica.handle.open(
-                    fwd.service, Metadata.structured({"client": client})
-                )
+                stream = await replica.handle.open(fwd.service, metadata)
             except StreamRejected as exc:
                 self._release(pool, replica, task)
                 if exc.code not in RETRY_ON_ANOTHER:
@@ -423,7 +425,7 @@ class Relay:
         pool = self.registry.pool(fwd.edge)
         started = time.monotonic()
         try:
-            opened = await self._open(fwd, pool, client, target)
+            opened = await self._open(fwd, pool, leg, target)
             if opened is None:
                 leg.close()
                 return
