@@ -24,7 +24,6 @@ from quic_reverse.tunnel.auth import generate_token, write_token_file
 
 from ._procs import start_edge, start_relay, start_services
 
-
 #: Keep-alive that tolerates the load of thousands of transfers at once on 2 cores.
 LENIENT = ["--ping-interval", "5", "--ping-timeout", "30"]
 
