@@ -25,6 +25,7 @@ from quic_reverse.transport import quic
 from quic_reverse.tunnel.auth import generate_token, write_token_file
 from quic_reverse.tunnel.config import DEFAULT_ALPN
 
+from ..support.timing import MS
 from ._procs import (
     AUTH_TIMEOUT,
     STARTUP,
@@ -39,8 +40,8 @@ from ._tcp import send_all_then_eof
 
 pytestmark = pytest.mark.subprocess
 
-WAIT = 30.0
-PROMPT = 3.0  # "closed promptly"
+WAIT = 30_000 * MS
+PROMPT = 3_000 * MS  # "closed promptly"
 
 
 @dataclass
@@ -143,7 +144,7 @@ async def test_64_mib_sha256_both_directions(tunnel: Tunnel) -> None:
 
     digest = hashlib.sha256()
     received = 0
-    async with asyncio.timeout(90):
+    async with asyncio.timeout(90_000 * MS):
         sender = asyncio.create_task(send_all_then_eof(writer, payload))
         while chunk := await reader.read(1 << 20):
             digest.update(chunk)
@@ -321,7 +322,7 @@ async def test_relay_restarted_edge_reconnects(
         started = time.monotonic()
         await asyncio.to_thread(edge.wait_for, r"authenticated to relay", after=mark)
         # One in-flight attempt may have to time out, then at most one backoff delay.
-        assert time.monotonic() - started < cap + connect_timeout + 3.0
+        assert time.monotonic() - started < cap + connect_timeout + 3_000 * MS
         async with asyncio.timeout(WAIT):
             assert await _echo_roundtrip(port, b"two") == b"two"
     finally:
@@ -341,7 +342,7 @@ async def test_relay_killed_edge_notices_within_seconds(
         started = time.monotonic()
         await asyncio.to_thread(edge.wait_for, r"session with the relay lost", after=mark)
         # --ping-interval 1 --ping-timeout 2: dead relay noticed within a few seconds.
-        assert time.monotonic() - started < 1 + 2 + 3
+        assert time.monotonic() - started < 1 + 2 + 3_000 * MS
         await asyncio.to_thread(edge.wait_for, r"reconnecting to", after=mark)
     finally:
         edge.kill()
@@ -559,11 +560,12 @@ async def test_backpressure_slow_reader_bounds_memory(services: Services, tmp_pa
         accepted = 0
         stalled = False
         try:
-            async with asyncio.timeout(120):
+            async with asyncio.timeout(120_000 * MS):
                 while accepted < total_cap:
                     writer.write(block)
                     try:
-                        async with asyncio.timeout(2.0):  # no progress for 2 s: chain is full
+                        # No progress for 2 s: the chain is full.
+                        async with asyncio.timeout(2_000 * MS):
                             await writer.drain()
                     except TimeoutError:
                         stalled = True
@@ -620,3 +622,31 @@ def test_edge_refuses_relay_with_wrong_certificate(tunnel: Tunnel, tmp_path: Pat
         finally:
             edge.kill()
     assert not tunnel.relay.proc.find(r"edge 'edgeA' reconnected", after=mark)
+
+
+async def test_never_negotiating_connections_closed_at_the_auth_deadline(
+    private: tuple[Path, RelayProc],
+) -> None:
+    """Issue 10 item 4: 500 QUIC connections that complete the handshake and never
+    negotiate are all closed by the relay at its auth deadline (counted from
+    acceptance), not later by a second timeout."""
+    _, relay = private
+    tls = quic.ClientTLS(alpn=(DEFAULT_ALPN,), pin_sha256=relay.fingerprint)
+    sem = asyncio.Semaphore(50)
+
+    async def one() -> float:
+        async with sem:
+            conn = await quic.connect("127.0.0.1", relay.quic_port, tls=tls, idle_timeout=60)
+        connected = time.monotonic()
+        try:
+            await conn.wait_closed()
+            return time.monotonic() - connected
+        finally:
+            conn.close()
+
+    async with asyncio.timeout(WAIT * 2):
+        lifetimes = await asyncio.gather(*(one() for _ in range(500)))
+    # Each was closed by the relay (the client idle timeout is 60 s), within the auth
+    # deadline plus scheduling slack for 500 connections on a loaded machine.
+    assert max(lifetimes) < AUTH_TIMEOUT + 3_000 * MS, max(lifetimes)
+    assert relay.proc.find(r"did not authenticate within")
