@@ -650,3 +650,39 @@ async def test_never_negotiating_connections_closed_at_the_auth_deadline(
     # deadline plus scheduling slack for 500 connections on a loaded machine.
     assert max(lifetimes) < AUTH_TIMEOUT + 3_000 * MS, max(lifetimes)
     assert relay.proc.find(r"did not authenticate within")
+
+
+async def test_burst_larger_than_the_stream_limit_is_served(
+    services: Services, tmp_path: Path
+) -> None:
+    """Issue 10 item 2: with --max-streams 40 on relay and edge, 400 TCP clients at
+    once all get their echo: those beyond the limit wait for a free stream (bounded by
+    --open-timeout) instead of being closed."""
+    _write_tokens(tmp_path, ["edgeA"])
+    limit = ["--max-streams", "40"]
+    relay = start_relay(
+        tmp_path / "state",
+        tmp_path / "tokens.toml",
+        ["127.0.0.1:0=edgeA/echo"],
+        extra=[*limit, "--open-timeout", str(WAIT)],
+    )
+    edge: Proc | None = None
+    try:
+        edge = start_edge(
+            "edgeA",
+            tmp_path / "edgeA.token",
+            relay,
+            [f"echo=127.0.0.1:{services.echo}"],
+            extra=limit,
+        )
+        port = relay.forwards["edgeA/echo"]
+        payloads = [b"client %d " % i + os.urandom(4096) for i in range(400)]
+        async with asyncio.timeout(WAIT * 2):
+            replies = await asyncio.gather(*(_echo_roundtrip(port, p) for p in payloads))
+        assert replies == payloads
+        assert not relay.proc.find(r"closing the client")
+        assert not edge.find(r"LIMIT_EXCEEDED")
+    finally:
+        if edge is not None:
+            edge.kill()
+        relay.proc.kill()
