@@ -103,6 +103,10 @@ async def main(n: int, idle_only: bool) -> None:
             print(f"  {label:11s} relay {per['relay']:6.1f}   edge {per['edge']:6.1f}")
         for _, w in conns:
             w.transport.abort()
+        await asyncio.sleep(3)
+        closed = {k: rss_kib(p) for k, p in procs.items()}
+        per = {k: (closed[k] - base[k]) / n for k in procs}
+        print(f"  all closed  relay {per['relay']:6.1f}   edge {per['edge']:6.1f}")
     finally:
         for proc in (relay.proc, edge):
             print("\n".join([x for x in proc.lines if " ERROR " in x or " WARNING " in x][:10]))
