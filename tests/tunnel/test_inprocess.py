@@ -59,6 +59,9 @@ class Setup:
         return client, server
 
     def edge(self, expose: dict[str, int], **over: Any) -> Edge:
+        return self.edge_on(self.link(), expose, **over)
+
+    def edge_on(self, link: tuple[Any, Any], expose: dict[str, int], **over: Any) -> Edge:
         token_file = self.tmp / "edgeA.token"
         if not token_file.exists():
             write_token_file(token_file, TOKEN)
@@ -71,8 +74,7 @@ class Setup:
             **over,
         )
         edge = Edge(cfg)
-        client, _ = self.link()
-        self.tasks.append(asyncio.create_task(edge.serve_connection(client)))
+        self.tasks.append(asyncio.create_task(edge.serve_connection(link[0])))
         return edge
 
 
@@ -118,16 +120,26 @@ async def relay_setup(
         await asyncio.gather(*setup.tasks, return_exceptions=True)
 
 
+@dataclass
+class Conns:
+    """Connections of the echo service: open now, most at once, and "none open"."""
+
+    now: int = 0
+    peak: int = 0
+    none: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @contextlib.asynccontextmanager
 async def echo_service(
     hold: asyncio.Event | None = None,
-) -> AsyncIterator[tuple[int, list[int]]]:
-    """A TCP echo service; returns (port, [current, peak] concurrent connections)."""
-    counts = [0, 0]
+) -> AsyncIterator[tuple[int, Conns]]:
+    """A TCP echo service (``hold``: wait for it before echoing); returns its port."""
+    conns = Conns()
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        counts[0] += 1
-        counts[1] = max(counts)
+        conns.now += 1
+        conns.peak = max(conns.peak, conns.now)
+        conns.none.clear()
         try:
             if hold is not None:
                 await hold.wait()
@@ -138,12 +150,14 @@ async def echo_service(
         except OSError:
             pass
         finally:
-            counts[0] -= 1
+            conns.now -= 1
+            if not conns.now:
+                conns.none.set()
             writer.close()
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     try:
-        yield server.sockets[0].getsockname()[1], counts
+        yield server.sockets[0].getsockname()[1], conns
     finally:
         server.close()
 
@@ -347,7 +361,7 @@ async def test_burst_beyond_the_stream_limit_queues_then_succeeds(tmp_path: Path
         async with asyncio.timeout(LONG):
             replies = await asyncio.gather(*clients)
         assert replies == [b"client %d" % i for i in range(12)]
-        assert counts[1] == 3  # never more than the limit at once
+        assert counts.peak == 3  # never more than the limit at once
 
 
 async def test_forwarding_loop_is_cut_with_a_clear_line(
@@ -367,3 +381,25 @@ async def test_forwarding_loop_is_cut_with_a_clear_line(
     loops = [r for r in edge_lines if "forwarding loop" in r.getMessage()]
     assert len(loops) == 1 and loops[0].levelno == logging.ERROR
     assert sum("opened" in line for line in relay_lines) == 1
+
+
+async def test_lost_session_closes_the_edges_service_connections(tmp_path: Path) -> None:
+    """Issue 10 item 1 end to end: the relay link dies under running forwards (a relay
+    crash, a partition); the edge's connections to its local service are all closed,
+    none stays ESTABLISHED without its client."""
+    async with echo_service() as (svc, counts), relay_setup(tmp_path) as setup:
+        link = setup.link()
+        setup.edge_on(link, {"echo": svc})
+        await until(setup.pool(), lambda: len(setup.pool().live()) == 1)
+        clients = []
+        async with asyncio.timeout(LONG):
+            for i in range(8):
+                reader, writer = await asyncio.open_connection("127.0.0.1", setup.port())
+                writer.write(b"%d" % i)
+                assert await reader.readexactly(1) == b"%d" % i
+                clients.append(writer)
+            assert counts.now == 8
+            link[1].close(1, b"crash")  # the relay's end of the link goes away
+            await counts.none.wait()
+        for writer in clients:
+            writer.close()
