@@ -1,9 +1,13 @@
 """``quic-reverse`` command line: ``relay``, ``edge`` and ``token``.
 
 Exit status: 0 after a clean stop (SIGINT/SIGTERM), 1 on a runtime failure
-(authentication or certificate rejected, cannot listen), 2 on a usage or
-configuration error. Settings come from flags and/or a TOML ``--config`` file
-(flags win); see ``docs/TUNNEL.md``.
+(authentication or certificate rejected by the peer, cannot listen), 2 on a usage or
+configuration error found before serving (bad flag or config key, wrong type, missing
+or unusable file, certificate and key that do not match). Every error is one line on
+stderr naming the option or file at fault, never a traceback. SIGHUP is logged and
+ignored (configuration reload is not implemented yet). Settings come from flags and/or
+a TOML ``--config`` file (flags win); both are driven by the settings tables of
+:mod:`quic_reverse.tunnel.config`; see ``docs/TUNNEL.md``.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import ConfigError, QuicReverseError
+
+if TYPE_CHECKING:
+    from .tunnel.config import Setting
 
 __all__ = ["main"]
 
@@ -30,29 +37,28 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-def _seconds(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", metavar="FILE", type=Path, help="TOML config file (flags override it)"
-    )
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=("debug", "info", "warning", "error"),
-        help="log verbosity on stderr (default: info)",
-    )
-    p.add_argument("--alpn", help="ALPN protocol id (default: quic-reverse-tunnel/1)")
-    p.add_argument("--stack", choices=("qh3", "aioquic"), help="QUIC stack (default: qh3)")
+def _add_settings(p: argparse.ArgumentParser, table: Sequence[Setting]) -> None:
+    """One flag per setting of ``table`` (values stay text: the config builder
+    converts and checks them, so flag and file errors read the same)."""
+    for s in table:
+        help_text = s.help + (f" (default: {s.default})" if s.default is not None else "")
+        if s.kind == "bool":
+            p.add_argument(s.flag, action="store_true", default=None, help=help_text)
+        elif s.kind in ("forwards", "expose"):
+            p.add_argument(s.flag, action="append", metavar=s.metavar, help=help_text)
+        elif s.kind == "choice":
+            p.add_argument(s.flag, choices=s.choices, help=help_text)
+        else:
+            metavar = s.metavar or (
+                "S" if s.kind == "seconds" else "N" if s.kind == "count" else None
+            )
+            p.add_argument(s.flag, metavar=metavar, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
+    from .tunnel.config import EDGE_TABLE, RELAY_TABLE
+
     parser = argparse.ArgumentParser(
         prog="quic-reverse",
         description=(
@@ -73,39 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
             "edge's service."
         ),
     )
-    _common(r)
     r.add_argument(
-        "--listen", metavar="HOST:PORT", help="UDP address for edges (default: 0.0.0.0:4433)"
+        "--config", metavar="FILE", type=Path, help="TOML config file (flags override it)"
     )
-    r.add_argument("--cert", metavar="FILE", help="TLS certificate (PEM)")
-    r.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
-    r.add_argument(
-        "--self-signed",
-        action="store_true",
-        default=None,
-        help="development: generate (once) a certificate in --state-dir and print its "
-        "SHA-256 fingerprint for the edge's --fingerprint",
-    )
-    r.add_argument(
-        "--state-dir", metavar="DIR", help="where --self-signed keeps it (default: .quic-reverse)"
-    )
-    r.add_argument(
-        "--tokens", metavar="FILE", help='TOML file of edge tokens: one  name = "token"  per line'
-    )
-    r.add_argument(
-        "--forward",
-        action="append",
-        metavar="[HOST:]PORT=EDGE/SERVICE",
-        help="TCP listener mapped to an edge's service; HOST defaults to 127.0.0.1 "
-        "(repeatable; port 0 picks a free port, logged at start)",
-    )
-    r.add_argument(
-        "--auth-timeout", type=_seconds, metavar="S", help="close unauthenticated edges (10)"
-    )
-    r.add_argument("--open-timeout", type=_seconds, metavar="S", help="edge answer deadline (10)")
-    r.add_argument("--grace", type=_seconds, metavar="S", help="shutdown grace for streams (10)")
-    r.add_argument("--ping-interval", type=_seconds, metavar="S", help="keep-alive ping (10)")
-    r.add_argument("--ping-timeout", type=_seconds, metavar="S", help="dead after no pong (10)")
+    _add_settings(r, RELAY_TABLE)
 
     e = sub.add_parser(
         "edge",
@@ -116,43 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Reconnects with exponential backoff and full jitter."
         ),
     )
-    _common(e)
-    e.add_argument("--relay", metavar="HOST:PORT", help="the relay's QUIC address")
-    e.add_argument("--name", help="this edge's name (as in the relay's tokens file)")
-    e.add_argument("--token-file", metavar="FILE", help="file holding this edge's token")
     e.add_argument(
-        "--expose",
-        action="append",
-        metavar="SERVICE=HOST:PORT",
-        help="allow-listed local service (repeatable)",
+        "--config", metavar="FILE", type=Path, help="TOML config file (flags override it)"
     )
-    e.add_argument("--ca", metavar="FILE", help="CA/certificate file to verify the relay")
-    e.add_argument(
-        "--fingerprint", metavar="SHA256", help="pin the relay certificate's SHA-256 (hex)"
-    )
-    e.add_argument(
-        "--insecure",
-        action="store_true",
-        default=None,
-        help="DO NOT verify the relay certificate (development only; logged loudly)",
-    )
-    e.add_argument("--server-name", help="TLS server name to verify (default: localhost)")
-    e.add_argument("--ping-interval", type=_seconds, metavar="S", help="keep-alive ping (5)")
-    e.add_argument("--ping-timeout", type=_seconds, metavar="S", help="relay dead after (5)")
-    e.add_argument("--idle-timeout", type=_seconds, metavar="S", help="QUIC idle timeout (30)")
-    e.add_argument(
-        "--connect-timeout", type=_seconds, metavar="S", help="connect+handshake deadline (10)"
-    )
-    e.add_argument(
-        "--backoff-initial", type=_seconds, metavar="S", help="first reconnect delay cap (0.5)"
-    )
-    e.add_argument("--backoff-cap", type=_seconds, metavar="S", help="max reconnect delay (10)")
-    e.add_argument(
-        "--auth-retry",
-        action="store_true",
-        default=None,
-        help="on a rejected token keep retrying every 60 s instead of exiting with status 1",
-    )
+    _add_settings(e, EDGE_TABLE)
 
     sub.add_parser("token", help="print a new random token for the tokens/token files")
     return parser
@@ -171,23 +115,37 @@ def _flags(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
-def _install_signals(stop: Any) -> None:
+def _install_signals(stop: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop)
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: log.warning(
+                "SIGHUP received: configuration reload is not supported yet; still running"
+            ),
+        )
+
+
+def _load(args: argparse.Namespace, section: str) -> tuple[dict[str, Any], Path | None]:
+    from .tunnel.config import load_config_file
+
+    if args.config is None:
+        return {}, None
+    return load_config_file(args.config, section)
 
 
 async def _run_relay(args: argparse.Namespace) -> int:
     from .tunnel.auth import TokenStore
-    from .tunnel.config import RELAY_SETTINGS, build_relay_config, load_config_file
+    from .tunnel.config import RELAY_SETTINGS, build_relay_config, check_stack_installed
     from .tunnel.relay import Relay
 
-    table: dict[str, Any] = {}
-    base: Path | None = None
-    if args.config is not None:
-        table, base = load_config_file(args.config, "relay")
+    table, base = _load(args, "relay")
     config = build_relay_config(table, base, _flags(args, RELAY_SETTINGS))
+    check_stack_installed("--stack", config.stack)
+    _setup_logging(config.log_level)
     assert config.tokens is not None
     tokens = TokenStore.from_file(config.tokens)
     relay = Relay(config, tokens)
@@ -211,14 +169,20 @@ async def _run_relay(args: argparse.Namespace) -> int:
 
 
 async def _run_edge(args: argparse.Namespace) -> int:
-    from .tunnel.config import EDGE_SETTINGS, build_edge_config, load_config_file
+    from .tunnel.config import (
+        EDGE_SETTINGS,
+        build_edge_config,
+        check_ca_file,
+        check_stack_installed,
+    )
     from .tunnel.edge import Edge, EdgeExit
 
-    table: dict[str, Any] = {}
-    base: Path | None = None
-    if args.config is not None:
-        table, base = load_config_file(args.config, "edge")
+    table, base = _load(args, "edge")
     config = build_edge_config(table, base, _flags(args, EDGE_SETTINGS))
+    check_stack_installed("--stack", config.stack)
+    if config.ca is not None:
+        check_ca_file(config.ca)
+    _setup_logging(config.log_level)
     edge = Edge(config)
     _install_signals(edge.stop)
     outcome = await edge.run()
@@ -237,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(generate_token())
         return EXIT_OK
-    _setup_logging(args.log_level)
     runner = _run_relay if args.command == "relay" else _run_edge
     try:
         return asyncio.run(runner(args))
@@ -245,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quic-reverse {args.command}: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except QuicReverseError as exc:
-        log.error("%s", exc)
+        print(f"quic-reverse {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK

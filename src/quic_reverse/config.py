@@ -8,9 +8,9 @@ immediately instead of failing later in the middle of a session.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 
+from ._validate import check_count, check_duration
 from .errors import ConfigError
 from .wire import PROTOCOL_VERSION, Features
 
@@ -32,19 +32,11 @@ class Role(enum.Enum):
 
 
 def _check_duration(name: str, value: object, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    check_duration(name, value, allow_none=allow_none)
 
 
 def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if value < 1:
-        raise ConfigError(f"{name} must be >= 1, got {value!r}")
+    check_count(name, value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,10 +96,7 @@ class Config:
         _check_duration("ping_interval", self.ping_interval, allow_none=True)
         _check_count("max_inflight_opens", self.max_inflight_opens)
         _check_count("max_concurrent_streams", self.max_concurrent_streams)
-        if isinstance(self.max_queued_opens, bool) or not isinstance(self.max_queued_opens, int):
-            raise ConfigError(f"max_queued_opens must be an integer, got {self.max_queued_opens!r}")
-        if self.max_queued_opens < 0:
-            raise ConfigError(f"max_queued_opens must be >= 0, got {self.max_queued_opens!r}")
+        check_count("max_queued_opens", self.max_queued_opens, minimum=0)
         _check_count("max_buffered_events", self.max_buffered_events)
         versions = self.supported_versions
         if isinstance(versions, list):

@@ -19,9 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..support.timing import MS
+
 ROOT = Path(__file__).resolve().parents[2]
-STARTUP = 20.0  # seconds: generous for a loaded 2-core CI machine
-AUTH_TIMEOUT = 3.0  # the relays' --auth-timeout
+STARTUP = 20_000 * MS  # generous for a loaded 2-core CI machine
+AUTH_TIMEOUT = 3_000 * MS  # the relays' --auth-timeout
 
 
 class Proc:
@@ -113,7 +115,7 @@ class Proc:
                 f"{self.name} still running after {timeout}s; log tail:\n{self.tail()}"
             ) from None
 
-    def terminate(self, timeout: float = 15.0) -> int:
+    def terminate(self, timeout: float = 15_000 * MS) -> int:
         """SIGTERM (graceful shutdown), then SIGKILL if it does not exit in time."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)

@@ -1,9 +1,10 @@
 """The TCP <-> stream pipe, tested with plain TCP on both legs (real sockets on 127.0.0.1).
 
-The "stream" leg is a TCP connection wrapped in :class:`TcpStream`, which maps the
-socket's behaviour onto the stream contract (EOF = FIN, RST = reset), so every pipe
-property (throughput, half-close, resets both ways, backpressure) is checked with the
-kernel's TCP, independent of the QUIC layers.
+The TCP leg is a :class:`TcpLeg` accepted by a real listener; the "stream" leg is a
+TCP connection wrapped in :class:`TcpStream`, which maps the socket's behaviour onto
+the stream contract (EOF = FIN, RST = reset), so every pipe property (throughput,
+half-close, resets both ways, backpressure, cleanup on cancellation) is checked with
+the kernel's TCP, independent of the QUIC layers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import struct
@@ -20,12 +22,13 @@ from dataclasses import dataclass, field
 import pytest
 
 from quic_reverse.errors import StreamReset
-from quic_reverse.tunnel.pipe import CHUNK_SIZE, PipeResult, abort_tcp, pipe
+from quic_reverse.tunnel.pipe import CHUNK_SIZE, PipeResult, TcpLeg, abort_tcp, pipe
 from quic_reverse.wire import CloseCode
 
+from ..support.timing import LONG
 from ._tcp import send_all_then_eof
 
-WAIT = 20.0  # upper bound for every wait in this module
+WAIT = 2 * LONG  # upper bound for every wait in this module
 
 
 class TcpStream:
@@ -58,6 +61,26 @@ class TcpStream:
         self.writer.close()
 
 
+@contextlib.asynccontextmanager
+async def leg_server(
+    chunk_size: int = CHUNK_SIZE,
+) -> AsyncIterator[tuple[int, asyncio.Queue[TcpLeg]]]:
+    """A TCP listener whose connections arrive as :class:`TcpLeg` on the queue."""
+    legs: asyncio.Queue[TcpLeg] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: TcpLeg(linger=WAIT, chunk_size=chunk_size, on_connected=legs.put_nowait),
+        "127.0.0.1",
+        0,
+    )
+    try:
+        yield server.sockets[0].getsockname()[1], legs
+    finally:
+        server.close()
+        while not legs.empty():
+            legs.get_nowait().abort()
+
+
 @dataclass
 class Harness:
     """Client -> [pipe server] -> service. ``results`` receives each PipeResult."""
@@ -73,26 +96,29 @@ Service = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 async def harness(service: Service) -> AsyncIterator[Harness]:
     svc = await asyncio.start_server(service, "127.0.0.1", 0)
     svc_port = svc.sockets[0].getsockname()[1]
-    h = Harness(pipe_port=0)
     tasks: set[asyncio.Task[None]] = set()
 
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        r2, w2 = await asyncio.open_connection("127.0.0.1", svc_port)
-        await h.results.put(await pipe(reader, writer, TcpStream(r2, w2)))
+    async with leg_server() as (port, legs):
+        h = Harness(pipe_port=port)
 
-    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
-    h.pipe_port = server.sockets[0].getsockname()[1]
-    try:
-        yield h
-    finally:
-        server.close()
-        svc.close()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        async def run(leg: TcpLeg) -> None:
+            r2, w2 = await asyncio.open_connection("127.0.0.1", svc_port)
+            await h.results.put(await pipe(leg, TcpStream(r2, w2)))
+
+        async def accept() -> None:
+            while True:
+                leg = await legs.get()
+                tasks.add(asyncio.create_task(run(leg)))
+
+        acceptor = asyncio.create_task(accept())
+        try:
+            yield h
+        finally:
+            acceptor.cancel()
+            svc.close()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(acceptor, *tasks, return_exceptions=True)
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -202,49 +228,39 @@ class RecordingStream:
         self.closed = True
 
 
-async def test_bytes_already_read_by_stream_reader_are_forwarded() -> None:
-    """Bytes (and EOF) the StreamReader received before :func:`pipe` took over the
-    socket (a client talking before the tunnel stream is open) are not lost."""
+async def test_bytes_received_before_the_pipe_starts_are_forwarded() -> None:
+    """Bytes (and EOF) a client sent before the tunnel stream was open (an SSH banner
+    while the relay waits for the edge) are held by the leg (reading pauses once one
+    buffer is full) and forwarded when the pipe starts."""
     payload = os.urandom(40_000)
-    with (
-        socket.create_server(("127.0.0.1", 0)) as listener,
-        socket.create_connection(listener.getsockname(), timeout=WAIT) as client,
-    ):
-        client.sendall(payload)  # all queued on the server socket before accept
-        client.shutdown(socket.SHUT_WR)
-        conn, _ = listener.accept()
-        conn.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=conn)
-        stream = RecordingStream()
-        async with asyncio.timeout(WAIT):
-            # One recv took everything: the rest now sits in the reader's buffer.
-            assert await reader.readexactly(5) == payload[:5]
-            result = await pipe(reader, writer, stream)
-        client.settimeout(WAIT)
-        assert client.recv(1) == b""  # the (empty) reply direction ended with FIN
-    assert bytes(stream.data) == payload[5:]
+    async with leg_server() as (port, legs):
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            stream = RecordingStream()
+            async with asyncio.timeout(WAIT):
+                leg = await legs.get()
+                result = await pipe(leg, stream)
+            client.settimeout(WAIT)
+            assert client.recv(1) == b""  # the (empty) reply direction ended with FIN
+    assert bytes(stream.data) == payload
     assert stream.eof and stream.closed
     assert result.outcome == "closed"
-    assert result.tcp_to_stream == len(payload) - 5
+    assert result.tcp_to_stream == len(payload)
 
 
 async def test_tcp_reset_before_pipe_starts_resets_stream() -> None:
-    """A TCP client that died with RST before :func:`pipe` took over: the stream is
+    """A TCP client that died with RST before :func:`pipe` started: the stream is
     reset at once (no wait for bytes that will never come)."""
-    with (
-        socket.create_server(("127.0.0.1", 0)) as listener,
-        socket.create_connection(listener.getsockname(), timeout=WAIT) as client,
-    ):
-        conn, _ = listener.accept()
-        conn.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=conn)
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        client.close()  # RST
-        stream = RecordingStream()
-        async with asyncio.timeout(WAIT):
-            with pytest.raises(ConnectionResetError):
-                await reader.read(1)
-            result = await pipe(reader, writer, stream)
+    async with leg_server() as (port, legs):
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as client:
+            async with asyncio.timeout(WAIT):
+                leg = await legs.get()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()  # RST
+                await leg.closed
+                stream = RecordingStream()
+                result = await pipe(leg, stream)
     assert result.outcome == "tcp reset"
     assert stream.closed and not stream.eof and not stream.data
 
@@ -254,23 +270,15 @@ async def test_reused_buffers_do_not_corrupt_data(chunk_size: int) -> None:
     """Many chunks through the two reusable (and growing) buffers arrive intact and in
     order."""
     stream = RecordingStream()
-    done: asyncio.Future[PipeResult] = asyncio.get_running_loop().create_future()
-
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        done.set_result(await pipe(reader, writer, stream, chunk_size=chunk_size))
-
-    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
     payload = os.urandom(3 * 1024 * 1024 + 17)
-    try:
-        _reader, writer = await asyncio.open_connection(
-            "127.0.0.1", server.sockets[0].getsockname()[1]
-        )
+    async with leg_server(chunk_size) as (port, legs):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
         async with asyncio.timeout(WAIT):
+            leg = await legs.get()
+            done = asyncio.create_task(pipe(leg, stream))
             await send_all_then_eof(writer, payload)
             result = await done
         writer.close()
-    finally:
-        server.close()
     assert hashlib.sha256(stream.data).digest() == hashlib.sha256(payload).digest()
     assert result.tcp_to_stream == len(payload)
 
@@ -306,23 +314,19 @@ class GatedStream:
 
 
 async def test_backpressure_slow_stream_stops_reading_tcp() -> None:
-    """While the stream does not drain, the pipe holds at most one chunk and stops
+    """While the stream does not drain, the pipe holds at most two buffers and stops
     reading TCP, so the TCP sender's own buffer fills up instead of our memory."""
     stream = GatedStream()
-    done: asyncio.Future[PipeResult] = asyncio.get_running_loop().create_future()
-
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        done.set_result(await pipe(reader, writer, stream))
-
-    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     total = 32 * 1024 * 1024
-    try:
+    async with leg_server() as (port, legs):
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
         async with asyncio.timeout(WAIT):
+            leg = await legs.get()
+            done = asyncio.create_task(pipe(leg, stream))
             writer.write(b"\0" * total)  # queued in the client's transport
             await stream.blocked.wait()
             assert stream.written <= CHUNK_SIZE  # one chunk, then blocked in send
+            assert leg.buffered <= CHUNK_SIZE  # at most one more buffer, then paused
             # The unread rest stays in kernel and client buffers, not in the pipe.
             assert writer.transport.get_write_buffer_size() > 0
             stream.gate.set()
@@ -330,26 +334,50 @@ async def test_backpressure_slow_stream_stops_reading_tcp() -> None:
             writer.write_eof()
             result = await done
         writer.close()
-    finally:
-        server.close()
     assert stream.written == total == result.tcp_to_stream
 
 
-async def test_cancel_while_closing_resets_stream_and_aborts_tcp(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Both directions ended cleanly, then the pipe is cancelled while the TCP leg is
-    still closing: the stream must be reset, not left open."""
-    import quic_reverse.tunnel.pipe as pipe_module
+async def test_idle_leg_holds_no_buffer() -> None:
+    """After a burst the leg releases its receive buffers while it waits for more."""
+    stream = RecordingStream()
+    async with leg_server() as (port, legs):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(WAIT):
+            leg = await legs.get()
+            send_done = asyncio.Event()
 
-    closing = asyncio.Event()
+            class Tracking(RecordingStream):
+                async def send(self, data: bytes | bytearray | memoryview) -> None:
+                    await super().send(data)
+                    send_done.set()
 
-    async def stuck_close(writer: asyncio.StreamWriter) -> None:
-        closing.set()  # like a TCP peer that never reads what is left
-        await asyncio.Event().wait()
+                async def read(self, n: int = -1) -> bytes:
+                    await asyncio.Event().wait()
+                    return b""
 
-    monkeypatch.setattr(pipe_module, "_close_tcp", stuck_close)
+            stream = Tracking()
+            task = asyncio.create_task(pipe(leg, stream))
+            writer.write(b"z" * 100_000)
+            while len(stream.data) < 100_000:
+                send_done.clear()
+                await send_done.wait()
+            for _ in range(100):  # a few loop turns: the reader goes back to waiting
+                if leg._waiter is not None:
+                    break
+                await asyncio.sleep(0)
+            assert leg._fill is None and leg._spare is None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        writer.close()
+        del reader
+
+
+async def test_cancel_while_closing_resets_stream_and_aborts_tcp() -> None:
+    """Both directions ended cleanly, then the pipe is cancelled while the stream is
+    still closing: the stream must be reset and the TCP leg aborted."""
     resets: list[int] = []
+    closing = asyncio.Event()
 
     class EmptyStream:
         async def read(self, n: int = -1) -> bytes:
@@ -365,24 +393,16 @@ async def test_cancel_while_closing_resets_stream_and_aborts_tcp(
             resets.append(code)
 
         async def aclose(self) -> None:
-            raise AssertionError("aclose is not reached while TCP is closing")
+            closing.set()  # like a stream waiting for credit to send its FIN
+            await asyncio.Event().wait()
 
-    accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
-    tasks: list[asyncio.Task[PipeResult]] = []
-
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tasks.append(asyncio.create_task(pipe(reader, writer, EmptyStream())))
-        await accepted.put(writer)
-
-    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
+    async with leg_server() as (port, legs):
         client_reader, client_writer = await asyncio.open_connection("127.0.0.1", port)
         client_writer.write_eof()
         async with asyncio.timeout(WAIT):
-            pipe_writer = await accepted.get()
+            leg = await legs.get()
+            task = asyncio.create_task(pipe(leg, EmptyStream()))
             await closing.wait()
-            (task,) = tasks
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -391,8 +411,107 @@ async def test_cancel_while_closing_resets_stream_and_aborts_tcp(
             except ConnectionResetError:
                 leftover = b""
             assert leftover == b""
+            await leg.closed
         assert resets == [int(CloseCode.RESET)]
-        assert pipe_writer.transport.is_closing()
         client_writer.close()
-    finally:
-        server.close()
+
+
+class FailingStream:
+    """A stream whose read fails (peer reset) on demand while its send is blocked; a
+    cancelled send takes a few loop turns to unwind (like a real stream's cleanup)."""
+
+    def __init__(self) -> None:
+        self.fail = asyncio.Event()
+        self.failed = asyncio.Event()
+        self.sending = asyncio.Event()
+        self.resets: list[int] = []
+
+    async def read(self, n: int = -1) -> bytes:
+        await self.fail.wait()
+        self.failed.set()
+        raise StreamReset(int(CloseCode.RESET))
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        self.sending.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            for _ in range(3):
+                await asyncio.sleep(0)
+            raise
+
+    async def write_eof(self) -> None:
+        pass
+
+    def reset(self, code: int = 0) -> None:
+        self.resets.append(code)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_cancel_after_stream_failure_closes_tcp(turns: int) -> None:
+    """Issue 10 item 1: the pipe is cancelled ``turns`` loop iterations after its stream
+    leg failed (the edge cancelling forwards of a lost session): whatever point it is
+    at, the TCP peer sees its connection closed and the stream is reset."""
+    stream = FailingStream()
+    async with leg_server() as (port, legs):
+        client_reader, client_writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(WAIT):
+            leg = await legs.get()
+            task = asyncio.create_task(pipe(leg, stream))
+            client_writer.write(b"x" * 1000)
+            await stream.sending.wait()
+            stream.fail.set()
+            await stream.failed.wait()
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            try:
+                leftover = await client_reader.read()
+            except ConnectionResetError:
+                leftover = b""
+            await leg.closed
+        assert leftover == b""
+        assert stream.resets, "the stream leg was not reset"
+        client_writer.close()
+
+
+async def test_both_directions_failing_logs_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer's STOP_SENDING (send fails) together with its reset (read fails) is an
+    ordinary "stream reset" outcome: nothing at ERROR, no "exception never retrieved"."""
+    import gc
+
+    from quic_reverse.errors import StreamStopped
+
+    class Stopped:
+        async def read(self, n: int = -1) -> bytes:
+            raise StreamReset(int(CloseCode.RESET))
+
+        async def send(self, data: bytes | bytearray | memoryview) -> None:
+            raise StreamStopped(int(CloseCode.RESET))
+
+        async def write_eof(self) -> None:
+            raise StreamStopped(int(CloseCode.RESET))
+
+        def reset(self, code: int = 0) -> None:
+            pass
+
+        async def aclose(self) -> None:
+            pass
+
+    caplog.set_level(logging.DEBUG)
+    async with leg_server() as (port, legs):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"data")
+        async with asyncio.timeout(WAIT):
+            leg = await legs.get()
+            await asyncio.sleep(0)
+            result = await pipe(leg, Stopped())
+        writer.close()
+    gc.collect()
+    assert result.outcome == "stream reset"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

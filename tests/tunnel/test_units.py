@@ -247,3 +247,60 @@ def test_backoff_draws_spread_over_whole_range() -> None:
         Backoff(0.0, 1.0)
     with pytest.raises(ValueError):
         Backoff(2.0, 1.0)
+
+
+# ---------------------------------------------------------------- settings table
+
+
+def test_one_table_drives_flags_and_file_keys() -> None:
+    """Every setting of the relay/edge tables is a CLI flag of the same name and a
+    config-file key; values from either source go through the same conversion."""
+    from quic_reverse.cli import build_parser
+    from quic_reverse.tunnel.config import EDGE_TABLE, RELAY_TABLE
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for command, table in (("relay", RELAY_TABLE), ("edge", EDGE_TABLE)):
+        flags = {
+            opt
+            for action in sub.choices[command]._actions  # type: ignore[index]
+            for opt in action.option_strings
+        }
+        for setting in table:
+            assert setting.flag in flags, (command, setting.name)
+    base = {"self_signed": True, "tokens": "t"}
+    from_file = build_relay_config(
+        {"max_streams": 7, "linger": 2, "log_level": "debug"}, None, base
+    )
+    from_flags = build_relay_config(
+        {}, None, {**base, "max_streams": "7", "linger": "2", "log_level": "debug"}
+    )
+    assert from_file == from_flags
+    assert (from_file.max_streams, from_file.linger, from_file.log_level) == (7, 2.0, "debug")
+
+
+def test_shared_validators_and_one_fingerprint_normaliser() -> None:
+    from quic_reverse import Config
+    from quic_reverse._validate import check_duration, fingerprint
+
+    hexfp = "ab" * 32
+    for form in (hexfp, hexfp.upper(), ":".join(["AB"] * 32), "sha256:" + hexfp):
+        assert fingerprint("--fingerprint", form) == hexfp
+        assert build_edge_config({}, None, _edge_flags(fingerprint=form)).fingerprint == hexfp
+    with pytest.raises(ConfigError, match="--fingerprint: expected a SHA-256"):
+        fingerprint("--fingerprint", "sha256:abc")
+    # The library's Config and the tunnel word a bad duration the same way.
+    with pytest.raises(ConfigError, match="open_timeout must be a number of seconds") as lib:
+        Config(open_timeout="soon")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="open_timeout must be a number of seconds") as tun:
+        check_duration("open_timeout", "soon")
+    assert str(lib.value) == str(tun.value)
+    with pytest.raises(ConfigError, match=r"\[edge\] relay: wrong type: expected a string"):
+        build_edge_config({"relay": 5}, None, _edge_flags(relay=None))
+
+
+def test_unknown_table_in_config_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[relais]\nlisten = '1.2.3.4:5'\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"unknown table\(s\) or key\(s\) \[relais\]"):
+        load_config_file(path, "relay")

@@ -3,8 +3,15 @@
 Why in-protocol: neither Python QUIC stack lets a server verify client certificates
 (``QUIC-STACKS.md``), so the edge proves itself right after negotiation by opening the
 reserved service :data:`~quic_reverse.tunnel.config.AUTH_SERVICE` with structured
-metadata ``{"name": <edge name>, "token": <token>}``. The relay accepts that open
-(edge authenticated) or rejects it with ``UNAUTHORIZED`` and closes the session.
+metadata ``{"name": <edge name>, "token": <token>, "instance": <instance id>}``. The
+relay accepts that open (edge authenticated) or rejects it with ``UNAUTHORIZED`` and
+closes the session. Both sides of that step are here: :func:`authenticate_to_relay`
+(edge) and :func:`authenticate_edge` (relay).
+
+``instance`` is a random id an edge process draws once at start (:func:`new_instance_id`)
+and sends on every (re)connection, so the relay can tell a reconnect of the same process
+(replace its old session) from a second live process with the same name (a replica).
+An edge that sends none (an older edge) is treated as an instance of its own.
 The channel is the relay-authenticated TLS connection, so the token is never exposed
 to a network observer; it is never logged by either side.
 
@@ -19,22 +26,34 @@ prints a fresh random one.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import stat
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
-from .config import validate_service_name
+from ..errors import ConfigError, QuicReverseError, StreamRejected
+from ..events import CloseReceived, OpenRequest
+from ..session import SessionHandle
+from ..wire import Metadata, RejectCode
+from .config import AUTH_SERVICE, validate_service_name
 
 __all__ = [
+    "INSTANCE_KEY",
     "MIN_TOKEN_LENGTH",
+    "AuthRejected",
+    "EdgeIdentity",
     "TokenStore",
+    "authenticate_edge",
+    "authenticate_to_relay",
     "generate_token",
+    "new_instance_id",
     "read_edge_token",
     "validate_token",
 ]
@@ -43,6 +62,10 @@ log = logging.getLogger("quic_reverse.tunnel.auth")
 
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 512
+#: Structured metadata keys of the auth open.
+NAME_KEY, TOKEN_KEY, INSTANCE_KEY = "name", "token", "instance"
+_INSTANCE_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+_SHOWN_RE = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 
 
 def generate_token() -> str:
@@ -158,3 +181,89 @@ def write_token_file(path: Path, token: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as fh:
         fh.write(token + "\n")
+
+
+def new_instance_id() -> str:
+    """A random id for this edge process (sent with every authentication)."""
+    return secrets.token_hex(8)
+
+
+class AuthRejected(QuicReverseError):
+    """The relay rejected this edge's name/token (``UNAUTHORIZED``)."""
+
+
+@dataclass(frozen=True)
+class EdgeIdentity:
+    """Who an authenticated session is: the edge name, and the instance id the edge
+    sent (``None`` for an edge that sent none: it is an instance of its own)."""
+
+    name: str
+    instance: str | None
+
+
+async def authenticate_to_relay(
+    handle: SessionHandle, name: str, token: str, instance: str
+) -> None:
+    """The edge's side: open the auth service with our name, token and instance id.
+
+    Bounded by the session's ``open_timeout``. Raises :class:`AuthRejected` if the
+    relay said ``UNAUTHORIZED``; other session errors propagate.
+    """
+    metadata = Metadata.structured({NAME_KEY: name, TOKEN_KEY: token, INSTANCE_KEY: instance})
+    try:
+        stream = await handle.open(AUTH_SERVICE, metadata)
+    except StreamRejected as exc:
+        if exc.code == RejectCode.UNAUTHORIZED:
+            raise AuthRejected(f"authentication as {name!r} rejected") from None
+        raise
+    with contextlib.suppress(QuicReverseError):
+        await stream.aclose()
+
+
+async def authenticate_edge(
+    handle: SessionHandle, tokens: TokenStore, peer: str
+) -> EdgeIdentity | None:
+    """The relay's side: wait for the edge's auth open and check it.
+
+    Opens for anything else before it are rejected ``UNAUTHORIZED``. Returns the
+    identity, or ``None`` (reason logged) if the edge failed or left. Not bounded by
+    itself: the relay's auth deadline (from accept) closes the connection.
+    """
+    while True:
+        event = await handle.process_message()
+        if event is None or isinstance(event, CloseReceived):
+            log.warning("edge %s closed the session before authenticating", peer)
+            return None
+        if not isinstance(event, OpenRequest):
+            continue
+        if event.service != AUTH_SERVICE:
+            log.warning("edge %s asked for %r before authenticating; rejected", peer, event.service)
+            with contextlib.suppress(QuicReverseError):
+                await handle.reject_open(
+                    event.request_id, RejectCode.UNAUTHORIZED, "authenticate first"
+                )
+            continue
+        name = event.metadata.get(NAME_KEY)
+        token = event.metadata.get(TOKEN_KEY)
+        instance = event.metadata.get(INSTANCE_KEY)
+        if instance is not None and not (
+            isinstance(instance, str) and _INSTANCE_RE.match(instance)
+        ):
+            name = None  # malformed: fails below like a wrong token (nothing echoed back)
+        if isinstance(name, str) and tokens.verify(name, token):
+            stream = await handle.accept_open(event.request_id)
+            with contextlib.suppress(QuicReverseError):
+                await stream.aclose()
+            return EdgeIdentity(name, instance if isinstance(instance, str) else None)
+        shown = event.metadata.get(NAME_KEY)
+        shown = shown if isinstance(shown, str) and _SHOWN_RE.match(shown) else "<invalid>"
+        log.warning(
+            "edge %s failed authentication as %r (unknown name, wrong token or malformed metadata)",
+            peer,
+            shown,
+        )
+        with contextlib.suppress(QuicReverseError):
+            await handle.reject_open(
+                event.request_id, RejectCode.UNAUTHORIZED, "authentication failed"
+            )
+        return None

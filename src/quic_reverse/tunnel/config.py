@@ -1,6 +1,9 @@
 """Tunnel configuration: TOML file + command-line flags -> validated frozen dataclasses.
 
-Precedence is *flag > config file > built-in default*. Every problem is reported as a
+Precedence is *flag > config file > built-in default*. One declarative table per
+command (:data:`RELAY_TABLE`, :data:`EDGE_TABLE`) drives the CLI flags, the TOML keys
+and their conversion; values are checked with the validators the library's
+:class:`~quic_reverse.Config` uses (:mod:`quic_reverse._validate`). Every problem is reported as a
 :class:`~quic_reverse.errors.ConfigError` whose message names the offending setting, so
 the CLI can print it and exit with status 2 before anything touches the network.
 
@@ -11,7 +14,7 @@ Config file format (one file may hold both tables; each command reads its own)::
     cert = "relay.crt"                 # or: self_signed = true (development only)
     key = "relay.key"
     tokens = "tokens.toml"             # edge name -> token
-    forward = ["127.0.0.1:2222=edgeA/ssh", "127.0.0.1:8080=edgeA/web"]
+    forward = ["127.0.0.1:2222=edgeA/ssh", "127.0.0.1:8080=edgeA/web"]   # relay host
     auth_timeout = 10.0
     grace = 10.0
 
@@ -20,7 +23,7 @@ Config file format (one file may hold both tables; each command reads its own)::
     name = "edgeA"
     token_file = "edgeA.token"
     ca = "relay.crt"                   # or: fingerprint = "ab12..."; or insecure = true
-    expose = { ssh = "127.0.0.1:22", web = "127.0.0.1:8080" }
+    expose = { ssh = "127.0.0.1:22", web = "127.0.0.1:80" }          # edge host
     ping_interval = 5.0
     backoff_cap = 10.0
 
@@ -29,26 +32,38 @@ Relative paths in a config file are resolved against the file's directory.
 
 from __future__ import annotations
 
-import math
+import hashlib
+import importlib.util
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+
+from .._validate import check_choice, check_count, check_duration, fingerprint, type_name
 from ..errors import ConfigError
 
 __all__ = [
     "DEFAULT_ALPN",
     "AUTH_SERVICE",
     "EDGE_SETTINGS",
+    "EDGE_TABLE",
     "RELAY_SETTINGS",
+    "RELAY_TABLE",
+    "Setting",
     "EdgeConfig",
     "Exposed",
     "Forward",
     "RelayConfig",
+    "build_edge_config",
+    "build_relay_config",
+    "check_ca_file",
+    "check_stack_installed",
     "load_config_file",
+    "load_server_certificate",
     "parse_expose",
     "parse_forward",
     "parse_hostport",
@@ -63,7 +78,6 @@ DEFAULT_ALPN = "quic-reverse-tunnel/1"
 AUTH_SERVICE = "quic-reverse/auth"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_STACKS = ("qh3", "aioquic")
 
 
 def validate_service_name(kind: str, value: str) -> str:
@@ -151,17 +165,361 @@ def parse_expose(text: str) -> Exposed:
     return Exposed(service=service.strip(), host=host, port=port)
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{name}: expected a number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """One setting of ``[relay]`` or ``[edge]``: its TOML key (the CLI flag is the same
+    name with dashes), how values are read, and the help text. Both config builders and
+    the CLI's argument parser are driven by :data:`RELAY_TABLE` / :data:`EDGE_TABLE`."""
+
+    name: str
+    #: seconds, count, bool, str, path, choice, hostport, forwards, expose, fingerprint
+    kind: str
+    help: str
+    metavar: str | None = None
+    #: The config dataclass field, when it differs from ``name`` (``forward`` -> ``forwards``).
+    field: str | None = None
+    choices: tuple[str, ...] = ()
+    allow_zero: bool = False
+    #: Default host of a ``hostport`` given as a port alone.
+    default_host: str | None = None
+    #: Shown in ``--help``; the real default lives in the config dataclass.
+    default: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def target(self) -> str:
+        return self.field or self.name
+
+
+STACKS = ("qh3", "aioquic")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_COMMON = (
+    Setting(
+        name="log_level",
+        kind="choice",
+        choices=LOG_LEVELS,
+        default="info",
+        help="log verbosity on stderr",
+    ),
+    Setting(name="alpn", kind="str", default=DEFAULT_ALPN, help="ALPN protocol id"),
+    Setting(name="stack", kind="choice", choices=STACKS, default="qh3", help="QUIC stack"),
+)
+
+#: The relay's settings, in ``--help`` order.
+RELAY_TABLE: tuple[Setting, ...] = (
+    Setting(
+        name="listen",
+        kind="hostport",
+        metavar="HOST:PORT",
+        default_host="0.0.0.0",
+        default="0.0.0.0:4433",
+        help="UDP address for edges",
+    ),
+    Setting(name="cert", kind="path", metavar="FILE", help="TLS certificate (PEM)"),
+    Setting(name="key", kind="path", metavar="FILE", help="TLS private key (PEM)"),
+    Setting(
+        name="self_signed",
+        kind="bool",
+        help="development: generate (once) a certificate in --state-dir and print its "
+        "SHA-256 fingerprint for the edge's --fingerprint",
+    ),
+    Setting(
+        name="state_dir",
+        kind="path",
+        metavar="DIR",
+        default=".quic-reverse",
+        help="where --self-signed keeps it",
+    ),
+    Setting(
+        name="tokens",
+        kind="path",
+        metavar="FILE",
+        help='TOML file of edge tokens: one  name = "token"  per line',
+    ),
+    Setting(
+        name="forward",
+        kind="forwards",
+        field="forwards",
+        metavar="[HOST:]PORT=EDGE/SERVICE",
+        help="TCP listener mapped to an edge's service; HOST defaults to 127.0.0.1 "
+        "(repeatable; port 0 picks a free port, logged at start)",
+    ),
+    Setting(name="auth_timeout", kind="seconds", default="10", help="close unauthenticated edges"),
+    Setting(
+        name="open_timeout",
+        kind="seconds",
+        default="10",
+        help="deadline for a TCP client to get a stream (queueing + the edge's answer)",
+    ),
+    Setting(name="grace", kind="seconds", allow_zero=True, default="10", help="shutdown grace"),
+    Setting(name="ping_interval", kind="seconds", default="10", help="keep-alive ping"),
+    Setting(name="ping_timeout", kind="seconds", default="10", help="edge dead after no pong"),
+    Setting(
+        name="max_streams",
+        kind="count",
+        default="10000",
+        help="concurrent tunnelled connections per edge session; more wait (open_timeout)",
+    ),
+    Setting(
+        name="max_queued_opens",
+        kind="count",
+        allow_zero=True,
+        default="10000",
+        help="TCP clients allowed to wait for a free stream per edge name",
+    ),
+    Setting(
+        name="linger",
+        kind="seconds",
+        default="5",
+        help="a closing TCP connection is reset if its last bytes are not sent by then",
+    ),
+    *_COMMON,
+)
+
+#: The edge's settings, in ``--help`` order.
+EDGE_TABLE: tuple[Setting, ...] = (
+    Setting(name="relay", kind="hostport", metavar="HOST:PORT", help="the relay's QUIC address"),
+    Setting(name="name", kind="str", help="this edge's name (as in the relay's tokens file)"),
+    Setting(name="token_file", kind="path", metavar="FILE", help="file holding this edge's token"),
+    Setting(
+        name="expose",
+        kind="expose",
+        metavar="SERVICE=HOST:PORT",
+        help="allow-listed local service (repeatable)",
+    ),
+    Setting(
+        name="ca", kind="path", metavar="FILE", help="CA/certificate (PEM) to verify the relay"
+    ),
+    Setting(
+        name="fingerprint",
+        kind="fingerprint",
+        metavar="SHA256",
+        help="pin the relay certificate's SHA-256 (hex; colons or sha256: prefix allowed)",
+    ),
+    Setting(
+        name="insecure",
+        kind="bool",
+        help="DO NOT verify the relay certificate (development only; logged loudly)",
+    ),
+    Setting(name="server_name", kind="str", default="localhost", help="TLS server name to verify"),
+    Setting(name="ping_interval", kind="seconds", default="5", help="keep-alive ping"),
+    Setting(name="ping_timeout", kind="seconds", default="5", help="relay dead after no pong"),
+    Setting(name="idle_timeout", kind="seconds", default="30", help="QUIC idle timeout"),
+    Setting(
+        name="connect_timeout",
+        kind="seconds",
+        default="10",
+        help="deadline of each step of connecting (handshake, negotiation, authentication)",
+    ),
+    Setting(
+        name="backoff_initial", kind="seconds", default="0.5", help="first reconnect delay cap"
+    ),
+    Setting(name="backoff_cap", kind="seconds", default="10", help="max reconnect delay"),
+    Setting(
+        name="auth_retry",
+        kind="bool",
+        help="on a rejected token keep retrying every 60 s instead of exiting with status 1",
+    ),
+    Setting(
+        name="max_streams",
+        kind="count",
+        default="10000",
+        help="concurrent tunnelled connections; more are refused LIMIT_EXCEEDED",
+    ),
+    Setting(
+        name="service_timeout",
+        kind="seconds",
+        default="5",
+        help="deadline for connecting to an exposed local service",
+    ),
+    Setting(name="grace", kind="seconds", allow_zero=True, default="5", help="shutdown grace"),
+    Setting(
+        name="linger",
+        kind="seconds",
+        default="5",
+        help="a closing TCP connection is reset if its last bytes are not sent by then",
+    ),
+    *_COMMON,
+)
+
+#: Settings of the ``[relay]`` table; the same names are the relay CLI flags.
+RELAY_SETTINGS = tuple(s.name for s in RELAY_TABLE)
+#: Settings of the ``[edge]`` table; the same names are the edge CLI flags.
+EDGE_SETTINGS = tuple(s.name for s in EDGE_TABLE)
+_TABLES = {"relay": RELAY_TABLE, "edge": EDGE_TABLE}
+
+_KIND_WORDS = {
+    "seconds": "a number of seconds",
+    "count": "an integer",
+    "bool": "a boolean (true/false)",
+    "str": "a string",
+    "path": "a string (a file path)",
+    "choice": "a string",
+    "hostport": "a string (HOST:PORT)",
+    "forwards": "a string or an array of strings ([HOST:]PORT=EDGE/SERVICE)",
+    "expose": 'a table (service = "HOST:PORT") or an array of "SERVICE=HOST:PORT"',
+    "fingerprint": "a string (64 hex digits)",
+}
+
+
+def _wrong_type(where: str, setting: Setting, value: object) -> ConfigError:
+    return ConfigError(
+        f"{where}: wrong type: expected {_KIND_WORDS[setting.kind]}, "
+        f"got {type_name(value)} {value!r}"
+    )
+
+
+def _path(base: Path | None, value: str | Path) -> Path:
+    p = Path(value).expanduser()
+    if base is not None and not p.is_absolute():
+        p = base / p
+    return p
+
+
+def _strings(where: str, setting: Setting, value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise _wrong_type(where, setting, value)
+
+
+def convert(setting: Setting, value: Any, where: str, base: Path | None, *, from_cli: bool) -> Any:
+    """Read one value of ``setting`` (from the file: typed TOML; from the CLI: text or an
+    already typed value). ``where`` names it in errors (``--grace``, ``[relay] grace``)."""
+    kind = setting.kind
+    if kind in ("seconds", "count"):
+        if from_cli and isinstance(value, str):
+            try:
+                value = float(value) if kind == "seconds" else int(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected {_KIND_WORDS[kind]}, got {value!r}") from None
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise _wrong_type(where, setting, value)
+        if kind == "seconds":
+            return check_duration(where, value, allow_zero=setting.allow_zero)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return check_count(where, value, minimum=0 if setting.allow_zero else 1)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _wrong_type(where, setting, value)
+        return value
+    if kind == "forwards":
+        return tuple(parse_forward(v) for v in _strings(where, setting, value))
+    if kind == "expose":
+        if isinstance(value, dict) and not from_cli:
+            items = []
+            for k, v in value.items():
+                if not isinstance(v, str):
+                    raise ConfigError(
+                        f"{where}.{k}: wrong type: expected a string (HOST:PORT), "
+                        f"got {type_name(v)} {v!r}"
+                    )
+                items.append(f"{k}={v}")
+            return tuple(parse_expose(v) for v in items)
+        return tuple(parse_expose(v) for v in _strings(where, setting, value))
+    if not isinstance(value, str | Path):
+        raise _wrong_type(where, setting, value)
+    if kind == "path":
+        return _path(None if from_cli else base, value)
+    assert isinstance(value, str)
+    if kind == "hostport":
+        return parse_hostport(where, value, default_host=setting.default_host)
+    if kind == "choice":
+        return check_choice(where, value, setting.choices)
+    if kind == "fingerprint":
+        return fingerprint(where, value)
+    return value  # str
+
+
+def merge_settings(
+    section: str, file_table: Mapping[str, Any], base: Path | None, flags: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Keyword arguments for the ``section``'s config dataclass: the file's values,
+    overridden by the flags that were given (``None``, ``False`` and ``[]`` = not given)."""
+    table = _TABLES[section]
+    by_name = {s.name: s for s in table}
+    unknown = sorted(set(file_table).difference(by_name))
+    if unknown:
+        raise ConfigError(
+            f"[{section}]: unknown setting(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(by_name))}"
+        )
+    kw: dict[str, Any] = {}
+    for key, value in file_table.items():
+        setting = by_name[key]
+        kw[setting.target] = convert(setting, value, f"[{section}] {key}", base, from_cli=False)
+    for key, value in flags.items():
+        given = by_name.get(key)
+        if given is None or value is None or value is False or value == []:
+            continue
+        kw[given.target] = convert(given, value, given.flag, None, from_cli=True)
+    return kw
+
+
+def build_relay_config(
+    file_table: Mapping[str, Any], base: Path | None, flags: Mapping[str, Any]
+) -> RelayConfig:
+    """Merge a ``[relay]`` table and CLI flags (``None`` = not given) into a RelayConfig."""
+    return RelayConfig(**merge_settings("relay", file_table, base, flags))
+
+
+def build_edge_config(
+    file_table: Mapping[str, Any], base: Path | None, flags: Mapping[str, Any]
+) -> EdgeConfig:
+    """Merge an ``[edge]`` table and CLI flags (``None`` = not given) into an EdgeConfig."""
+    kw = merge_settings("edge", file_table, base, flags)
+    for required in ("relay", "name", "token_file"):
+        if required not in kw:
+            flag = "--" + required.replace("_", "-")
+            raise ConfigError(f"edge: {flag} is required (or {required} in [edge])")
+    kw.setdefault("expose", ())
+    return EdgeConfig(**kw)
+
+
+def load_config_file(path: Path, section: str) -> tuple[dict[str, Any], Path]:
+    """Read ``[section]`` of a TOML file. Returns (table, directory for relative paths).
+
+    The file may hold ``[relay]`` and ``[edge]`` only: any other table or top-level key
+    (``[relais]``) is an error, not silently ignored.
+    """
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r}: invalid TOML: {exc}") from None
+    unknown = sorted(set(data).difference(_TABLES))
+    if unknown:
+        raise ConfigError(
+            f"config file {str(path)!r}: unknown table(s) or key(s) "
+            f"{', '.join(f'[{k}]' for k in unknown)}; expected [relay] and/or [edge]"
+        )
+    table = data.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {str(path)!r}: [{section}] must be a table")
+    return table, path.resolve().parent
+
+
+# ---------------------------------------------------------------------------- configs
 
 
 @dataclass(frozen=True, kw_only=True)
 class RelayConfig:
-    """Validated settings of ``quic-reverse relay``."""
+    """Validated settings of ``quic-reverse relay`` (see :data:`RELAY_TABLE`)."""
 
     listen: tuple[str, int] = ("0.0.0.0", 4433)
     cert: Path | None = None
@@ -175,17 +533,26 @@ class RelayConfig:
     grace: float = 10.0
     ping_interval: float = 10.0
     ping_timeout: float = 10.0
+    max_streams: int = 10_000
+    max_queued_opens: int = 10_000
+    linger: float = 5.0
+    log_level: str = "info"
     alpn: str = DEFAULT_ALPN
     stack: str = "qh3"
 
     def __post_init__(self) -> None:
         if self.self_signed and (self.cert or self.key):
             raise ConfigError("relay: use either --cert/--key or --self-signed, not both")
-        if not self.self_signed and (self.cert is None or self.key is None):
-            raise ConfigError(
-                "relay: a TLS certificate is required: --cert FILE --key FILE "
-                "(or --self-signed for development)"
-            )
+        if not self.self_signed:
+            if self.cert is None and self.key is None:
+                raise ConfigError(
+                    "relay: a TLS certificate is required: --cert FILE --key FILE "
+                    "(or --self-signed for development)"
+                )
+            if self.key is None:
+                raise ConfigError("relay: --cert needs --key FILE (the certificate's private key)")
+            if self.cert is None:
+                raise ConfigError("relay: --key needs --cert FILE (the certificate)")
         if self.tokens is None:
             raise ConfigError("relay: --tokens FILE is required (edge name -> token)")
         seen: set[tuple[str, int]] = set()
@@ -193,20 +560,20 @@ class RelayConfig:
             if fwd.port != 0 and (fwd.host, fwd.port) in seen:
                 raise ConfigError(f"relay: two forwards listen on {fwd.host}:{fwd.port}")
             seen.add((fwd.host, fwd.port))
-        _positive("auth_timeout", self.auth_timeout)
-        _positive("open_timeout", self.open_timeout)
-        _positive("grace", self.grace, allow_zero=True)
-        _positive("ping_interval", self.ping_interval)
-        _positive("ping_timeout", self.ping_timeout)
-        if self.stack not in _STACKS:
-            raise ConfigError(f"stack: expected one of {', '.join(_STACKS)}, got {self.stack!r}")
+        for name in ("auth_timeout", "open_timeout", "ping_interval", "ping_timeout", "linger"):
+            check_duration(name, getattr(self, name))
+        check_duration("grace", self.grace, allow_zero=True)
+        check_count("max_streams", self.max_streams)
+        check_count("max_queued_opens", self.max_queued_opens, minimum=0)
+        check_choice("stack", self.stack, STACKS)
+        check_choice("log_level", self.log_level, LOG_LEVELS)
         if not self.alpn:
             raise ConfigError("alpn: must not be empty")
 
 
 @dataclass(frozen=True, kw_only=True)
 class EdgeConfig:
-    """Validated settings of ``quic-reverse edge``."""
+    """Validated settings of ``quic-reverse edge`` (see :data:`EDGE_TABLE`)."""
 
     relay: tuple[str, int]
     name: str
@@ -223,6 +590,11 @@ class EdgeConfig:
     backoff_initial: float = 0.5
     backoff_cap: float = 10.0
     auth_retry: bool = False
+    max_streams: int = 10_000
+    service_timeout: float = 5.0
+    grace: float = 5.0
+    linger: float = 5.0
+    log_level: str = "info"
     alpn: str = DEFAULT_ALPN
     stack: str = "qh3"
 
@@ -245,24 +617,26 @@ class EdgeConfig:
         if sum(modes) > 1:
             raise ConfigError("edge: use exactly one of --ca, --fingerprint, --insecure")
         if self.fingerprint is not None:
-            fp = self.fingerprint.replace(":", "").strip().lower()
-            if not re.fullmatch(r"[0-9a-f]{64}", fp):
-                raise ConfigError(
-                    "fingerprint: expected a SHA-256 as 64 hex digits (colons allowed)"
-                )
-            object.__setattr__(self, "fingerprint", fp)
-        _positive("ping_interval", self.ping_interval)
-        _positive("ping_timeout", self.ping_timeout)
-        _positive("idle_timeout", self.idle_timeout)
-        _positive("connect_timeout", self.connect_timeout)
-        _positive("backoff_initial", self.backoff_initial)
-        _positive("backoff_cap", self.backoff_cap)
+            object.__setattr__(self, "fingerprint", fingerprint("fingerprint", self.fingerprint))
+        for name in (
+            "ping_interval",
+            "ping_timeout",
+            "idle_timeout",
+            "connect_timeout",
+            "backoff_initial",
+            "backoff_cap",
+            "service_timeout",
+            "linger",
+        ):
+            check_duration(name, getattr(self, name))
+        check_duration("grace", self.grace, allow_zero=True)
+        check_count("max_streams", self.max_streams)
         if self.backoff_cap < self.backoff_initial:
             raise ConfigError("backoff_cap must be >= backoff_initial")
         if self.relay[1] == 0:
             raise ConfigError("relay: port 0 cannot be dialled")
-        if self.stack not in _STACKS:
-            raise ConfigError(f"stack: expected one of {', '.join(_STACKS)}, got {self.stack!r}")
+        check_choice("stack", self.stack, STACKS)
+        check_choice("log_level", self.log_level, LOG_LEVELS)
         if not self.alpn:
             raise ConfigError("alpn: must not be empty")
 
@@ -274,194 +648,68 @@ class EdgeConfig:
         return None
 
 
-def load_config_file(path: Path, section: str) -> tuple[dict[str, Any], Path]:
-    """Read ``[section]`` of a TOML file. Returns (table, directory for relative paths)."""
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} not found") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r}: invalid TOML: {exc}") from None
-    table = data.get(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"config file {str(path)!r}: [{section}] must be a table")
-    return table, path.resolve().parent
+# ---------------------------------------------------------------------------- files
 
 
-#: Settings of the ``[relay]`` table; the same names are the relay CLI flags.
-RELAY_SETTINGS = (
-    "listen",
-    "cert",
-    "key",
-    "self_signed",
-    "state_dir",
-    "tokens",
-    "forward",
-    "auth_timeout",
-    "open_timeout",
-    "grace",
-    "ping_interval",
-    "ping_timeout",
-    "alpn",
-    "stack",
-)
-#: Settings of the ``[edge]`` table; the same names are the edge CLI flags.
-EDGE_SETTINGS = (
-    "relay",
-    "name",
-    "token_file",
-    "expose",
-    "ca",
-    "fingerprint",
-    "insecure",
-    "server_name",
-    "ping_interval",
-    "ping_timeout",
-    "idle_timeout",
-    "connect_timeout",
-    "backoff_initial",
-    "backoff_cap",
-    "auth_retry",
-    "alpn",
-    "stack",
-)
-
-
-def _check_keys(section: str, table: Mapping[str, Any], allowed: Sequence[str]) -> None:
-    unknown = sorted(set(table).difference(allowed))
-    if unknown:
+def check_stack_installed(flag: str, stack: str) -> None:
+    """``--stack aioquic`` needs the optional extra: say how to get it, at start."""
+    if importlib.util.find_spec(stack) is None:
         raise ConfigError(
-            f"[{section}]: unknown setting(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(allowed))}"
+            f"{flag} {stack}: the {stack} package is not installed; "
+            f"pip install 'quic-reverse[{stack}]'"
         )
 
 
-def _typed(section: str, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
-    if (
-        isinstance(value, bool)
-        and kind is not bool
-        and not (isinstance(kind, tuple) and bool in kind)
-    ):
-        raise ConfigError(f"[{section}] {key}: wrong type {type(value).__name__}")
-    if not isinstance(value, kind):
-        raise ConfigError(f"[{section}] {key}: wrong type {type(value).__name__}")
-    return value
+def _read(flag: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {str(path)!r}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{flag} {str(path)!r}: is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {str(path)!r}: {exc.strerror}") from None
 
 
-def _path(base: Path | None, value: str | Path) -> Path:
-    p = Path(value).expanduser()
-    if base is not None and not p.is_absolute():
-        p = base / p
-    return p
+def load_server_certificate(cert: Path, key: Path) -> str:
+    """Check the relay's certificate and key files before serving: both readable, PEM,
+    and the key belongs to the certificate. Returns the certificate's SHA-256.
+
+    Raises:
+        ConfigError: naming ``--cert`` or ``--key`` and what is wrong with it.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert_pem, key_pem = _read("--cert", cert), _read("--key", key)
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise ConfigError(f"--cert {str(cert)!r}: no PEM certificate in the file")
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ConfigError(f"--key {str(key)!r}: the key is encrypted (a passphrase)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"--key {str(key)!r}: not a PEM private key") from None
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if certs[0].public_key().public_bytes(*raw) != private.public_key().public_bytes(*raw):
+        raise ConfigError(
+            f"--key {str(key)!r} does not belong to the certificate in --cert {str(cert)!r}"
+        )
+    return hashlib.sha256(certs[0].public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def _str_list(section: str, key: str, value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ConfigError(f"[{section}] {key}: expected a string or a list of strings")
+def check_ca_file(ca: Path) -> None:
+    """The edge's ``--ca`` must be a readable PEM file with at least one certificate."""
+    from cryptography import x509
 
-
-def build_relay_config(
-    file_table: Mapping[str, Any], base: Path | None, flags: Mapping[str, Any]
-) -> RelayConfig:
-    """Merge a ``[relay]`` table and CLI flags (``None`` = not given) into a RelayConfig."""
-    _check_keys("relay", file_table, RELAY_SETTINGS)
-    kw: dict[str, Any] = {}
-    numbers = ("auth_timeout", "open_timeout", "grace", "ping_interval", "ping_timeout")
-    for key, value in file_table.items():
-        if key == "listen":
-            kw["listen"] = parse_hostport(
-                "listen", _typed("relay", key, value, str), default_host="0.0.0.0"
-            )
-        elif key in ("cert", "key", "tokens", "state_dir"):
-            kw[key] = _path(base, _typed("relay", key, value, str))
-        elif key == "self_signed":
-            kw[key] = _typed("relay", key, value, bool)
-        elif key == "forward":
-            kw["forwards"] = tuple(parse_forward(v) for v in _str_list("relay", key, value))
-        elif key in numbers:
-            kw[key] = _typed("relay", key, value, (int, float))
-        else:  # alpn, stack
-            kw[key] = _typed("relay", key, value, str)
-    for key, value in flags.items():
-        if value is None:
-            continue
-        if key == "listen":
-            kw["listen"] = parse_hostport("--listen", value, default_host="0.0.0.0")
-        elif key in ("cert", "key", "tokens", "state_dir"):
-            kw[key] = _path(None, value)
-        elif key == "forward":
-            if value:
-                kw["forwards"] = tuple(parse_forward(v) for v in value)
-        elif key == "self_signed":
-            if value:
-                kw[key] = True
-        else:
-            kw[key] = value
-    return RelayConfig(**kw)
-
-
-def build_edge_config(
-    file_table: Mapping[str, Any], base: Path | None, flags: Mapping[str, Any]
-) -> EdgeConfig:
-    """Merge an ``[edge]`` table and CLI flags (``None`` = not given) into an EdgeConfig."""
-    _check_keys("edge", file_table, EDGE_SETTINGS)
-    kw: dict[str, Any] = {}
-    numbers = (
-        "ping_interval",
-        "ping_timeout",
-        "idle_timeout",
-        "connect_timeout",
-        "backoff_initial",
-        "backoff_cap",
-    )
-    for key, value in file_table.items():
-        if key == "relay":
-            kw["relay"] = parse_hostport("relay", _typed("edge", key, value, str))
-        elif key in ("token_file", "ca"):
-            kw[key] = _path(base, _typed("edge", key, value, str))
-        elif key in ("insecure", "auth_retry"):
-            kw[key] = _typed("edge", key, value, bool)
-        elif key == "expose":
-            if isinstance(value, dict):
-                kw["expose"] = tuple(
-                    parse_expose(f"{k}={_typed('edge', f'expose.{k}', v, str)}")
-                    for k, v in value.items()
-                )
-            else:
-                kw["expose"] = tuple(parse_expose(v) for v in _str_list("edge", key, value))
-        elif key in numbers:
-            kw[key] = _typed("edge", key, value, (int, float))
-        else:  # name, fingerprint, server_name, alpn, stack
-            kw[key] = _typed("edge", key, value, str)
-    for key, value in flags.items():
-        if value is None:
-            continue
-        if key == "relay":
-            kw["relay"] = parse_hostport("--relay", value)
-        elif key in ("token_file", "ca"):
-            kw[key] = _path(None, value)
-        elif key == "expose":
-            if value:
-                kw["expose"] = tuple(parse_expose(v) for v in value)
-        elif key in ("insecure", "auth_retry"):
-            if value:
-                kw[key] = True
-        else:
-            kw[key] = value
-    required_flags = (("relay", "--relay"), ("name", "--name"), ("token_file", "--token-file"))
-    for required, flag in required_flags:
-        if required not in kw:
-            raise ConfigError(f"edge: {flag} is required")
-    kw.setdefault("expose", ())
-    return EdgeConfig(**kw)
-
-
-def as_pairs(items: Sequence[Exposed]) -> dict[str, tuple[str, int]]:
-    """The allow-list as ``{service: (host, port)}`` (for logs and docs)."""
-    return {e.service: (e.host, e.port) for e in items}
+    data = _read("--ca", ca)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise ConfigError(f"--ca {str(ca)!r}: no PEM certificate in the file")

@@ -7,6 +7,15 @@ accepts the open and pipes bytes; an unknown service is rejected
 ``UNSUPPORTED_SERVICE`` and an unreachable target ``SERVICE_UNAVAILABLE``. The relay
 never chooses a host or port, so it cannot make the edge connect anywhere else.
 
+Instance identity: the edge draws a random instance id at start and sends it with every
+authentication, so the relay replaces this process's old session on a reconnect but
+treats another process with the same name as a replica (:mod:`.registry`).
+
+Forwarding loops: if the relay's client for an open is one of this edge's own
+connections to an exposed service (a relay forward that leads back to an exposed
+address on the same host), the open is rejected with an error line naming both ends,
+so one client connection costs one extra stream, not an unbounded chain.
+
 Keep-alive: the session pings every ``ping_interval`` seconds (default 5 s, below
 common NAT UDP timeouts of 30 s+) and declares the relay dead after ``ping_timeout``
 without a Pong; the QUIC idle timeout is a second line of defence.
@@ -25,15 +34,15 @@ from typing import Any, TypeVar, cast
 
 from .. import __version__
 from ..config import Config, Role
-from ..errors import CertificateError, QuicReverseError, StreamRejected
+from ..errors import CertificateError, ConfigError, QuicReverseError
 from ..events import CloseReceived, OpenRequest
 from ..session import Session, SessionHandle
 from ..transport import quic
 from ..transport.base import Connection
-from ..wire import CloseCode, Metadata, RejectCode
-from .auth import read_edge_token
-from .config import AUTH_SERVICE, EdgeConfig, Exposed
-from .pipe import TCP_READ_LIMIT, abort_tcp, pipe
+from ..wire import CloseCode, RejectCode
+from .auth import AuthRejected, authenticate_to_relay, new_instance_id, read_edge_token
+from .config import EdgeConfig, Exposed
+from .pipe import TcpLeg, pipe
 from .supervisor import Backoff
 
 __all__ = ["Edge", "EdgeExit"]
@@ -44,10 +53,6 @@ T = TypeVar("T")
 
 _CLIENT_RE = re.compile(r"^[0-9A-Za-z.:\[\]%_-]{1,64}$")
 
-#: How long connecting to an exposed local service may take.
-LOCAL_CONNECT_TIMEOUT = 5.0
-#: Grace period for running streams when the edge is asked to stop.
-GRACE = 5.0
 #: Wait after an authentication failure when ``auth_retry`` is on (never a tight loop).
 AUTH_RETRY_DELAY = 60.0
 
@@ -60,10 +65,6 @@ class EdgeExit(Enum):
     CERTIFICATE_FAILED = 2
 
 
-class _AuthFailed(Exception):
-    pass
-
-
 class Edge:
     """A running edge; :meth:`run` loops (connect, authenticate, serve) until ``stop``."""
 
@@ -71,9 +72,14 @@ class Edge:
         self.config = config
         # Read (and validate) the token once at start-up; it is never logged.
         self._token = read_edge_token(config.token_file)
+        #: This process's instance id (sent with every authentication).
+        self.instance = new_instance_id()
         self._backoff = Backoff(config.backoff_initial, config.backoff_cap)
         self._stop = asyncio.Event()
         self._forwards: set[asyncio.Task[None]] = set()
+        #: (our end, service end) of our connections to exposed services, as
+        #: "host:port" pairs (forwarding-loop detection).
+        self._local_ends: set[tuple[str, str]] = set()
         if config.insecure:
             log.warning(
                 "!!! --insecure: the relay's certificate is NOT verified; anyone on the path "
@@ -95,13 +101,17 @@ class Edge:
         )
 
     async def run(self) -> EdgeExit:
-        """Connect/serve/reconnect until stopped or authentication fails for good."""
+        """Connect/serve/reconnect until stopped or authentication fails for good.
+
+        Raises:
+            ConfigError: a setting the transport rejects (not worth retrying).
+        """
         cfg = self.config
         host, port = cfg.relay
         while not self._stop.is_set():
             try:
                 await self._session_once(host, port)
-            except _AuthFailed:
+            except AuthRejected:
                 if not cfg.auth_retry:
                     log.error("authentication as %r rejected by the relay; giving up", cfg.name)
                     return EdgeExit.AUTH_FAILED
@@ -116,11 +126,10 @@ class Edge:
             except CertificateError as exc:
                 log.error("relay %s:%d: certificate check failed: %s; giving up", host, port, exc)
                 return EdgeExit.CERTIFICATE_FAILED
-            except (QuicReverseError, OSError, TimeoutError) as exc:
-                why = str(exc) or type(exc).__name__
-                if isinstance(exc, TimeoutError) and not str(exc):
-                    why = "timed out"
-                log.warning("relay %s:%d: %s", host, port, why)
+            except ConfigError:
+                raise
+            except (QuicReverseError, OSError) as exc:
+                log.warning("relay %s:%d: %s", host, port, str(exc) or type(exc).__name__)
             if self._stop.is_set():
                 break
             delay = self._backoff.next_delay()
@@ -137,9 +146,9 @@ class Edge:
                 await self._stop.wait()
         return self._stop.is_set()
 
-    async def _unless_stopped(self, aw: Coroutine[Any, Any, T]) -> T | None:
+    async def _unless_stopped(self, aw: Coroutine[Any, Any, T] | asyncio.Future[T]) -> T | None:
         """Run ``aw`` but give up (cancel it, return ``None``) as soon as stop is asked."""
-        task = asyncio.create_task(aw)
+        task = asyncio.ensure_future(aw)
         stop_wait = asyncio.create_task(self._stop.wait())
         try:
             await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -154,14 +163,30 @@ class Edge:
 
     async def _connect(self, host: str, port: int) -> Connection:
         cfg = self.config
-        async with asyncio.timeout(cfg.connect_timeout):
-            return await quic.connect(
-                host,
-                port,
-                tls=self._client_tls(),
-                stack=cast(quic.Stack, cfg.stack),
-                idle_timeout=cfg.idle_timeout,
-            )
+        # The handshake is bounded by the transport's handshake_timeout.
+        options = quic.TransportOptions(
+            idle_timeout=cfg.idle_timeout, handshake_timeout=cfg.connect_timeout
+        )
+        return await quic.connect(
+            host,
+            port,
+            tls=self._client_tls(),
+            stack=cast(quic.Stack, cfg.stack),
+            options=options,
+        )
+
+    def session_config(self) -> Config:
+        """The session settings: negotiation and the auth open are bounded by
+        ``connect_timeout``; ``max_streams`` relay opens are served at once."""
+        cfg = self.config
+        return Config(
+            agent=f"quic-reverse-edge/{__version__}",
+            negotiation_timeout=cfg.connect_timeout,
+            open_timeout=cfg.connect_timeout,
+            ping_interval=cfg.ping_interval,
+            ping_timeout=cfg.ping_timeout,
+            max_concurrent_streams=cfg.max_streams,
+        )
 
     async def _session_once(self, host: str, port: int) -> None:
         cfg = self.config
@@ -170,54 +195,47 @@ class Edge:
         if conn is None:
             return
         try:
-            session_cfg = Config(
-                agent=f"quic-reverse-edge/{__version__}",
-                negotiation_timeout=cfg.connect_timeout,
-                open_timeout=cfg.connect_timeout,
-                ping_interval=cfg.ping_interval,
-                ping_timeout=cfg.ping_timeout,
-            )
-            handle = await self._unless_stopped(Session(conn, Role.CLIENT, session_cfg).start())
-            if handle is None:
-                return
-            try:
-                if not await self._unless_stopped(self._authenticate(handle)):
-                    return
-                self._backoff.reset()
-                exposed = ", ".join(f"{e.service}={e.host}:{e.port}" for e in cfg.expose)
-                log.info(
-                    "authenticated to relay %s:%d as %r; exposing %s", host, port, cfg.name, exposed
-                )
-                await self._serve(handle)
-            finally:
-                await self._finish(handle)
+            await self.serve_connection(conn)
         finally:
             conn.close(0, b"")
 
-    async def _authenticate(self, handle: SessionHandle) -> bool:
-        metadata = Metadata.structured({"name": self.config.name, "token": self._token})
+    async def serve_connection(self, conn: Connection) -> None:
+        """Negotiate, authenticate and serve one connection to the relay until it ends
+        or the edge is stopped (also usable over any transport, e.g. in tests)."""
+        cfg = self.config
+        session = Session(conn, Role.CLIENT, self.session_config())
+        handle = await self._unless_stopped(session.start())
+        if handle is None:
+            return
+        events: asyncio.Task[None] | None = None
         try:
-            stream = await handle.open(AUTH_SERVICE, metadata)
-        except StreamRejected as exc:
-            if exc.code == RejectCode.UNAUTHORIZED:
-                raise _AuthFailed from None
-            raise
-        with contextlib.suppress(QuicReverseError):
-            await stream.aclose()
-        return True
-
-    async def _serve(self, handle: SessionHandle) -> None:
-        """Answer the relay's opens until the session ends or the edge is stopped."""
-        events = asyncio.create_task(self._serve_events(handle), name="edge events")
-        stop_wait = asyncio.create_task(self._stop.wait())
-        try:
-            await asyncio.wait({events, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            await self._unless_stopped(
+                authenticate_to_relay(handle, cfg.name, self._token, self.instance)
+            )
+            if self._stop.is_set():
+                return
+            self._backoff.reset()
+            exposed = ", ".join(f"{e.service}={e.host}:{e.port}" for e in cfg.expose)
+            log.info(
+                "authenticated to relay %s:%d as %r; exposing %s",
+                *cfg.relay,
+                cfg.name,
+                exposed,
+            )
+            events = asyncio.create_task(self._serve_events(handle), name="edge events")
+            await self._unless_stopped(asyncio.shield(events))
+            if self._stop.is_set() and not events.done() and self._forwards:
+                # Stopping: new opens are answered SERVICE_UNAVAILABLE (the relay tries
+                # another replica at once) while running streams get the grace period.
+                log.info(
+                    "stopping: %d stream(s) get %.1fs to finish", len(self._forwards), cfg.grace
+                )
+                await asyncio.wait(set(self._forwards), timeout=cfg.grace)
         finally:
-            stop_wait.cancel()
-            events.cancel()
-            await asyncio.gather(stop_wait, events, return_exceptions=True)
-        if not events.cancelled() and events.exception() is not None:
-            raise cast(BaseException, events.exception())
+            if events is not None:
+                events.cancel()
+                await asyncio.gather(events, return_exceptions=True)
+            await self._finish(handle)
 
     async def _serve_events(self, handle: SessionHandle) -> None:
         """The event loop of :meth:`_serve` (one task for the whole session, not one
@@ -241,41 +259,68 @@ class Edge:
                 self._forwards.add(task)
                 task.add_done_callback(self._forwards.discard)
 
+    async def _reject(self, handle: SessionHandle, rid: int, code: RejectCode, reason: str) -> None:
+        with contextlib.suppress(QuicReverseError):
+            await handle.reject_open(rid, code, reason)
+
     async def _forward(self, handle: SessionHandle, request: OpenRequest) -> None:
+        cfg = self.config
         rid, service = request.request_id, request.service
         client = request.metadata.get("client")
         # The relay's note of who asked (shown in logs only if it looks like HOST:PORT).
-        via = f" for {client}" if isinstance(client, str) and _CLIENT_RE.match(client) else ""
-        entry: Exposed | None = self.config.exposed(service)
+        shown = client if isinstance(client, str) and _CLIENT_RE.match(client) else None
+        asked = f" for {shown}" if shown else ""
+        entry: Exposed | None = cfg.exposed(service)
+        if entry is None:
+            log.info("relay asked for service %r%s: not exposed; rejected", service, asked)
+            await self._reject(handle, rid, RejectCode.UNSUPPORTED_SERVICE, "not exposed")
+            return
+        if self._stop.is_set():
+            log.info("relay asked for %r%s while stopping; rejected", service, asked)
+            await self._reject(handle, rid, RejectCode.SERVICE_UNAVAILABLE, "stopping")
+            return
+        target = f"{entry.host}:{entry.port}"
+        forward = request.metadata.get("via")
+        if shown is not None and (shown, forward) in self._local_ends:
+            log.error(
+                "forwarding loop: the relay's client %s for %r is this edge's own connection "
+                "to %s (the relay's forward %s leads back to this --expose); rejected",
+                shown,
+                service,
+                target,
+                forward,
+            )
+            await self._reject(handle, rid, RejectCode.INTERNAL_ERROR, "forwarding loop")
+            return
+        leg: TcpLeg | None = None
+        ends: tuple[str, str] | None = None
+
+        def connected(new: TcpLeg) -> None:
+            nonlocal ends
+            ends = (new.local, new.peer)
+            self._local_ends.add(ends)
+
         try:
-            if entry is None or self._stop.is_set():
-                code = (
-                    RejectCode.UNSUPPORTED_SERVICE
-                    if entry is None
-                    else RejectCode.SERVICE_UNAVAILABLE
-                )
-                log.warning("relay asked for service %r%s: %s; rejected", service, via, code.name)
-                await handle.reject_open(rid, code, "not exposed" if entry is None else "stopping")
-                return
-            target = f"{entry.host}:{entry.port}"
+            loop = asyncio.get_running_loop()
             try:
-                async with asyncio.timeout(LOCAL_CONNECT_TIMEOUT):
-                    reader, writer = await asyncio.open_connection(
-                        entry.host, entry.port, limit=TCP_READ_LIMIT
+                async with asyncio.timeout(cfg.service_timeout):
+                    _, leg = await loop.create_connection(
+                        lambda: TcpLeg(linger=cfg.linger, on_connected=connected),
+                        entry.host,
+                        entry.port,
                     )
             except (OSError, TimeoutError) as exc:
-                log.warning("service %r%s: cannot connect to %s: %s", service, via, target, exc)
-                await handle.reject_open(rid, RejectCode.SERVICE_UNAVAILABLE, "service unavailable")
+                why = str(exc) or f"no answer within {cfg.service_timeout:g}s"
+                log.warning("service %r%s: cannot connect to %s: %s", service, asked, target, why)
+                await self._reject(
+                    handle, rid, RejectCode.SERVICE_UNAVAILABLE, "service unavailable"
+                )
                 return
-            try:
-                stream = await handle.accept_open(rid)
-            except BaseException:
-                abort_tcp(writer)
-                raise
+            stream = await handle.accept_open(rid)
             started = time.monotonic()
             lsid = stream.logical_stream_id
-            log.info("stream %d%s -> %s (%s) opened", lsid, via, service, target)
-            result = await pipe(reader, writer, stream)
+            log.info("stream %d%s -> %s (%s) opened", lsid, asked, service, target)
+            result = await pipe(leg, stream)
             log.info(
                 "stream %d -> %s: %s%s; %d bytes to service, %d bytes back, %.2fs",
                 lsid,
@@ -287,19 +332,21 @@ class Edge:
                 time.monotonic() - started,
             )
         except QuicReverseError as exc:
-            log.warning("service %r%s: %s", service, via, exc)
+            log.info("service %r%s: %s", service, asked, exc)
+        finally:
+            # Safety net: whatever happened (session lost, cancelled), no TCP leg stays.
+            if leg is not None:
+                leg.abort_unless_closing()
+            if ends is not None:
+                self._local_ends.discard(ends)
 
     async def _finish(self, handle: SessionHandle) -> None:
-        """Let running streams finish (bounded when stopping), then close the session."""
-        if self._forwards:
-            if self._stop.is_set():
-                _, pending = await asyncio.wait(self._forwards, timeout=GRACE)
-            else:
-                pending = set(self._forwards)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        """Abort what still runs, then close the session (bounded by the session's
+        ``close_timeout``)."""
+        pending = set(self._forwards)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         reason = "edge shutting down" if self._stop.is_set() else "edge reconnecting"
-        with contextlib.suppress(QuicReverseError, TimeoutError):
-            async with asyncio.timeout(3):
-                await handle.close(CloseCode.NORMAL, reason)
+        with contextlib.suppress(QuicReverseError):
+            await handle.close(CloseCode.NORMAL, reason)

@@ -1,35 +1,41 @@
 """Bidirectional forwarding between one TCP connection and one tunnel stream.
 
-Written against a small structural protocol (:class:`TunnelStream`: ``read(n)``,
-``write``/``drain``, ``write_eof``, ``reset``, ``close``) so it works with a session
-:class:`~quic_reverse.Stream` and can be tested with plain TCP on both legs.
+The TCP side is a :class:`TcpLeg`: an :class:`asyncio.BufferedProtocol` that owns its
+connection from the moment it is accepted (relay: ``loop.create_server``) or connected
+(edge: ``loop.create_connection``), so nothing is read through a ``StreamReader`` first
+and no protocol is swapped half-way. The stream side is anything with the small
+structural protocol :class:`TunnelStream` (``read(n)``, ``send``, ``write_eof``,
+``reset``, ``aclose``): a session :class:`~quic_reverse.Stream`, or plain TCP in tests.
 
-What it guarantees:
+What :func:`pipe` guarantees:
 
-* **Backpressure** both ways: each direction awaits the sink (``drain``) before it
-  reads more from the source, so at most one chunk per direction is held here and a
-  slow reader slows the sender end to end.
+* **Backpressure** both ways: each direction awaits the sink before it reads more, so
+  at most one chunk per direction is held here and a slow reader slows the sender
+  end to end.
 * **Half-close** both ways: TCP EOF -> ``stream.write_eof()`` (FIN); stream EOF ->
   ``shutdown(SHUT_WR)`` on the TCP socket; the other direction keeps flowing.
 * **Resets** both ways: a TCP error/RST resets the stream; a stream reset (or a dead
-  session) aborts the TCP connection with RST (``SO_LINGER`` 0), so the TCP peer
-  sees a failure instead of a clean EOF.
-* ``TCP_NODELAY`` on the TCP leg; large reads (256 KiB); byte counters in the result.
-* **One copy** on the TCP -> stream path: the TCP transport is switched to a
-  :class:`asyncio.BufferedProtocol` (:class:`_TcpSource`) that receives into one of
-  two reusable buffers, and a view of that buffer goes straight to ``stream.send``
-  (which copies into the QUIC send queue before returning). The ``StreamReader`` path
-  copied every byte twice more (into its buffer, then out of it). Memory stays bounded
-  at two chunks: reading pauses while the spare buffer is full.
+  session) aborts the TCP connection with RST (``SO_LINGER`` 0).
+* **Both legs are closed on every exit**: normal end, failure of either leg, and
+  cancellation at any await point (the TCP leg is aborted and the stream reset before
+  anything else is awaited).
+* **One copy** on the TCP -> stream path: the kernel writes into the leg's buffer and
+  a view of it goes straight to ``stream.send`` (which copies into the QUIC send
+  queue before returning).
+* **Small when idle**: receive buffers are allocated when bytes arrive (16 KiB first,
+  doubling up to the chunk size while reads fill them) and released whenever the
+  consumer has to wait for more, so an idle leg holds no buffer at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +45,7 @@ from ..wire import CloseCode
 __all__ = [
     "CHUNK_SIZE",
     "PipeResult",
+    "TcpLeg",
     "TunnelStream",
     "abort_tcp",
     "pipe",
@@ -47,17 +54,16 @@ __all__ = [
 
 log = logging.getLogger("quic_reverse.tunnel.pipe")
 
-#: Read size on both legs: large enough to amortise per-call overhead.
+#: Largest read on both legs: large enough to amortise per-call overhead.
 CHUNK_SIZE = 256 * 1024
-#: First size of the two TCP receive buffers; each doubles (up to the chunk size)
-#: whenever a read fills it, so idle connections stay small and bulk ones get big reads.
+#: Size of a TCP receive buffer when bytes arrive on an idle leg; it doubles (up to the
+#: chunk size) whenever a read fills it, so bulk transfers get big reads.
 FIRST_BUFFER_SIZE = 16 * 1024
-#: asyncio StreamReader limit used for TCP legs (it buffers up to 2x this before pausing).
+#: asyncio StreamReader limit for TCP connections made with asyncio streams (kept for
+#: callers of the old interface; the tunnel itself uses :class:`TcpLeg`).
 TCP_READ_LIMIT = 256 * 1024
 #: Application code carried by a stream reset caused by the TCP side (CloseCode.RESET).
 RESET_CODE = int(CloseCode.RESET)
-#: How long a clean TCP close may take before the socket is aborted.
-CLOSE_TIMEOUT = 5.0
 
 
 class TunnelStream(Protocol):
@@ -95,69 +101,100 @@ class PipeResult:
     detail: str = ""
 
 
-class _TcpFailed(Exception):
-    """The TCP leg failed (RST, broken pipe): the stream must be reset."""
+def tune_tcp(writer: asyncio.StreamWriter | asyncio.BaseTransport) -> None:
+    """Set ``TCP_NODELAY`` on the socket (interactive protocols like SSH need it)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _StreamFailed(Exception):
-    """The stream leg failed (peer reset, session gone): TCP must be aborted."""
+def abort_tcp(writer: asyncio.StreamWriter | asyncio.BaseTransport) -> None:
+    """Drop the TCP connection with RST so the peer sees an error, not a clean EOF."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport = writer.transport if isinstance(writer, asyncio.StreamWriter) else writer
+    assert isinstance(transport, asyncio.WriteTransport)
+    transport.abort()
 
 
-class _TcpSource(asyncio.BufferedProtocol):
-    """Takes over reading of a TCP transport that was set up with a ``StreamReader``.
+class TcpLeg(asyncio.BufferedProtocol):
+    """One TCP connection of the tunnel, owned from accept/connect.
 
-    Received bytes land directly in one of two buffers (``FIRST_BUFFER_SIZE``,
-    doubling up to ``chunk_size`` each time a read fills one); :meth:`take`
-    hands the filled one to the consumer (as a view) and reading goes on into the
-    other; :meth:`give_back` returns it. When the buffer being filled is full and the
-    consumer still holds the other, transport reading is paused (backpressure: the
-    rest stays in the kernel and the TCP peer's buffers). Write flow control and
-    ``connection_lost`` are forwarded to the original protocol, so the
-    ``StreamWriter`` (``drain``, ``wait_closed``) keeps working.
+    Receiving: bytes land directly in one of two buffers; :meth:`take` hands the
+    filled one to the consumer (as a view) and reading goes on into the other;
+    :meth:`give_back` returns it. When the buffer being filled is full and the
+    consumer still holds the other, reading is paused (the rest stays in the kernel
+    and the TCP peer's buffers). Before the consumer starts (the relay waiting for the
+    edge's answer), at most one buffer is filled, then reading pauses.
+
+    Sending: :meth:`write` + :meth:`drain` (the transport's flow control),
+    :meth:`write_eof`. Ending: :meth:`close` (FIN after the queued bytes, aborted if
+    still not done after ``linger`` seconds), :meth:`abort` (RST at once).
+    ``on_connected`` is called once the connection exists (the relay starts its
+    handler from there).
     """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        transport: asyncio.Transport,
-        inner: asyncio.BaseProtocol,
-        chunk_size: int,
+        *,
+        linger: float,
+        chunk_size: int = CHUNK_SIZE,
+        on_connected: Callable[[TcpLeg], None] | None = None,
     ) -> None:
-        self._transport = transport
-        self._inner = inner
-        self._chunk_size = chunk_size
-        first = min(FIRST_BUFFER_SIZE, chunk_size)
-        self._fill = bytearray(first)
-        self._spare: bytearray | None = bytearray(first)
+        self.linger = linger
+        self.chunk_size = chunk_size
+        self._on_connected = on_connected
+        self.transport: asyncio.Transport | None = None
+        #: "host:port" of the remote end and of our end ("?" until connected).
+        self.peer: str = "?"
+        self.local: str = "?"
+        self._size = min(FIRST_BUFFER_SIZE, chunk_size)
+        self._fill: bytearray | None = None
         self._filled = 0
+        self._spare: bytearray | None = None
+        self._held = False  # the consumer holds a buffer from take()
         self._paused = False
         self._eof = False
         self._error: BaseException | None = None
+        self._lost = False
         self._waiter: asyncio.Future[None] | None = None
-        # Whatever the StreamReader already received (an SSH banner sent before the
-        # tunnel stream was open, even EOF or an error) is taken over first. asyncio
-        # offers no public way to read this without waiting, hence the private names.
-        pending: bytearray = getattr(reader, "_buffer", bytearray())
-        self._pending = bytes(pending)
-        pending.clear()
-        # A transport already closing reads nothing more (its connection_lost went to
-        # the StreamReader's protocol), so that counts as EOF too.
-        self._eof = bool(getattr(reader, "_eof", False)) or transport.is_closing()
-        self._error = reader.exception()
-        transport.set_protocol(self)
-        if not self._eof and self._error is None and not transport.is_reading():
-            transport.resume_reading()  # the StreamReader may have paused it
+        self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._write_paused = False
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # ------------------------------------------------------------ protocol side
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        tune_tcp(transport)
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.peer = f"{peername[0]}:{peername[1]}"
+        sockname = transport.get_extra_info("sockname")
+        if sockname:
+            self.local = f"{sockname[0]}:{sockname[1]}"
+        if self._on_connected is not None:
+            callback, self._on_connected = self._on_connected, None
+            callback(self)
+
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._fill is None:
+            self._fill = self._spare if self._spare is not None else bytearray(self._size)
+            self._spare = None
         return memoryview(self._fill)[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        assert self._fill is not None
         self._filled += nbytes
         if self._filled == len(self._fill) and not self._paused:
             self._paused = True
-            self._transport.pause_reading()
+            assert self.transport is not None
+            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -168,35 +205,53 @@ class _TcpSource(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self._error is None:
             self._error = exc
-        self._eof = True
+        self._eof = self._lost = True
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         self._wake()
-        self._inner.connection_lost(exc)
+        while self._drain_waiters:
+            fut = self._drain_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def pause_writing(self) -> None:
-        self._inner.pause_writing()
+        self._write_paused = True
 
     def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        self._write_paused = False
+        while self._drain_waiters:
+            fut = self._drain_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    # ------------------------------------------------------------ consumer side
+    # ------------------------------------------------------------ receiving
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken."""
+        return self._filled
 
     async def take(self) -> memoryview | bytes:
         """Next received bytes; empty at EOF. Raises the TCP error (``OSError``).
 
         The view stays valid until :meth:`give_back`; call that before the next take.
         """
-        if self._pending:
-            data, self._pending = self._pending, b""
-            return data
+        assert not self._held, "take() called twice without give_back()"
         while not self._filled:
             if self._error is not None:
                 raise self._error
             if self._eof:
                 return b""
+            # Nothing to hand over: release the buffers while waiting (idle legs hold
+            # none); the next bytes get a fresh one of the current size.
+            self._fill = self._spare = None
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -204,50 +259,77 @@ class _TcpSource(asyncio.BufferedProtocol):
                 self._waiter = None
         if self._error is not None:
             raise self._error
-        assert self._spare is not None, "take() called twice without give_back()"
         full, n = self._fill, self._filled
-        self._fill, self._spare, self._filled = self._spare, None, 0
+        assert full is not None
+        self._fill, self._filled, self._held = None, 0, True
         if self._paused:
             self._paused = False
-            self._transport.resume_reading()
+            assert self.transport is not None
+            if not self._lost:
+                self.transport.resume_reading()
         return memoryview(full)[:n]
 
     def give_back(self, data: memoryview | bytes) -> None:
         """Return the buffer behind a view from :meth:`take` for reuse."""
+        self._held = False
         if isinstance(data, memoryview):
             buf = data.obj
             filled = len(data)
             data.release()
             assert isinstance(buf, bytearray)
-            if filled == len(buf) < self._chunk_size:  # it ran full: read more per call
-                buf = bytearray(min(2 * len(buf), self._chunk_size))
-            self._spare = buf
+            if filled == len(buf) and len(buf) < self.chunk_size:  # ran full: read more
+                self._size = min(2 * len(buf), self.chunk_size)
+                return  # the next buffer is allocated at the new size
+            if self._fill is None:
+                self._fill = buf
+            else:
+                self._spare = buf
 
+    # ------------------------------------------------------------ sending / ending
 
-def tune_tcp(writer: asyncio.StreamWriter) -> None:
-    """Set ``TCP_NODELAY`` on the writer's socket (interactive protocols like SSH need it)."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        assert self.transport is not None
+        self.transport.write(data)
 
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        if self._error is not None and self._lost:
+            raise ConnectionResetError(str(self._error) or "connection lost")
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        if not self._write_paused:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(fut)
+        await fut
+        if self._lost:
+            raise ConnectionResetError(str(self._error or "connection lost"))
 
-def abort_tcp(writer: asyncio.StreamWriter) -> None:
-    """Drop the TCP connection with RST so the peer sees an error, not a clean EOF."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+    def write_eof(self) -> None:
+        """Half-close: ``shutdown(SHUT_WR)`` once the queued bytes are sent."""
+        if self.transport is not None and not self._lost and self.transport.can_write_eof():
+            self.transport.write_eof()
 
+    def close(self) -> None:
+        """FIN after the queued bytes; aborted (RST) if not done within ``linger`` s
+        (a peer that does not read must not keep the socket forever)."""
+        if self.transport is None or self._lost or self.transport.is_closing():
+            return
+        self.transport.close()
+        loop = asyncio.get_running_loop()
+        self._linger_timer = loop.call_later(self.linger, self.abort)
 
-async def _close_tcp(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await writer.wait_closed()
-    except (OSError, TimeoutError):
-        writer.transport.abort()
+    def abort(self) -> None:
+        """Drop the connection with RST now (idempotent)."""
+        if self.transport is not None and not self._lost:
+            abort_tcp(self.transport)
+
+    def abort_unless_closing(self) -> None:
+        """The owners' safety net on every exit: RST unless a close (FIN) is under way."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.abort()
 
 
 def _reset_stream(stream: TunnelStream, code: int) -> None:
@@ -255,117 +337,94 @@ def _reset_stream(stream: TunnelStream, code: int) -> None:
         stream.reset(code)
 
 
-async def _close_stream(stream: TunnelStream) -> None:
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await stream.aclose()
-    except (QuicReverseError, OSError, TimeoutError):
-        _reset_stream(stream, RESET_CODE)  # make sure nothing stays open
-
-
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def pipe(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    stream: TunnelStream,
-    *,
-    chunk_size: int = CHUNK_SIZE,
-) -> PipeResult:
+class _TcpFailed(Exception):
+    """The TCP leg failed (RST, broken pipe): the stream must be reset."""
+
+
+class _StreamFailed(Exception):
+    """The stream leg failed (peer reset, session gone): TCP must be aborted."""
+
+
+async def _tcp_to_stream(leg: TcpLeg, stream: TunnelStream, result: PipeResult) -> None:
+    while True:
+        try:
+            data = await leg.take()
+        except OSError as exc:
+            raise _TcpFailed(_describe(exc)) from exc
+        size = len(data)
+        try:
+            if not size:
+                await stream.write_eof()
+                return
+            await stream.send(data)
+        except QuicReverseError as exc:
+            raise _StreamFailed(_describe(exc)) from exc
+        leg.give_back(data)
+        del data
+        result.tcp_to_stream += size
+
+
+async def _stream_to_tcp(leg: TcpLeg, stream: TunnelStream, result: PipeResult) -> None:
+    while True:
+        try:
+            data = await stream.read(leg.chunk_size)
+        except QuicReverseError as exc:
+            raise _StreamFailed(_describe(exc)) from exc
+        try:
+            if not data:
+                leg.write_eof()
+                return
+            leg.write(data)
+            result.stream_to_tcp += len(data)
+            # Not kept while waiting for the next read: an idle pipe holds no chunk.
+            del data
+            await leg.drain()
+        except OSError as exc:
+            raise _TcpFailed(_describe(exc)) from exc
+
+
+async def pipe(leg: TcpLeg, stream: TunnelStream) -> PipeResult:
     """Forward bytes both ways until both directions end; returns the counters.
 
-    Never raises for I/O problems (they become the result's ``outcome``); cancellation
-    aborts both legs (TCP RST, stream reset) and is re-raised. Both legs are closed on
-    return.
+    Never raises for I/O problems (they become the result's ``outcome``). On every
+    other exit (cancellation at any point, an unexpected error) the TCP leg is aborted
+    and the stream reset before the exception propagates.
     """
     result = PipeResult()
-    tune_tcp(writer)
-
-    transport = writer.transport
-    assert isinstance(transport, asyncio.Transport)
-    source = _TcpSource(reader, transport, transport.get_protocol(), chunk_size)
-
-    async def tcp_to_stream() -> None:
-        while True:
-            try:
-                data = await source.take()
-            except OSError as exc:
-                raise _TcpFailed(_describe(exc)) from exc
-            size = len(data)
-            try:
-                if not size:
-                    await stream.write_eof()
-                    return
-                await stream.send(data)
-            except QuicReverseError as exc:
-                raise _StreamFailed(_describe(exc)) from exc
-            source.give_back(data)
-            result.tcp_to_stream += size
-
-    async def stream_to_tcp() -> None:
-        while True:
-            try:
-                data = await stream.read(chunk_size)
-            except QuicReverseError as exc:
-                raise _StreamFailed(_describe(exc)) from exc
-            try:
-                if not data:
-                    if writer.can_write_eof():
-                        writer.write_eof()
-                    return
-                writer.write(data)
-                await writer.drain()
-            except OSError as exc:
-                raise _TcpFailed(_describe(exc)) from exc
-            result.stream_to_tcp += len(data)
-
-    up = asyncio.create_task(tcp_to_stream(), name="pipe tcp->stream")
-    down = asyncio.create_task(stream_to_tcp(), name="pipe stream->tcp")
-    tasks = {up, down}
+    up = asyncio.create_task(_tcp_to_stream(leg, stream, result), name="pipe tcp->stream")
+    down = asyncio.create_task(_stream_to_tcp(leg, stream, result), name="pipe stream->tcp")
+    clean = False
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        done, _ = await asyncio.wait((up, down), return_when=asyncio.FIRST_EXCEPTION)
+        failure = next(
+            (t.exception() for t in (up, down) if t in done and t.exception() is not None),
+            None,
+        )
+        if failure is None:
+            clean = True
+            leg.close()
+            await stream.aclose()  # both directions ended: FIN sent, EOF seen
+        elif isinstance(failure, _TcpFailed):
+            result.outcome, result.detail = "tcp reset", str(failure)
+        elif isinstance(failure, _StreamFailed):
+            result.outcome, result.detail = "stream reset", str(failure)
+        else:
+            log.error("forwarding failed unexpectedly", exc_info=failure)
+            result.outcome, result.detail = "error", _describe(failure)
     except asyncio.CancelledError:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         result.outcome, result.detail = "cancelled", "forwarding cancelled"
-        abort_tcp(writer)
-        _reset_stream(stream, RESET_CODE)
         raise
-    for t in pending:
-        t.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-
-    failure: BaseException | None = None
-    for t in (up, down):
-        if t in done and not t.cancelled() and t.exception() is not None:
-            failure = t.exception()
-            break
-    if failure is None:
-        try:
-            await _close_tcp(writer)
-            await _close_stream(stream)
-        except asyncio.CancelledError:
-            # Cancelled while a leg was still closing (a TCP peer not reading what is
-            # left, a stream waiting for credit): neither leg may stay half-open.
-            result.outcome, result.detail = "cancelled", "cancelled while closing"
-            abort_tcp(writer)
+    finally:
+        # Both legs first (nothing awaited before them), then the directions' tasks.
+        if not clean or result.outcome == "cancelled":
+            leg.abort()
             _reset_stream(stream, RESET_CODE)
-            raise
-    elif isinstance(failure, _TcpFailed):
-        result.outcome, result.detail = "tcp reset", str(failure)
-        _reset_stream(stream, RESET_CODE)
-        abort_tcp(writer)
-    elif isinstance(failure, _StreamFailed):
-        result.outcome, result.detail = "stream reset", str(failure)
-        abort_tcp(writer)
-        _reset_stream(stream, RESET_CODE)
-    else:
-        log.error("forwarding failed unexpectedly", exc_info=failure)
-        result.outcome, result.detail = "error", _describe(failure)
-        abort_tcp(writer)
-        _reset_stream(stream, RESET_CODE)
+        for task in (up, down):
+            task.cancel()
+        await asyncio.gather(up, down, return_exceptions=True)
     return result

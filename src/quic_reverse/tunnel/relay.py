@@ -1,21 +1,25 @@
 """The relay (public side): accepts edges over QUIC, authenticates them, and publishes
 TCP listeners whose connections become reverse opens to an edge's service.
 
-Life of a TCP connection on a forward ``127.0.0.1:2222=edgeA/ssh``:
-the relay looks up the *current* authenticated session of ``edgeA``; if there is none
-the TCP client is closed at once (reason logged). Otherwise it calls
-``handle.open("ssh")``; a rejection or timeout closes the TCP client, success pipes
-bytes both ways (:func:`~quic_reverse.tunnel.pipe.pipe`).
+Life of a TCP connection on a forward ``127.0.0.1:2222=edgeA/ssh``: the connection
+is owned by a :class:`~quic_reverse.tunnel.pipe.TcpLeg` from accept. The relay reserves
+a stream on the best live replica of ``edgeA`` (:mod:`.registry`: fewest active
+streams; waiting, bounded by ``open_timeout``, while every replica is at
+``max_streams``); if ``edgeA`` has no live session the TCP client is closed at once
+(reason logged). Then ``handle.open("ssh")``: a failure that another replica may not
+have (session lost, timeout, ``SERVICE_UNAVAILABLE``, ``LIMIT_EXCEEDED``) is retried on
+another replica before the client notices; any other rejection closes the client;
+success pipes bytes both ways (:func:`~quic_reverse.tunnel.pipe.pipe`).
 
 Security rules enforced here:
 
-* A session is routable only after it authenticated (:mod:`.auth`); one that does not
-  within ``auth_timeout`` is closed.
+* A session is routable only after it authenticated (:mod:`.auth`); one that has not
+  within ``auth_timeout`` of its acceptance (negotiation included) is closed.
 * The relay never accepts opens from an edge except the one auth open (others are
   rejected ``UNAUTHORIZED``).
-* One session per edge name: a newly authenticated session replaces the old one
-  atomically (the registry entry is swapped first, then the old session and its TCP
-  clients are closed), so a reconnecting edge is never locked out.
+* Edge instances (:mod:`.registry`): a reconnect of the same instance replaces its
+  old session (so a reconnecting edge is never locked out); another live instance with
+  the same name becomes a replica, never a replacement.
 """
 
 from __future__ import annotations
@@ -25,23 +29,24 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, cast
 
 from .. import __version__
 from ..config import Config, Role
-from ..errors import QuicReverseError, StreamRejected
+from ..errors import ConfigError, OperationTimeout, QuicReverseError, StreamRejected
 from ..events import CloseReceived, OpenRequest
 from ..session import Session, SessionHandle
+from ..stream import Stream
 from ..transport import quic
 from ..transport.base import Connection
 from ..transport.tls import certificate_fingerprint, generate_self_signed
 from ..wire import CloseCode, Metadata, RejectCode
-from .auth import TokenStore
-from .config import AUTH_SERVICE, Forward, RelayConfig
-from .pipe import TCP_READ_LIMIT, pipe
+from .auth import TokenStore, authenticate_edge
+from .config import Forward, RelayConfig, load_server_certificate
+from .pipe import TcpLeg, pipe
+from .registry import EdgeRegistry, Pool, Replica, Unavailable
 
 __all__ = ["EdgeSession", "Relay", "ensure_self_signed"]
 
@@ -64,16 +69,11 @@ def ensure_self_signed(state_dir: Path) -> tuple[Path, Path, str]:
     return cert, key, certificate_fingerprint(cert.read_bytes())
 
 
-@dataclass(eq=False)
-class EdgeSession:
-    """One authenticated edge: its session handle and the TCP forwards using it."""
+#: The former name of :class:`~quic_reverse.tunnel.registry.Replica` (kept as an alias).
+EdgeSession = Replica
 
-    name: str
-    handle: SessionHandle
-    connection: Connection
-    address: str
-    forwards: set[asyncio.Task[None]] = field(default_factory=set)
-    retired: bool = False
+#: Rejections another replica of the same name may not give: the open is retried there.
+RETRY_ON_ANOTHER = frozenset({RejectCode.SERVICE_UNAVAILABLE, RejectCode.LIMIT_EXCEEDED})
 
 
 class Relay:
@@ -83,10 +83,13 @@ class Relay:
         self.config = config
         self.tokens = tokens
         self.fingerprint: str | None = None
-        self._edges: dict[str, EdgeSession] = {}
+        self.registry = EdgeRegistry(
+            max_streams=config.max_streams, max_queued=config.max_queued_opens
+        )
         self._quic: quic.QuicServer | None = None
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._clients: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.quic_address: tuple[str, int] | None = None
         self.forward_addresses: dict[Forward, tuple[str, int]] = {}
@@ -94,8 +97,20 @@ class Relay:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Load TLS, listen for edges (UDP) and for TCP clients on every forward."""
+        """Load TLS, listen for edges (UDP) and for TCP clients on every forward.
+
+        Raises:
+            ConfigError: unusable certificate/key files, or a forward to an edge name
+                that has no token.
+            QuicReverseError, OSError: cannot listen (the message names the forward).
+        """
         cfg = self.config
+        missing = [f for f in cfg.forwards if f.edge not in self.tokens.names]
+        if missing:
+            raise ConfigError(
+                f"--forward {missing[0]}: edge {missing[0].edge!r} has no token in the "
+                f"tokens file {str(cfg.tokens)!r}"
+            )
         if cfg.self_signed:
             cert, key, fp = ensure_self_signed(cfg.state_dir)
             self.fingerprint = fp
@@ -108,18 +123,19 @@ class Relay:
         else:
             assert cfg.cert is not None and cfg.key is not None  # checked by RelayConfig
             cert, key = cfg.cert, cfg.key
-            try:
-                self.fingerprint = certificate_fingerprint(cert.read_bytes())
-            except OSError as exc:
-                raise QuicReverseError(f"cannot read certificate {cert}: {exc.strerror}") from exc
+            self.fingerprint = load_server_certificate(cert, key)
         tls = quic.ServerTLS(certfile=str(cert), keyfile=str(key), alpn=(cfg.alpn,))
         host, port = cfg.listen
+        # Edges open one data stream per tunnelled connection: grant max_streams of them
+        # (plus the auth stream and a little slack).
+        options = quic.TransportOptions(max_streams=cfg.max_streams + 16)
         self._quic = await quic.serve(
             host,
             port,
             tls=tls,
-            on_connection=self._on_connection,
+            on_connection=self.serve_connection,
             stack=cast(quic.Stack, cfg.stack),
+            options=options,
         )
         self.quic_address = self._quic.address
         log.info(
@@ -129,13 +145,22 @@ class Relay:
             cfg.stack,
             self.fingerprint,
         )
+        loop = asyncio.get_running_loop()
         for fwd in cfg.forwards:
-            server = await asyncio.start_server(
-                self._tcp_handler(fwd),
-                fwd.host,
-                fwd.port,
-                limit=TCP_READ_LIMIT,
-            )
+            try:
+                server = await loop.create_server(
+                    lambda fwd=fwd: TcpLeg(  # type: ignore[misc]
+                        linger=cfg.linger, on_connected=lambda leg: self._accepted(fwd, leg)
+                    ),
+                    fwd.host,
+                    fwd.port,
+                )
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"--forward {fwd}: cannot listen on {fwd.host}:{fwd.port}: "
+                    f"{exc.strerror or exc}",
+                ) from None
             self._tcp.append(server)
             sockname = server.sockets[0].getsockname()
             self.forward_addresses[fwd] = (sockname[0], sockname[1])
@@ -157,18 +182,18 @@ class Relay:
         log.info(
             "shutting down: no new connections, %.1fs grace for open streams", self.config.grace
         )
-        forwards = {t for e in self._edges.values() for t in e.forwards}
-        if forwards:
-            _, pending = await asyncio.wait(forwards, timeout=self.config.grace)
+        if self._clients:
+            _, pending = await asyncio.wait(set(self._clients), timeout=self.config.grace)
             for t in pending:
                 t.cancel()
             if pending:
                 log.info("grace period over: aborting %d stream(s)", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
-        edges = list(self._edges.values())
-        self._edges.clear()
         await asyncio.gather(
-            *(self._close_edge(e, CloseCode.NORMAL, "relay shutting down") for e in edges),
+            *(
+                self._close_edge(e, CloseCode.NORMAL, "relay shutting down")
+                for e in self.registry.clear()
+            ),
             return_exceptions=True,
         )
         for server in self._tcp:
@@ -177,17 +202,17 @@ class Relay:
         if self._quic is not None:
             self._quic.close()
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await self._quic.wait_closed()
+                await self._quic.wait_closed()  # bounded by the transport
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         log.info("relay stopped")
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # ------------------------------------------------------------------ edges
 
@@ -199,98 +224,87 @@ class Relay:
             open_timeout=cfg.open_timeout,
             ping_interval=cfg.ping_interval,
             ping_timeout=cfg.ping_timeout,
+            # The pool admits at most max_streams opens per session at once.
+            max_queued_opens=cfg.max_streams,
         )
 
-    async def _on_connection(self, conn: Connection) -> None:
-        """One edge connection: negotiate, authenticate (bounded), then serve until it ends."""
+    async def serve_connection(self, conn: Connection) -> None:
+        """One edge connection (the QUIC server's handler; any transport works, e.g.
+        the memory transport in tests): negotiate and authenticate within
+        ``auth_timeout`` of now (one deadline for both), then serve until it ends."""
         peer = "{}:{}".format(*conn.remote_address)
         if self._stopping:
             conn.close(0, b"relay shutting down")
             return
         log.info("edge connection from %s", peer)
-        handle: SessionHandle | None = None
-        try:
-            async with asyncio.timeout(self.config.auth_timeout):
-                handle = await Session(conn, Role.SERVER, self._session_config()).start()
-                name = await self._authenticate(handle, peer)
-        except TimeoutError:
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
             log.warning(
                 "edge %s did not authenticate within %.1fs; closing", peer, self.config.auth_timeout
             )
+            conn.close(0, b"authentication timeout")
+
+        deadline = asyncio.get_running_loop().call_later(self.config.auth_timeout, expire)
+        handle: SessionHandle | None = None
+        try:
+            handle = await Session(conn, Role.SERVER, self._session_config()).start()
+            identity = await authenticate_edge(handle, self.tokens, peer)
+        except OperationTimeout:
+            if not expired:
+                expire()
             await self._abandon(handle, conn, "authentication timeout")
             return
         except QuicReverseError as exc:
-            log.warning("edge %s: session failed before authentication: %s", peer, exc)
+            if not expired:
+                log.warning("edge %s: session failed before authentication: %s", peer, exc)
             await self._abandon(handle, conn, "error")
             return
-        if name is None:
+        finally:
+            deadline.cancel()
+        if identity is None or expired:
             await self._abandon(handle, conn, "authentication failed")
             return
         if self._stopping:
             await self._abandon(handle, conn, "relay shutting down")
             return
-        edge = EdgeSession(name=name, handle=handle, connection=conn, address=peer)
-        old = self._edges.get(name)
-        self._edges[name] = edge  # atomic swap: new TCP clients use the new session now
+        edge = Replica(
+            name=identity.name,
+            handle=handle,
+            connection=conn,
+            address=peer,
+            instance=identity.instance,
+        )
+        old = self.registry.add(edge)  # new TCP clients may use the new session now
+        replicas = len(self.registry.pool(edge.name).live())
         if old is not None:
-            old.retired = True
             log.info(
                 "edge %r reconnected from %s: replacing its session from %s",
-                name,
-                peer,
+                edge.name,
+                edge.describe(),
                 old.address,
             )
             self._spawn(
                 self._close_edge(old, CloseCode.NORMAL, "replaced by a new session"),
-                f"retire {name}",
+                f"retire {edge.name}",
             )
-        log.info("edge %r authenticated from %s (agent %r)", name, peer, handle.remote_agent)
+        log.info(
+            "edge %r authenticated from %s (agent %r); %d live replica(s)",
+            edge.name,
+            edge.describe(),
+            handle.remote_agent,
+            replicas,
+        )
         try:
             await self._serve_edge(edge)
         finally:
-            if self._edges.get(name) is edge:
-                del self._edges[name]
+            self.registry.remove(edge)
             if not edge.retired:
                 await self._close_edge(edge, CloseCode.NORMAL, "session ended")
 
-    async def _authenticate(self, handle: SessionHandle, peer: str) -> str | None:
-        """Wait for the auth open; return the edge name, or ``None`` if it failed."""
-        while True:
-            event = await handle.process_message()
-            if event is None:
-                log.warning("edge %s closed the session before authenticating", peer)
-                return None
-            if isinstance(event, CloseReceived):
-                log.warning("edge %s closed the session before authenticating", peer)
-                return None
-            if not isinstance(event, OpenRequest):
-                continue
-            if event.service != AUTH_SERVICE:
-                log.warning(
-                    "edge %s asked for %r before authenticating; rejected", peer, event.service
-                )
-                await handle.reject_open(
-                    event.request_id, RejectCode.UNAUTHORIZED, "authenticate first"
-                )
-                continue
-            name = event.metadata.get("name")
-            token = event.metadata.get("token")
-            if isinstance(name, str) and self.tokens.verify(name, token):
-                stream = await handle.accept_open(event.request_id)
-                with contextlib.suppress(QuicReverseError):
-                    await stream.aclose()
-                return name
-            shown = name if isinstance(name, str) and len(name) <= 64 else "<invalid>"
-            log.warning(
-                "edge %s failed authentication as %r (unknown name or wrong token)", peer, shown
-            )
-            with contextlib.suppress(QuicReverseError):
-                await handle.reject_open(
-                    event.request_id, RejectCode.UNAUTHORIZED, "authentication failed"
-                )
-            return None
-
-    async def _serve_edge(self, edge: EdgeSession) -> None:
+    async def _serve_edge(self, edge: Replica) -> None:
         """Process an authenticated edge's control events until the session ends."""
         handle = edge.handle
         while True:
@@ -324,82 +338,104 @@ class Relay:
                         event.request_id, RejectCode.UNAUTHORIZED, "relay accepts no opens"
                     )
 
-    async def _close_edge(self, edge: EdgeSession, code: CloseCode, reason: str) -> None:
-        """Abort the edge's TCP forwards and close its session cleanly (bounded)."""
+    async def _close_edge(self, edge: Replica, code: CloseCode, reason: str) -> None:
+        """Abort the edge's TCP forwards and close its session (bounded by the
+        session's ``close_timeout``)."""
+        edge.retired = True
         for task in list(edge.forwards):
             task.cancel()
         if edge.forwards:
             await asyncio.gather(*edge.forwards, return_exceptions=True)
-        with contextlib.suppress(QuicReverseError, TimeoutError):
-            async with asyncio.timeout(5):
-                await edge.handle.close(code, reason)
+        with contextlib.suppress(QuicReverseError):
+            await edge.handle.close(code, reason)
         edge.connection.close(0, reason.encode())
 
     async def _abandon(self, handle: SessionHandle | None, conn: Connection, reason: str) -> None:
         if handle is not None:
-            with contextlib.suppress(QuicReverseError, TimeoutError):
-                async with asyncio.timeout(2):
-                    await handle.close(CloseCode.ERROR, reason)
+            with contextlib.suppress(QuicReverseError):
+                await handle.close(CloseCode.ERROR, reason)
         conn.close(0, reason.encode())
 
     # ------------------------------------------------------------------ TCP clients
 
-    def _tcp_handler(
-        self, fwd: Forward
-    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._on_tcp(fwd, reader, writer)
-
-        return handler
-
-    async def _on_tcp(
-        self, fwd: Forward, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        peername = writer.get_extra_info("peername")
-        client = f"{peername[0]}:{peername[1]}" if peername else "?"
-        target = f"{fwd.edge}/{fwd.service}"
-        edge = None if self._stopping else self._edges.get(fwd.edge)
-        if edge is None:
-            log.warning(
-                "tcp %s -> %s: edge %r is not connected; closing the client",
-                client,
-                target,
-                fwd.edge,
-            )
-            writer.close()
+    def _accepted(self, fwd: Forward, leg: TcpLeg) -> None:
+        if self._stopping:
+            leg.abort()
             return
+        task = asyncio.create_task(self._on_tcp(fwd, leg), name=f"tcp {leg.peer}")
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
+
+    async def _open(
+        self, fwd: Forward, pool: Pool, leg: TcpLeg, target: str
+    ) -> tuple[Replica, Stream] | None:
+        """A stream to ``fwd``'s service on one replica, trying others on failures
+        another replica may not have; ``None`` (reason logged) if there is none."""
         task = asyncio.current_task()
         assert task is not None
-        edge.forwards.add(task)
+        deadline = asyncio.get_running_loop().time() + self.config.open_timeout
+        tried: set[Replica] = set()
+        why = ""
+        client = leg.peer
+        # "client" is shown in the edge's logs; with "via" (the forward's address it
+        # came in on) the edge recognises its own connections: a forwarding loop.
+        metadata = Metadata.structured({"client": client, "via": leg.local})
+        while True:
+            try:
+                replica = await pool.acquire(tried, deadline)
+            except Unavailable as exc:
+                if why:
+                    log.warning(
+                        "tcp %s -> %s: %s; %s; closing the client", client, target, why, exc
+                    )
+                else:
+                    log.warning("tcp %s -> %s: %s; closing the client", client, target, exc)
+                return None
+            replica.forwards.add(task)
+            try:
+                stream = await replica.handle.open(fwd.service, metadata)
+            except StreamRejected as exc:
+                self._release(pool, replica, task)
+                if exc.code not in RETRY_ON_ANOTHER:
+                    log.warning("tcp %s -> %s: edge rejected the open: %s", client, target, exc)
+                    return None
+                why = f"replica {replica.describe()} rejected the open: {exc}"
+            except QuicReverseError as exc:
+                self._release(pool, replica, task)
+                why = f"open on replica {replica.describe()} failed: {exc}"
+            except asyncio.CancelledError:
+                self._release(pool, replica, task)
+                raise
+            else:
+                return replica, stream
+            tried.add(replica)
+            if pool.live(tried):
+                log.info("tcp %s -> %s: %s; trying another replica", client, target, why)
+
+    @staticmethod
+    def _release(pool: Pool, replica: Replica, task: asyncio.Task[None]) -> None:
+        replica.forwards.discard(task)
+        pool.release(replica)
+
+    async def _on_tcp(self, fwd: Forward, leg: TcpLeg) -> None:
+        client = leg.peer
+        target = f"{fwd.edge}/{fwd.service}"
+        task = asyncio.current_task()
+        assert task is not None
+        pool = self.registry.pool(fwd.edge)
         started = time.monotonic()
         try:
+            opened = await self._open(fwd, pool, leg, target)
+            if opened is None:
+                leg.close()
+                return
+            replica, stream = opened
             try:
-                async with asyncio.timeout(self.config.open_timeout):
-                    stream = await edge.handle.open(
-                        fwd.service, Metadata.structured({"client": client})
-                    )
-            except StreamRejected as exc:
-                log.warning("tcp %s -> %s: edge rejected the open: %s", client, target, exc)
-                writer.close()
-                return
-            except TimeoutError:
-                log.warning(
-                    "tcp %s -> %s: no answer from the edge within %.1fs; closing the client",
-                    client,
-                    target,
-                    self.config.open_timeout,
-                )
-                writer.close()
-                return
-            except QuicReverseError as exc:
-                log.warning(
-                    "tcp %s -> %s: open failed: %s; closing the client", client, target, exc
-                )
-                writer.close()
-                return
-            lsid = stream.logical_stream_id
-            log.info("tcp %s -> %s: stream %d opened", client, target, lsid)
-            result = await pipe(reader, writer, stream)
+                lsid = stream.logical_stream_id
+                log.info("tcp %s -> %s: stream %d opened", client, target, lsid)
+                result = await pipe(leg, stream)
+            finally:
+                self._release(pool, replica, task)
             log.info(
                 "tcp %s -> %s: stream %d %s%s; %d bytes up, %d bytes down, %.2fs",
                 client,
@@ -415,7 +451,6 @@ class Relay:
             log.info(
                 "tcp %s -> %s: aborted (edge session replaced or relay stopping)", client, target
             )
-            writer.transport.abort()
             raise
         finally:
-            edge.forwards.discard(task)
+            leg.abort_unless_closing()  # safety net: never leave the client connected
