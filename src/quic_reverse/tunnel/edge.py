@@ -42,7 +42,9 @@ from ..transport.base import Connection
 from ..wire import CloseCode, RejectCode
 from .auth import AuthRejected, authenticate_to_relay, new_instance_id, read_edge_token
 from .config import EdgeConfig, Exposed
+from .metrics import Observer
 from .pipe import TcpLeg, pipe
+from .proxyproto import build_v2_header
 from .supervisor import Backoff
 
 __all__ = ["Edge", "EdgeExit"]
@@ -80,6 +82,8 @@ class Edge:
         #: (our end, service end) of our connections to exposed services, as
         #: "host:port" pairs (forwarding-loop detection).
         self._local_ends: set[tuple[str, str]] = set()
+        #: Metrics hooks (a no-op unless ``--metrics``: :mod:`.metrics`).
+        self.observer = Observer()
         if config.insecure:
             log.warning(
                 "!!! --insecure: the relay's certificate is NOT verified; anyone on the path "
@@ -112,6 +116,7 @@ class Edge:
             try:
                 await self._session_once(host, port)
             except AuthRejected:
+                self.observer.auth_failure()
                 if not cfg.auth_retry:
                     log.error("authentication as %r rejected by the relay; giving up", cfg.name)
                     return EdgeExit.AUTH_FAILED
@@ -132,6 +137,7 @@ class Edge:
                 log.warning("relay %s:%d: %s", host, port, str(exc) or type(exc).__name__)
             if self._stop.is_set():
                 break
+            self.observer.reconnect()
             delay = self._backoff.next_delay()
             log.info("reconnecting to %s:%d in %.2fs", host, port, delay)
             if await self._sleep(delay):
@@ -215,6 +221,7 @@ class Edge:
             if self._stop.is_set():
                 return
             self._backoff.reset()
+            self.observer.session_up(handle, "{}:{}".format(*cfg.relay))
             exposed = ", ".join(f"{e.service}={e.host}:{e.port}" for e in cfg.expose)
             log.info(
                 "authenticated to relay %s:%d as %r; exposing %s",
@@ -232,6 +239,7 @@ class Edge:
                 )
                 await asyncio.wait(set(self._forwards), timeout=cfg.grace)
         finally:
+            self.observer.session_down(handle)
             if events is not None:
                 events.cancel()
                 await asyncio.gather(events, return_exceptions=True)
@@ -294,6 +302,8 @@ class Edge:
             return
         leg: TcpLeg | None = None
         ends: tuple[str, str] | None = None
+        self.observer.service_opened(service)
+        outcome, up, down = "cancelled", 0, 0
 
         def connected(new: TcpLeg) -> None:
             nonlocal ends
@@ -315,12 +325,16 @@ class Edge:
                 await self._reject(
                     handle, rid, RejectCode.SERVICE_UNAVAILABLE, "service unavailable"
                 )
+                outcome = "unavailable"
                 return
+            if service in cfg.proxy_protocol:
+                leg.write(build_v2_header(client, forward))
             stream = await handle.accept_open(rid)
             started = time.monotonic()
             lsid = stream.logical_stream_id
             log.info("stream %d%s -> %s (%s) opened", lsid, asked, service, target)
             result = await pipe(leg, stream)
+            outcome, up, down = result.outcome, result.stream_to_tcp, result.tcp_to_stream
             log.info(
                 "stream %d -> %s: %s%s; %d bytes to service, %d bytes back, %.2fs",
                 lsid,
@@ -330,10 +344,20 @@ class Edge:
                 result.stream_to_tcp,
                 result.tcp_to_stream,
                 time.monotonic() - started,
+                extra={
+                    "client": shown,
+                    "service": service,
+                    "stream": lsid,
+                    "bytes_up": up,
+                    "bytes_down": down,
+                    "duration": round(time.monotonic() - started, 6),
+                },
             )
         except QuicReverseError as exc:
+            outcome = "error"
             log.info("service %r%s: %s", service, asked, exc)
         finally:
+            self.observer.service_closed(service, outcome, up, down)
             # Safety net: whatever happened (session lost, cancelled), no TCP leg stays.
             if leg is not None:
                 leg.abort_unless_closing()

@@ -45,7 +45,9 @@ from ..transport.tls import certificate_fingerprint, generate_self_signed
 from ..wire import CloseCode, Metadata, RejectCode
 from .auth import TokenStore, authenticate_edge
 from .config import Forward, RelayConfig, load_server_certificate
+from .metrics import Observer
 from .pipe import TcpLeg, pipe
+from .ratelimit import AuthLimiter
 from .registry import EdgeRegistry, Pool, Replica, Unavailable
 
 __all__ = ["EdgeSession", "Relay", "ensure_self_signed"]
@@ -93,6 +95,12 @@ class Relay:
         self._stopping = False
         self.quic_address: tuple[str, int] | None = None
         self.forward_addresses: dict[Forward, tuple[str, int]] = {}
+        #: Metrics hooks (a no-op unless ``--metrics``: :mod:`.metrics`).
+        self.observer = Observer()
+        #: Per-address limit on connections that do not authenticate (:mod:`.ratelimit`).
+        self.auth_limiter = AuthLimiter(config.auth_failure_burst, config.auth_failure_interval)
+        #: The TCP listener of each forward (a reload adds and removes forwards).
+        self.servers: dict[Forward, asyncio.Server] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -145,31 +153,47 @@ class Relay:
             cfg.stack,
             self.fingerprint,
         )
-        loop = asyncio.get_running_loop()
         for fwd in cfg.forwards:
-            try:
-                server = await loop.create_server(
-                    lambda fwd=fwd: TcpLeg(  # type: ignore[misc]
-                        linger=cfg.linger, on_connected=lambda leg: self._accepted(fwd, leg)
-                    ),
-                    fwd.host,
-                    fwd.port,
-                )
-            except OSError as exc:
-                raise OSError(
-                    exc.errno,
-                    f"--forward {fwd}: cannot listen on {fwd.host}:{fwd.port}: "
-                    f"{exc.strerror or exc}",
-                ) from None
-            self._tcp.append(server)
-            sockname = server.sockets[0].getsockname()
-            self.forward_addresses[fwd] = (sockname[0], sockname[1])
-            log.info("forward %s:%d -> %s/%s", sockname[0], sockname[1], fwd.edge, fwd.service)
+            await self.listen_forward(fwd)
         log.info(
             "relay ready: %d forward(s), %d edge token(s)",
             len(cfg.forwards),
             len(self.tokens.names),
         )
+
+    async def listen_forward(self, fwd: Forward) -> None:
+        """Start ``fwd``'s TCP listener (at start, or when a reload adds it).
+
+        Raises:
+            OSError: naming the forward, if its address cannot be listened on.
+        """
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                lambda: TcpLeg(
+                    linger=self.config.linger, on_connected=lambda leg: self._accepted(fwd, leg)
+                ),
+                fwd.host,
+                fwd.port,
+            )
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"--forward {fwd}: cannot listen on {fwd.host}:{fwd.port}: {exc.strerror or exc}",
+            ) from None
+        self._tcp.append(server)
+        self.servers[fwd] = server
+        sockname = server.sockets[0].getsockname()
+        self.forward_addresses[fwd] = (sockname[0], sockname[1])
+        log.info("forward %s:%d -> %s/%s", sockname[0], sockname[1], fwd.edge, fwd.service)
+
+    def stop_forward(self, fwd: Forward) -> None:
+        """Stop listening on ``fwd`` (a reload removed it); its live connections finish."""
+        server = self.servers.pop(fwd, None)
+        if server is not None:
+            server.close()
+            self._tcp.remove(server)
+            host, port = self.forward_addresses.pop(fwd, (fwd.host, fwd.port))
+            log.info("forward %s:%d -> %s/%s removed", host, port, fwd.edge, fwd.service)
 
     async def shutdown(self) -> None:
         """Graceful stop: no new TCP clients or edges; running forwards get ``grace``
@@ -236,6 +260,9 @@ class Relay:
         if self._stopping:
             conn.close(0, b"relay shutting down")
             return
+        if not self.auth_limiter.admit(conn.remote_address[0]):
+            conn.close(0, b"too many failed authentications")
+            return
         log.info("edge connection from %s", peer)
         expired = False
 
@@ -243,7 +270,10 @@ class Relay:
             nonlocal expired
             expired = True
             log.warning(
-                "edge %s did not authenticate within %.1fs; closing", peer, self.config.auth_timeout
+                "edge %s did not authenticate within %.1fs; closing",
+                peer,
+                self.config.auth_timeout,
+                extra={"peer": True},
             )
             conn.close(0, b"authentication timeout")
 
@@ -255,18 +285,27 @@ class Relay:
         except OperationTimeout:
             if not expired:
                 expire()
+            self.observer.auth_failure()
             await self._abandon(handle, conn, "authentication timeout")
             return
         except QuicReverseError as exc:
             if not expired:
-                log.warning("edge %s: session failed before authentication: %s", peer, exc)
+                log.warning(
+                    "edge %s: session failed before authentication: %s",
+                    peer,
+                    exc,
+                    extra={"peer": True},
+                )
+            self.observer.auth_failure()
             await self._abandon(handle, conn, "error")
             return
         finally:
             deadline.cancel()
         if identity is None or expired:
+            self.observer.auth_failure()
             await self._abandon(handle, conn, "authentication failed")
             return
+        self.auth_limiter.succeeded(conn.remote_address[0])
         if self._stopping:
             await self._abandon(handle, conn, "relay shutting down")
             return
@@ -278,6 +317,7 @@ class Relay:
             instance=identity.instance,
         )
         old = self.registry.add(edge)  # new TCP clients may use the new session now
+        self.observer.edge_up(edge)
         replicas = len(self.registry.pool(edge.name).live())
         if old is not None:
             log.info(
@@ -296,11 +336,13 @@ class Relay:
             edge.describe(),
             handle.remote_agent,
             replicas,
+            extra={"edge": edge.name, "instance": edge.instance, "client": peer},
         )
         try:
             await self._serve_edge(edge)
         finally:
             self.registry.remove(edge)
+            self.observer.edge_down(edge)
             if not edge.retired:
                 await self._close_edge(edge, CloseCode.NORMAL, "session ended")
 
@@ -424,18 +466,24 @@ class Relay:
         assert task is not None
         pool = self.registry.pool(fwd.edge)
         started = time.monotonic()
+        self.observer.forward_opened(fwd)
+        used: Replica | None = None
+        outcome, up, down = "cancelled", 0, 0
         try:
             opened = await self._open(fwd, pool, leg, target)
             if opened is None:
+                outcome = "refused"
                 leg.close()
                 return
             replica, stream = opened
+            used = replica
             try:
                 lsid = stream.logical_stream_id
                 log.info("tcp %s -> %s: stream %d opened", client, target, lsid)
                 result = await pipe(leg, stream)
             finally:
                 self._release(pool, replica, task)
+            outcome, up, down = result.outcome, result.tcp_to_stream, result.stream_to_tcp
             log.info(
                 "tcp %s -> %s: stream %d %s%s; %d bytes up, %d bytes down, %.2fs",
                 client,
@@ -446,6 +494,15 @@ class Relay:
                 result.tcp_to_stream,
                 result.stream_to_tcp,
                 time.monotonic() - started,
+                extra={
+                    "client": client,
+                    "edge": fwd.edge,
+                    "service": fwd.service,
+                    "stream": lsid,
+                    "bytes_up": up,
+                    "bytes_down": down,
+                    "duration": round(time.monotonic() - started, 6),
+                },
             )
         except asyncio.CancelledError:
             log.info(
@@ -454,3 +511,4 @@ class Relay:
             raise
         finally:
             leg.abort_unless_closing()  # safety net: never leave the client connected
+            self.observer.forward_closed(fwd, used, outcome, up, down)
