@@ -532,7 +532,8 @@ def build_edge_config(
     for required in ("relay", "name", "token_file"):
         if required not in kw:
             flag = "--" + required.replace("_", "-")
-            raise ConfigError(f"edge: {flag} is required (or {required} in [edge])")
+            env = f", or ${TOKEN_ENV}" if required == "token_file" else ""
+            raise ConfigError(f"edge: {flag} is required (or {required} in [edge]{env})")
     kw.setdefault("expose", ())
     return EdgeConfig(**kw)
 
