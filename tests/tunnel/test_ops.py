@@ -10,6 +10,7 @@ Every wait is bounded (multiples of ``MS``); processes are always killed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -802,3 +803,103 @@ def test_systemd_notify_ready_reloading_stopping(tmp_path: Path) -> None:
     finally:
         relay.proc.kill()
         sock.close()
+
+
+# ------------------------------------------------------------------------- systemd units
+
+UNITS = ROOT / "deploy" / "systemd"
+
+
+def _exec_start(unit: Path) -> list[str]:
+    text = unit.read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    return line.removeprefix("ExecStart=").split()
+
+
+def test_systemd_units_start_commands_check_ok(tmp_path: Path) -> None:
+    """The units' ExecStart lines are valid command lines (run with --check against the
+    files the units expect), and `systemd-analyze verify` accepts the units."""
+    etc, creds = tmp_path / "etc", tmp_path / "credentials"
+    etc.mkdir()
+    creds.mkdir()
+    tokens = _tokens(creds, ["edgeA"])
+    (creds / "edge.token").write_text(tokens["edgeA"])
+    code, out = _run(["cert", "--dir", str(creds), "--name", "relay.example.com"])
+    assert code == 0, out
+    (etc / "relay.toml").write_text("[relay]\nforward = ['127.0.0.1:2222=edgeA/ssh']\n")
+    (etc / "edge.toml").write_text(
+        f"[edge]\nrelay = 'relay.example.com:4433'\nname = 'edgeA'\nca = '{creds}/ca.pem'\n"
+        "server_name = 'relay.example.com'\nexpose = { ssh = '127.0.0.1:22' }\n"
+    )
+    for name in ("quic-reverse-relay.service", "quic-reverse-edge.service"):
+        argv = _exec_start(UNITS / name)
+        assert argv[0] == "/usr/local/bin/quic-reverse"
+        args = [
+            a.replace("${CREDENTIALS_DIRECTORY}", str(creds)).replace("/etc/quic-reverse", str(etc))
+            for a in argv[1:]
+        ]
+        code, out = _run([*args, "--check"])
+        assert code == 0 and "configuration ok" in out, (name, out)
+        text = (UNITS / name).read_text()
+        for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes"):
+            assert line in text, (name, line)
+        analyze = shutil.which("systemd-analyze")
+        if analyze is not None:  # Debian's systemd package; the unit must also load there
+            exe = Path(sys.executable).with_name("quic-reverse")
+            unit = tmp_path / name
+            unit.write_text(text.replace("/usr/local/bin/quic-reverse", str(exe)))
+            done = subprocess.run(
+                [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=WAIT
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------- docs examples
+
+
+def _doc_examples() -> list[tuple[str, str]]:
+    text = (ROOT / "docs" / "TUNNEL.md").read_text()
+    return re.findall(r"<!-- test: ([\w-]+) -->\n```sh\n(.*?)```", text, re.S)
+
+
+def test_docs_operations_examples_run(tmp_path: Path) -> None:
+    """Every `<!-- test: ... -->` shell example of docs/TUNNEL.md's Operations section
+    runs as written, in order, in one directory (only the port numbers are changed to
+    free ones; `quic-reverse` is this checkout's console script)."""
+    examples = _doc_examples()
+    assert [name for name, _ in examples] == ["ops-check", "ops-run", "ops-reload", "ops-cert"]
+    ports: dict[str, str] = {}
+    for literal in ("4433", "9100", "9101", "2222", "2223"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports[literal] = str(s.getsockname()[1])
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("QUIC_REVERSE_TOKEN", None)
+    script = "set -euo pipefail\n" + "\n".join(body for _, body in examples)
+    script = re.sub(r"\b(4433|9100|9101|2222|2223)\b", lambda m: ports[m.group(1)], script)
+    shell = subprocess.Popen(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the examples' background relay and edge: one group
+    )
+    try:
+        out, _ = shell.communicate(timeout=WAIT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)  # whatever an example left running
+        shell.wait(LONG)
+    assert shell.returncode == 0, out
+    assert "configuration ok (1 forward(s), 1 edge token(s))" in out
+    assert 'quic_reverse_edges_connected{edge="edgeA"} 1.0' in out
+    assert "configuration reloaded: 1 forward(s) added, 1 removed" in out
+    token = (tmp_path / "edgeA.token").read_text().strip()
+    for log in ("relay.log", "edge.log"):
+        assert token not in (tmp_path / log).read_text()
+    assert oct((tmp_path / "pki" / "relay.key").stat().st_mode & 0o777) == "0o600"
