@@ -28,6 +28,8 @@ from .errors import ConfigError, QuicReverseError
 
 if TYPE_CHECKING:
     from .tunnel.config import Setting
+    from .tunnel.metrics import TunnelMetrics
+    from .tunnel.status import StatusServer
 
 __all__ = ["main"]
 
@@ -182,13 +184,11 @@ class _Reloader:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def _start_status(config: Any, metrics: Any) -> Any:
-    """The ``--metrics`` HTTP server, or ``None`` when not asked for."""
-    if config.metrics is None:
-        return None
+async def _start_status(address: tuple[str, int], metrics: TunnelMetrics) -> StatusServer:
+    """The ``--metrics`` HTTP server (raises ``OSError`` naming ``--metrics``)."""
     from .tunnel.status import StatusServer
 
-    server = StatusServer(metrics, *config.metrics)
+    server = StatusServer(metrics, *address)
     await server.start()
     return server
 
@@ -210,17 +210,17 @@ async def _run_relay(args: argparse.Namespace) -> int:
         return EXIT_OK
     _setup_logging(config.log_level, config.log_format)
     relay = Relay(config, tokens)
-    status = None
+    status: StatusServer | None = None
+    metrics: RelayMetrics | None = None
     if config.metrics is not None:
-        metrics = RelayMetrics(relay)
-        relay.observer = metrics
+        relay.observer = metrics = RelayMetrics(relay)
     stop = asyncio.Event()
     reloader = _Reloader(lambda: reload_relay(relay, args.config, flags))
     _install_signals(stop.set, reloader)
     try:
         await relay.start()
-        if config.metrics is not None:
-            status = await _start_status(config, metrics)
+        if config.metrics is not None and metrics is not None:
+            status = await _start_status(config.metrics, metrics)
             metrics.ready = True
     except ConfigError:
         await relay.shutdown()
@@ -236,7 +236,7 @@ async def _run_relay(args: argparse.Namespace) -> int:
     log.info("signal received")
     notify("STOPPING=1")
     await reloader.close()
-    if config.metrics is not None:
+    if metrics is not None:
         metrics.ready = False
     await relay.shutdown()
     if status is not None:
@@ -258,12 +258,11 @@ async def _run_edge(args: argparse.Namespace) -> int:
         return EXIT_OK
     _setup_logging(config.log_level, config.log_format)
     edge = Edge(config)
-    status = None
+    status: StatusServer | None = None
     if config.metrics is not None:
-        metrics = EdgeMetrics(edge)
-        edge.observer = metrics
+        edge.observer = metrics = EdgeMetrics(edge)
         try:
-            status = await _start_status(config, metrics)
+            status = await _start_status(config.metrics, metrics)
         except OSError as exc:
             log.error("cannot start the edge: %s", exc)
             return EXIT_FAILURE

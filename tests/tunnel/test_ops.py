@@ -565,6 +565,8 @@ async def _bad_login(relay: RelayProc) -> str:
         return "refused"  # closed before any protocol work
     finally:
         conn.close()
+        async with asyncio.timeout(LONG):
+            await conn.wait_closed()  # the client's UDP socket is released
     raise AssertionError("a wrong token was accepted")
 
 
@@ -594,6 +596,24 @@ async def test_auth_failures_rate_limited_per_address(services: Services, tmp_pa
         assert relay.proc.terminate() == 0
     finally:
         edge.kill()
+        relay.proc.kill()
+
+
+async def test_peer_triggered_log_lines_are_throttled(tmp_path: Path) -> None:
+    """Issue 17 item 4: without the limit (--auth-failure-burst 0), 30 failed logins
+    write at most 10 warning lines per 10 s, the 10th saying that more are suppressed."""
+    _tokens(tmp_path, ["edgeA"])
+    relay = start_relay(
+        tmp_path / "state", tmp_path / "tokens.toml", [], extra=["--auth-failure-burst", "0"]
+    )
+    try:
+        async with asyncio.timeout(WAIT):
+            outcomes = [await _bad_login(relay) for _ in range(30)]
+        assert outcomes == ["rejected"] * 30
+        assert relay.proc.find(r"failed authentication as .*further lines like this suppressed")
+        assert 10 <= len(re.findall(r"failed authentication as", relay.proc.text)) < 30
+        assert relay.proc.terminate() == 0
+    finally:
         relay.proc.kill()
 
 
