@@ -438,7 +438,7 @@ async def test_reload_on_sighup(services: Services, tmp_path: Path) -> None:
     edges: list[Proc] = []
     writer: asyncio.StreamWriter | None = None
     try:
-        expose = [f"echo=127.0.0.1:{services.echo}"]
+        expose = [f"echo=127.0.0.1:{services.echo}", f"again=127.0.0.1:{services.echo}"]
         edges.append(start_edge("edgeA", tmp_path / "edgeA.token", relay, expose))
         edges.append(start_edge("edgeB", tmp_path / "edgeB.token", relay, expose))
         port_a = relay.forwards["edgeA/echo"]
@@ -476,6 +476,13 @@ async def test_reload_on_sighup(services: Services, tmp_path: Path) -> None:
         relay.proc.popen.send_signal(signal.SIGHUP)
         relay.proc.wait_for(r"ERROR .*reload refused: .*stays in force", after=mark)
         assert await echo(new_port, b"still") == b"still"
+        # Same address, new target: the old listener makes way for the new one.
+        write([f"127.0.0.1:{new_port}=edgeA/again"], "info")
+        mark = relay.proc.mark()
+        relay.proc.popen.send_signal(signal.SIGHUP)
+        relay.proc.wait_for(r"configuration reloaded: 1 forward\(s\) added, 1 removed", after=mark)
+        assert await echo(new_port, b"again") == b"again"
+        assert relay.proc.find(r"-> edgeA/again: stream \d+ opened", after=mark)
         assert not edges[0].find(r"reconnecting"), "edgeA must not have been disturbed"
         assert relay.proc.popen.poll() is None
         assert edges[0].terminate() == 0

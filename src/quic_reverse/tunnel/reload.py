@@ -163,6 +163,12 @@ async def reload_relay(relay: Any, config: Path | None, flags: dict[str, Any]) -
     new = _keep(old, new, RELAY_RESTART_ONLY, "relay")
     added = [f for f in new.forwards if f not in old.forwards]
     removed = [f for f in old.forwards if f not in new.forwards]
+    # A removed forward whose address an added one takes (same port, new target) must
+    # stop listening first; the others stop only once every new forward listens.
+    taken = {(f.host, f.port) for f in added if f.port != 0}
+    first = [f for f in removed if (f.host, f.port) in taken]
+    for fwd in first:
+        relay.stop_forward(fwd)
     started = []
     try:
         for fwd in added:
@@ -171,10 +177,16 @@ async def reload_relay(relay: Any, config: Path | None, flags: dict[str, Any]) -
     except OSError as exc:
         for fwd in started:
             relay.stop_forward(fwd)
+        for fwd in first:  # put back what was stopped (best effort: the port was ours)
+            try:
+                await relay.listen_forward(fwd)
+            except OSError as again:
+                log.error("reload: cannot listen again on %s: %s", fwd, again)
         log.error("reload refused: %s; the running configuration stays in force", exc)
         return False
     for fwd in removed:
-        relay.stop_forward(fwd)
+        if fwd not in first:
+            relay.stop_forward(fwd)
     revoked = relay.tokens.revoked_by(tokens)
     relay.tokens = tokens
     relay.config = new
