@@ -187,3 +187,13 @@ def test_cert_issues_ca_and_relay_certificate(tmp_path: Path) -> None:
         issue_relay_certificate(tmp_path / "x", [], [])
     with pytest.raises(ConfigError, match="--ip"):
         issue_relay_certificate(tmp_path / "x", [], ["300.1.1.1"])
+
+
+def test_token_store_revoked_by_names_removed_and_changed_tokens() -> None:
+    from quic_reverse.tunnel.auth import TokenStore, generate_token
+
+    a, b, c = generate_token(), generate_token(), generate_token()
+    old = TokenStore({"edgeA": a, "edgeB": b, "edgeC": c})
+    new = TokenStore({"edgeA": a, "edgeC": generate_token(), "edgeD": generate_token()})
+    assert old.revoked_by(new) == {"edgeB", "edgeC"}  # removed, changed; added is no revocation
+    assert new.revoked_by(new) == frozenset()
