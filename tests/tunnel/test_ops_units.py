@@ -197,3 +197,18 @@ def test_token_store_revoked_by_names_removed_and_changed_tokens() -> None:
     new = TokenStore({"edgeA": a, "edgeC": generate_token(), "edgeD": generate_token()})
     assert old.revoked_by(new) == {"edgeB", "edgeC"}  # removed, changed; added is no revocation
     assert new.revoked_by(new) == frozenset()
+
+
+def test_reload_keeps_restart_only_settings_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from quic_reverse.tunnel.config import RelayConfig
+    from quic_reverse.tunnel.reload import RELAY_RESTART_ONLY, _keep
+
+    old = RelayConfig(self_signed=True, tokens=Path("t"), listen=("127.0.0.1", 1), grace=1.0)
+    new = RelayConfig(self_signed=True, tokens=Path("t"), listen=("127.0.0.1", 2), grace=2.0)
+    caplog.set_level(logging.WARNING, "quic_reverse")
+    kept = _keep(old, new, RELAY_RESTART_ONLY, "relay")
+    assert kept.listen == ("127.0.0.1", 1) and kept.grace == 2.0
+    assert "setting 'listen' changed; it applies after a restart" in caplog.text
+    assert "grace" not in caplog.text

@@ -332,7 +332,14 @@ class Edge:
             stream = await handle.accept_open(rid)
             started = time.monotonic()
             lsid = stream.logical_stream_id
-            log.info("stream %d%s -> %s (%s) opened", lsid, asked, service, target)
+            log.info(
+                "stream %d%s -> %s (%s) opened",
+                lsid,
+                asked,
+                service,
+                target,
+                extra={"client": shown, "service": service, "stream": lsid},
+            )
             result = await pipe(leg, stream)
             outcome, up, down = result.outcome, result.stream_to_tcp, result.tcp_to_stream
             log.info(

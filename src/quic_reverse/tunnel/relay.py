@@ -479,7 +479,18 @@ class Relay:
             used = replica
             try:
                 lsid = stream.logical_stream_id
-                log.info("tcp %s -> %s: stream %d opened", client, target, lsid)
+                log.info(
+                    "tcp %s -> %s: stream %d opened",
+                    client,
+                    target,
+                    lsid,
+                    extra={
+                        "client": client,
+                        "edge": fwd.edge,
+                        "service": fwd.service,
+                        "stream": lsid,
+                    },
+                )
                 result = await pipe(leg, stream)
             finally:
                 self._release(pool, replica, task)

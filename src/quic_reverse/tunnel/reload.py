@@ -74,10 +74,12 @@ RELAY_RESTART_ONLY = (
     "stack",
     "log_format",
     "metrics",
+    "backlog",
 )
 #: Edge settings a reload cannot change (restart to apply).
 EDGE_RESTART_ONLY = (
     "relay",
+    "relays",
     "name",
     "ca",
     "fingerprint",
@@ -136,10 +138,11 @@ def load_edge(config: Path | None, flags: dict[str, Any]) -> tuple[EdgeConfig, s
 
 
 def _keep(old: Any, new: Any, names: tuple[str, ...], who: str) -> Any:
-    """``new`` with the restart-only ``names`` taken from ``old`` (a WARNING per change)."""
+    """``new`` with the restart-only ``names`` taken from ``old`` (a WARNING per change;
+    a name the configuration class does not have is skipped)."""
     kept = {}
     for name in names:
-        before, after = getattr(old, name), getattr(new, name)
+        before, after = getattr(old, name, None), getattr(new, name, None)
         if before != after:
             log.warning(
                 "reload: %s setting %r changed; it applies after a restart (keeping the "
