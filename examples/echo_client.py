@@ -47,7 +47,6 @@ async def main(args: argparse.Namespace) -> int:
         args,
         default_ca=default_cert_dir() / CERT_NAME,
         written_by="echo_server.py",
-        scratch_dir=default_cert_dir() / "client",
     )
     connection = await dial(args, tls)
     try:
