@@ -11,9 +11,9 @@ What the driver owns, and nothing more:
 
 * one **reader** task for the control stream (the server accepts it first: it is the
   client's first bidirectional stream), feeding bytes to the core;
-* one **writer** task draining the core's outgoing bytes to the control stream in order
-  (a lone ``open()``/``ping()``/``reject_open()`` writes its own message at once, to
-  save a loop turn; under concurrency the writer batches them);
+* one **writer** task, the only one that writes the control stream: it drains the
+  core's outgoing bytes in order (:mod:`quic_reverse._control`); a caller that needs
+  its bytes out awaits a "flushed" mark, so a cancelled caller never tears a frame;
 * one **acceptor** task taking peer-opened data streams; a StreamBind already buffered
   is read inline, otherwise one short-lived task per stream reads it (the core bounds
   how many such streams exist and for how long);
@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar, cast
 
+from ._control import ControlWriter
 from ._core import (
     Negotiated,
     OpenFailed,
@@ -189,11 +190,7 @@ class SessionHandle:
         self._ping_waiters: dict[int, asyncio.Future[float]] = {}
         self._streams_by_token: dict[int, _Pair] = {}
         self._events_ready = asyncio.Event()
-        self._outbox = bytearray()
-        self._outbox_ready = asyncio.Event()
-        self._outbox_idle = asyncio.Event()
-        self._outbox_idle.set()
-        self._writing = False
+        self._writer = ControlWriter()
         self._ended = asyncio.Event()  # the core reached CLOSED
         self._closed = asyncio.Event()  # shutdown finished: transport closed, tasks done
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -330,11 +327,8 @@ class SessionHandle:
         rid = self._core.open_request(service, Metadata.of(metadata), flags, self._loop.time())
         fut: asyncio.Future[Stream] = self._loop.create_future()
         self._open_waiters[rid] = (fut, service)
-        self._pump(will_flush=len(self._open_waiters) == 1)
+        self._pump()
         try:
-            if len(self._open_waiters) == 1:
-                # Alone: write now. With company, the writer task batches the requests.
-                await self._flush()
             return await fut
         except asyncio.CancelledError:
             self._open_waiters.pop(rid, None)
@@ -357,11 +351,7 @@ class SessionHandle:
         """
         service = self._core.incoming_service(request_id)
         lsid = self._core.accept(request_id, logical_stream_id)
-        # Alone (no other request waiting for an answer): write the OpenResponse now, in
-        # this loop turn, so it shares a datagram with the StreamBind below. Otherwise
-        # the writer task batches the responses of all concurrent accepts in one write.
-        alone = not self._core.has_pending_incoming
-        self._pump(will_flush=alone)
+        self._pump()
         released = False
 
         def release() -> None:
@@ -372,8 +362,6 @@ class SessionHandle:
                 self._pump()
 
         try:
-            if alone:
-                await self._flush()
             send, recv = await self._conn.open_bi()
             await send.write(StreamBind(logical_stream_id=lsid).encode())
         except BaseException:
@@ -386,8 +374,8 @@ class SessionHandle:
     ) -> None:
         """Answer the peer's OpenRequest with Rejected(``code``)."""
         self._core.reject(request_id, _enum_value(RejectCode, code), reason)
-        self._pump(will_flush=True)
-        await self._flush()
+        self._pump()
+        await self._writer.flushed()
 
     async def ping(self) -> float:
         """Send a Ping and return the round-trip time in seconds.
@@ -399,9 +387,8 @@ class SessionHandle:
         seq = self._core.send_ping(self._loop.time())
         fut: asyncio.Future[float] = self._loop.create_future()
         self._ping_waiters[seq] = fut
-        self._pump(will_flush=True)
+        self._pump()
         try:
-            await self._flush()
             return await fut
         finally:
             self._ping_waiters.pop(seq, None)
@@ -412,8 +399,8 @@ class SessionHandle:
     ) -> None:
         """Send an informational StreamClose for a logical stream (not the session)."""
         self._core.send_stream_close(logical_stream_id, _enum_value(CloseCode, code), reason)
-        self._pump(will_flush=True)
-        await self._flush()
+        self._pump()
+        await self._writer.flushed()
 
     async def process_message(self) -> ControlEvent | None:
         """Return the next control event; ``None`` once the session ended cleanly.
@@ -455,7 +442,6 @@ class SessionHandle:
         try:
             self._route_events()  # whatever was queued before serve() started
             self._pump()
-            await self._flush()
             await self._ended.wait()
         finally:
             self._serve_handlers = None
@@ -509,24 +495,21 @@ class SessionHandle:
 
     # ------------------------------------------------------------------ the pump
 
-    def _pump(self, *, will_flush: bool = False) -> None:
+    def _pump(self) -> None:
         """Carry out what the core produced: bytes, actions, events, timer.
 
-        Called after every input to the core, so it is kept cheap. ``will_flush``: the
-        caller writes the control bytes itself right after (see :meth:`_flush`), so the
-        writer task is not woken for them.
+        Called after every input to the core, so it is kept cheap. Control bytes go to
+        the writer's outbox; only the writer task writes them.
         """
         core = self._core
-        if core.move_data_to(self._outbox):
-            self._outbox_filled(wake_writer=not will_flush)
+        self._take_output()
         if core.has_outputs:
             for output in core.outputs():
                 self._dispatch(output)
         if core.has_events:
             if self._serve_handlers is not None:
                 self._route_events()
-                if core.move_data_to(self._outbox):
-                    self._outbox_filled()
+                self._take_output()
             else:
                 self._events_ready.set()
         if core.end is not None:
@@ -534,13 +517,11 @@ class SessionHandle:
         if core.has_new_deadline:
             self._rearm_timer()
 
-    def _outbox_filled(self, *, wake_writer: bool = True) -> None:
-        if self._closed.is_set():
-            self._outbox.clear()  # nobody will write it any more
-            return
-        self._outbox_idle.clear()
-        if wake_writer:
-            self._outbox_ready.set()
+    def _take_output(self) -> None:
+        writer = self._writer
+        before = len(writer.buffer)
+        if self._core.move_data_to(writer.buffer):
+            writer.filled(len(writer.buffer) - before)
 
     def _dispatch(self, output: Output) -> None:
         if isinstance(output, OpenResolved):
@@ -664,64 +645,20 @@ class SessionHandle:
                     self._pump()
                     return
                 core.receive_data(data, self._loop.time())
-                self._pump(will_flush=True)
-                await self._flush()
-                if len(self._outbox) > _OUTBOX_HIGH_WATER:
-                    await self._outbox_idle.wait()
+                self._pump()
+                if len(self._writer) > _OUTBOX_HIGH_WATER:
+                    await self._writer.wait_idle()
         except TransportError as exc:
             core.connection_lost(exc)
             self._pump()
 
     async def _write_loop(self, send: SendStream) -> None:
-        """Write whatever the core produced that no caller flushed directly."""
+        """The only writer of the control stream (see :mod:`quic_reverse._control`)."""
         try:
-            while True:
-                if not self._outbox or self._writing:
-                    if not self._writing:
-                        self._outbox_idle.set()
-                    self._outbox_ready.clear()
-                    await self._outbox_ready.wait()
-                    continue
-                await self._write_out(send)
+            await self._writer.run(send)
         except TransportError as exc:
-            self._write_failed(exc)
-
-    async def _write_out(self, send: SendStream) -> None:
-        """Write the outbox in order; only one writer at a time (``_writing``)."""
-        self._writing = True
-        try:
-            while self._outbox:
-                data = bytes(self._outbox)
-                self._outbox.clear()
-                await send.write(data)
-        finally:
-            self._writing = False
-            if self._outbox:
-                self._outbox_ready.set()
-            else:
-                self._outbox_idle.set()
-
-    async def _flush(self) -> None:
-        """Write pending control bytes now, from the calling task, unless a write is
-        already in progress (then the writer task carries them).
-
-        Writing in the caller's turn of the event loop lets the transport put, e.g., an
-        OpenResponse and the new stream's StreamBind into one datagram, and applies the
-        control stream's backpressure to the caller.
-        """
-        if self._writing or not self._outbox or self._writer_task is None:
-            return
-        assert self._control is not None
-        try:
-            await self._write_out(self._control[0])
-        except TransportError as exc:
-            self._write_failed(exc)
-
-    def _write_failed(self, exc: TransportError) -> None:
-        self._outbox.clear()
-        self._outbox_idle.set()
-        self._core.connection_lost(exc)
-        self._pump()
+            self._core.connection_lost(exc)
+            self._pump()
 
     async def _accept_loop(self) -> None:
         while True:
@@ -825,7 +762,7 @@ class SessionHandle:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._config.close_timeout):
                     if self._control is not None and self._conn.is_open:
-                        await self._outbox_idle.wait()
+                        await self._writer.wait_idle()
                         with contextlib.suppress(QuicReverseError):
                             await self._control[0].finish()
                         if end.by_peer and end.clean:
@@ -844,4 +781,5 @@ class SessionHandle:
                 async with asyncio.timeout(self._config.close_timeout):
                     await self._conn.wait_closed()
         finally:
+            self._writer.stop()
             self._closed.set()
