@@ -52,6 +52,7 @@ from .errors import (
     QuicReverseError,
     SessionClosed,
     StreamRejected,
+    StreamReset,
     TimeoutKind,
 )
 from .wire import (
@@ -552,7 +553,7 @@ class SessionCore:
         elif isinstance(msg, OpenResponse):
             self._on_open_response(msg, now)
         elif isinstance(msg, StreamClose):
-            self._on_stream_close(msg)
+            self._on_stream_close(msg, now)
         elif isinstance(msg, Ping):
             logger.debug("%s: ping %d received, answering", self._tag, msg.sequence)
             self._send(Pong(sequence=msg.sequence))
@@ -644,7 +645,16 @@ class SessionCore:
         self._by_lsid[lsid] = rid
         logger.debug("%s: open %d accepted as lsid %d, awaiting stream", self._tag, rid, lsid)
 
-    def _on_stream_close(self, msg: StreamClose) -> None:
+    def _on_stream_close(self, msg: StreamClose, now: float) -> None:
+        lsid = msg.logical_stream_id
+        rid = self._by_lsid.get(lsid) if lsid else None
+        if rid is not None:
+            # The peer accepted our open, then gave up on its data stream (its service
+            # failed, its accept was cancelled): fail the open now, not at the bind
+            # deadline; a data stream that still comes for it is reset.
+            logger.debug("%s: open %d: peer closed lsid %d before binding", self._tag, rid, lsid)
+            self.cancel_open(rid, now)
+            self._outputs.append(OpenFailed(rid, _peer_abandoned(lsid, msg.code, msg.reason)))
         if msg.logical_stream_id != 0:
             logger.debug(
                 "%s: peer closed logical stream %d (%s)",
@@ -1159,6 +1169,15 @@ class SessionCore:
         self._close_deadline = None
         self.end = SessionEnded(error, clean, by_peer)
         self._outputs.append(self.end)
+
+
+def _peer_abandoned(lsid: int, code: CloseCode, reason: str | None) -> StreamReset:
+    what = f": {reason!r}" if reason else ""
+    return StreamReset(
+        int(code),
+        None,
+        message=f"peer closed stream {lsid} ({code.name}) before its data stream bound{what}",
+    )
 
 
 def _disconnected(error: QuicReverseError) -> Disconnected:

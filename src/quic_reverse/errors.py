@@ -169,12 +169,19 @@ class ConnectionClosed(TransportError):
 
 
 class StreamReset(TransportError):
-    """The peer reset the stream we are reading (RESET_STREAM). Never reported as EOF."""
+    """The peer reset the stream we are reading (RESET_STREAM). Never reported as EOF.
 
-    def __init__(self, error_code: int, stream_id: int | None = None) -> None:
+    ``open()`` also raises it when the peer accepted the open and then gave its data
+    stream up (StreamClose for that logical id: its service failed or its accept was
+    cancelled); ``error_code`` is then the :class:`~quic_reverse.wire.CloseCode` value.
+    """
+
+    def __init__(
+        self, error_code: int, stream_id: int | None = None, *, message: str | None = None
+    ) -> None:
         self.error_code = error_code
         self.stream_id = stream_id
-        super().__init__(f"stream {stream_id} reset by peer with code {error_code}")
+        super().__init__(message or f"stream {stream_id} reset by peer with code {error_code}")
 
 
 class StreamStopped(TransportError):

@@ -361,12 +361,19 @@ class SessionHandle:
                 self._core.stream_released(lsid)
                 self._pump()
 
+        pair: _Pair | None = None
         try:
-            send, recv = await self._conn.open_bi()
-            await send.write(StreamBind(logical_stream_id=lsid).encode())
+            pair = await self._conn.open_bi()
+            await pair[0].write(StreamBind(logical_stream_id=lsid).encode())
         except BaseException:
+            # The peer was told "accepted": tell it the stream will not come (its open
+            # fails at once instead of at its bind deadline).
+            if pair is not None:
+                _reset_pair(pair)
+            self._abandon_accepted(lsid, CloseCode.RESET, "accept did not complete")
             release()
             raise
+        send, recv = pair
         return Stream(send, recv, logical_stream_id=lsid, service=service, on_release=release)
 
     async def reject_open(
@@ -490,8 +497,16 @@ class SessionHandle:
                 stream.logical_stream_id,
             )
             stream.reset(CloseCode.ERROR)
+            self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "service failed")
         else:
             await stream.aclose()
+
+    def _abandon_accepted(self, lsid: int, code: CloseCode, reason: str) -> None:
+        """Send StreamClose(``lsid``) for a stream we accepted and then gave up, so an
+        opener still waiting for its data stream fails at once (see the core)."""
+        if self._core.is_open:
+            self._core.send_stream_close(lsid, code, reason)
+            self._pump()
 
     # ------------------------------------------------------------------ the pump
 
