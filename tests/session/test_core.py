@@ -27,6 +27,7 @@ from quic_reverse.errors import (
     SessionClosed,
     StreamRejected,
     TimeoutKind,
+    UsageError,
 )
 from quic_reverse.wire import (
     CloseCode,
@@ -344,11 +345,11 @@ def test_logical_ids() -> None:
     pair.flush()
     assert pair.client.accept(rids[0]) == 1
     assert pair.client.accept(rids[1], 5) == 5
-    with pytest.raises(EncodeError, match="in use"):
+    with pytest.raises(UsageError, match="in use"):
         pair.client.accept(rids[2], 5)
     with pytest.raises(EncodeError):
         pair.client.accept(rids[2], 0)
-    with pytest.raises(EncodeError, match="no pending"):
+    with pytest.raises(UsageError, match="no pending"):
         pair.client.accept(999)
     assert pair.client.accept(rids[2]) == 2
     pair.client.stream_released(1)
@@ -468,7 +469,7 @@ def test_stream_close_event() -> None:
     assert pair.client.next_user_event() == ev.StreamClose(
         logical_stream_id=4, code=CloseCode.TIMEOUT, reason="idle"
     )
-    with pytest.raises(EncodeError):
+    with pytest.raises(UsageError):
         pair.server.send_stream_close(0, CloseCode.NORMAL, None)
 
 

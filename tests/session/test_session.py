@@ -36,6 +36,7 @@ from quic_reverse.errors import (
     SessionClosed,
     StreamRejected,
     StreamReset,
+    UsageError,
 )
 from quic_reverse.transport.memory import connection_pair
 
@@ -268,14 +269,14 @@ async def test_accept_open_ids() -> None:
         with pytest.raises(EncodeError):
             await client.accept_open(rids[0], 0)
         a = await client.accept_open(rids[0], 42)
-        with pytest.raises(EncodeError, match="in use"):
+        with pytest.raises(UsageError, match="in use"):
             await client.accept_open(rids[1], 42)
         b = await client.accept_open(rids[1])
         c = await client.accept_open(rids[2])
         assert (a.logical_stream_id, b.logical_stream_id, c.logical_stream_id) == (42, 1, 2)
         opened = await asyncio.gather(*openers)
         assert sorted(s.logical_stream_id for s in opened) == [1, 2, 42]
-        with pytest.raises(EncodeError, match="no pending"):
+        with pytest.raises(UsageError, match="no pending"):
             await client.accept_open(999)
         with pytest.raises(EncodeError, match="RejectCode"):
             await client.reject_open(rids[0], 77)  # type: ignore[arg-type]
