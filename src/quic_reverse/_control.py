@@ -1,4 +1,11 @@
-"""The control stream's only writer: an ordered outbox drained by one task.
+"""The control channel: the control stream's read loop and its only writer.
+
+:class:`ControlChannel` opens (client) or accepts (server) the control stream, feeds
+what it reads to the core, and runs the writer task. A transport failure ends the
+session through the core; a peer that closes the connection with code 0 (no error)
+without a session close first ends it gracefully (``peer_closed_connection``).
+
+The writer: an ordered outbox drained by one task.
 
 Bytes for the control stream come from the sans-IO core (:meth:`SessionCore.move_data_to`)
 in whatever task fed it an input. They are appended to :class:`ControlWriter`'s outbox
@@ -16,10 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from .transport.base import SendStream
+from ._core import SessionCore
+from .config import Role
+from .errors import ConnectionClosed, QuicReverseError, TransportError
+from .transport.base import Connection, RecvStream, SendStream
 
-__all__ = ["ControlWriter"]
+__all__ = ["ControlChannel", "ControlWriter"]
+
+_READ_SIZE = 65536
+#: Pause reading the control stream while this much is waiting to be written to it.
+_OUTBOX_HIGH_WATER = 1 << 20
 
 
 class ControlWriter:
@@ -103,3 +120,98 @@ class ControlWriter:
             _, fut = waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
+
+
+def graceful_close(exc: TransportError) -> bool:
+    """Did the peer close the connection on purpose with application code 0?
+
+    An idle timeout is also reported with code 0 by the QUIC stacks, but it is a lost
+    connection, not a close.
+    """
+    return (
+        isinstance(exc, ConnectionClosed)
+        and exc.error_code == 0
+        and "idle timeout" not in exc.reason.lower()
+    )
+
+
+class ControlChannel:
+    """The control stream of one session: read loop and the only writer."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        role: Role,
+        core: SessionCore,
+        pump: Callable[[], None],
+        spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
+    ) -> None:
+        self._conn = conn
+        self._role = role
+        self._core = core
+        self._pump = pump
+        self._spawn = spawn
+        self._loop = asyncio.get_running_loop()
+        self.writer = ControlWriter()
+        self._send: SendStream | None = None
+
+    def take_output(self) -> None:
+        """Move the core's control bytes to the outbox (wakes the writer)."""
+        writer = self.writer
+        before = len(writer.buffer)
+        if self._core.move_data_to(writer.buffer):
+            writer.filled(len(writer.buffer) - before)
+
+    async def run(self) -> None:
+        """The reader task: open or accept the control stream, start the writer, feed
+        the core until EOF or failure."""
+        try:
+            if self._role is Role.CLIENT:
+                send, recv = await self._conn.open_bi()
+            else:
+                pair = await self._conn.accept_bi()
+                if pair is None:
+                    raise ConnectionClosed("connection closed before the control stream opened")
+                send, recv = pair
+            self._send = send
+            self._spawn(self._write(send), "control-writer")
+            await self._read(recv)
+        except TransportError as exc:
+            self._lost(exc)
+
+    async def _read(self, recv: RecvStream) -> None:
+        core = self._core
+        writer = self.writer
+        while not core.is_closed:
+            data = await recv.read(_READ_SIZE)
+            if not data:
+                core.receive_eof(self._loop.time())
+                self._pump()
+                return
+            core.receive_data(data, self._loop.time())
+            self._pump()
+            if len(writer) > _OUTBOX_HIGH_WATER:
+                await writer.wait_idle()
+
+    async def _write(self, send: SendStream) -> None:
+        try:
+            await self.writer.run(send)
+        except TransportError as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: TransportError) -> None:
+        if graceful_close(exc):
+            self._core.peer_closed_connection(exc)
+        else:
+            self._core.connection_lost(exc)
+        self._pump()
+
+    async def linger(self) -> None:
+        """Shutdown: wait until the last control bytes are written, then FIN.
+
+        Unbounded here; the caller bounds it (``close_timeout``)."""
+        if self._send is None or not self._conn.is_open:
+            return
+        await self.writer.wait_idle()
+        with contextlib.suppress(QuicReverseError):
+            await self._send.finish()

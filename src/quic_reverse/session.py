@@ -9,14 +9,18 @@
 
 What the driver owns, and nothing more:
 
-* one **reader** task for the control stream (the server accepts it first: it is the
-  client's first bidirectional stream), feeding bytes to the core;
-* one **writer** task, the only one that writes the control stream: it drains the
-  core's outgoing bytes in order (:mod:`quic_reverse._control`); a caller that needs
-  its bytes out awaits a "flushed" mark, so a cancelled caller never tears a frame;
-* one **acceptor** task taking peer-opened data streams; a StreamBind already buffered
-  is read inline, otherwise one short-lived task per stream reads it (the core bounds
-  how many such streams exist and for how long);
+* the public API (:class:`Session`, :class:`SessionHandle`, :data:`Handler`) and the
+  *pump*: after every input to the core, carry out what it produced (bytes to the
+  writer, actions to waiters, events to ``process_message()``/``serve()``, timer);
+* the **control channel** (:mod:`quic_reverse._control`): one reader task for the
+  control stream (the server accepts it first: it is the client's first
+  bidirectional stream) feeding the core, and one **writer** task, the only one that
+  writes the control stream; a caller that needs its bytes out awaits a "flushed"
+  mark, so a cancelled caller never tears a frame;
+* the **acceptor** (:mod:`quic_reverse._acceptor`): one task taking peer-opened data
+  streams; a StreamBind already buffered is read inline, otherwise one short-lived
+  task per stream reads it (the core bounds how many such streams exist and for how
+  long);
 * one timer (``loop.call_at``), armed at the earliest deadline the core reports: every
   protocol deadline (negotiation, open, bind, ping, keep-alive, close) is the core's.
   The only other bounded waits are in the final shutdown (``Config.close_timeout``).
@@ -41,7 +45,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar, cast
 
-from ._control import ControlWriter
+from ._acceptor import Pair, StreamAcceptor, reset_pair
+from ._control import ControlChannel
 from ._core import (
     Negotiated,
     OpenFailed,
@@ -55,18 +60,15 @@ from ._core import (
 )
 from .config import Config, Role
 from .errors import (
-    ConnectionClosed,
     EncodeError,
-    IncompleteReadError,
     QuicReverseError,
     SessionClosed,
     TransportError,
 )
 from .events import ControlEvent, OpenRequest
 from .stream import Stream
-from .transport.base import Connection, RecvStream, SendStream
+from .transport.base import Connection
 from .wire import (
-    STREAM_BIND_SIZE,
     CloseCode,
     Features,
     Metadata,
@@ -93,14 +95,8 @@ MetadataLike: TypeAlias = (
     | None
 )
 
-_READ_SIZE = 65536
-#: Pause reading the control stream while this much is waiting to be written to it.
-_OUTBOX_HIGH_WATER = 1 << 20
 #: QUIC application error code used when the session ends on an error.
 _ERROR_CLOSE_CODE = 1
-
-_Pair: TypeAlias = tuple[SendStream, RecvStream]
-
 
 _E = TypeVar("_E", RejectCode, CloseCode)
 
@@ -111,12 +107,6 @@ def _enum_value(kind: type[_E], value: object) -> _E:
         return kind(cast(int, value))
     except (ValueError, TypeError):
         raise EncodeError(f"{value!r} is not a {kind.__name__}") from None
-
-
-def _reset_pair(pair: _Pair, code: int = int(CloseCode.RESET)) -> None:
-    send, recv = pair
-    send.reset(code)
-    recv.stop(code)
 
 
 def _open_flags(value: object) -> OpenFlags:
@@ -177,26 +167,21 @@ class SessionHandle:
         self._config = config
         self._core = SessionCore(role, config)
         self._loop = asyncio.get_running_loop()
-        self._control: _Pair | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reader_task: asyncio.Task[None] | None = None
-        self._writer_task: asyncio.Task[None] | None = None
+        self._task_prefix = f"quic-reverse {role.value} "
+        self._channel = ControlChannel(connection, role, self._core, self._pump, self._spawn)
+        self._acceptor = StreamAcceptor(connection, self._core, self._pump, self._spawn, role.value)
         self._acceptor_task: asyncio.Task[None] | None = None
-        self._header_tasks: dict[int, asyncio.Task[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._open_waiters: dict[int, tuple[asyncio.Future[Stream], str]] = {}
         self._ping_waiters: dict[int, asyncio.Future[float]] = {}
-        self._streams_by_token: dict[int, _Pair] = {}
         self._events_ready = asyncio.Event()
-        self._writer = ControlWriter()
         self._ended = asyncio.Event()  # the core reached CLOSED
         self._closed = asyncio.Event()  # shutdown finished: transport closed, tasks done
         self._shutdown_task: asyncio.Task[None] | None = None
-        self._refused_streams = 0
         self._serve_handlers: Mapping[str, Handler] | None = None
-        self._task_prefix = f"quic-reverse {role.value} "
 
     # ------------------------------------------------------------------ properties
 
@@ -251,8 +236,8 @@ class SessionHandle:
         sizes.update(
             open_waiters=len(self._open_waiters),
             ping_waiters=len(self._ping_waiters),
-            held_streams=len(self._streams_by_token),
-            header_tasks=len(self._header_tasks),
+            held_streams=len(self._acceptor.held),
+            header_tasks=len(self._acceptor.header_tasks),
             tasks=len(self._tasks),
         )
         return sizes
@@ -262,7 +247,10 @@ class SessionHandle:
     async def _start(self) -> None:
         self._core.start(self._loop.time())
         self._pump()
-        self._reader_task = self._spawn(self._read_loop(), "control-reader")
+        self._spawn(self._channel.run(), "control-reader")
+        if self._role is Role.CLIENT:
+            # From the start: a peer stream during negotiation means both are clients.
+            self._start_acceptor()
         try:
             await self._ready
         except asyncio.CancelledError:
@@ -361,7 +349,7 @@ class SessionHandle:
                 self._core.stream_released(lsid)
                 self._pump()
 
-        pair: _Pair | None = None
+        pair: Pair | None = None
         try:
             pair = await self._conn.open_bi()
             await pair[0].write(StreamBind(logical_stream_id=lsid).encode())
@@ -369,7 +357,7 @@ class SessionHandle:
             # The peer was told "accepted": tell it the stream will not come (its open
             # fails at once instead of at its bind deadline).
             if pair is not None:
-                _reset_pair(pair)
+                reset_pair(pair)
             self._abandon_accepted(lsid, CloseCode.RESET, "accept did not complete")
             release()
             raise
@@ -382,7 +370,7 @@ class SessionHandle:
         """Answer the peer's OpenRequest with Rejected(``code``)."""
         self._core.reject(request_id, _enum_value(RejectCode, code), reason)
         self._pump()
-        await self._writer.flushed()
+        await self._channel.writer.flushed()
 
     async def ping(self) -> float:
         """Send a Ping and return the round-trip time in seconds.
@@ -407,7 +395,7 @@ class SessionHandle:
         """Send an informational StreamClose for a logical stream (not the session)."""
         self._core.send_stream_close(logical_stream_id, _enum_value(CloseCode, code), reason)
         self._pump()
-        await self._writer.flushed()
+        await self._channel.writer.flushed()
 
     async def process_message(self) -> ControlEvent | None:
         """Return the next control event; ``None`` once the session ended cleanly.
@@ -533,14 +521,15 @@ class SessionHandle:
             self._rearm_timer()
 
     def _take_output(self) -> None:
-        writer = self._writer
-        before = len(writer.buffer)
-        if self._core.move_data_to(writer.buffer):
-            writer.filled(len(writer.buffer) - before)
+        self._channel.take_output()
+
+    def _start_acceptor(self) -> None:
+        if self._acceptor_task is None:
+            self._acceptor_task = self._spawn(self._acceptor.run(), "stream-acceptor")
 
     def _dispatch(self, output: Output) -> None:
         if isinstance(output, OpenResolved):
-            pair = self._streams_by_token.pop(output.token)
+            pair = self._acceptor.take(output.token)
             waiter = self._open_waiters.pop(output.request_id, None)
             lsid = output.logical_stream_id
 
@@ -550,7 +539,7 @@ class SessionHandle:
 
             if waiter is None or waiter[0].done():
                 self._core.stream_released(None)
-                _reset_pair(pair)
+                reset_pair(pair)
                 return
             fut, service = waiter
             fut.set_result(
@@ -563,13 +552,7 @@ class SessionHandle:
             if waiter is not None and not waiter[0].done():
                 waiter[0].set_exception(output.error)
         elif isinstance(output, StreamRefused):
-            refused = self._streams_by_token.pop(output.token, None)
-            logger.warning("%s: resetting data stream: %s", self._role.value, output.reason)
-            if refused is not None:
-                _reset_pair(refused)
-            task = self._header_tasks.pop(output.token, None)
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
+            self._acceptor.refuse(output.token, output.reason)
         elif isinstance(output, PongReceived):
             fut_p = self._ping_waiters.get(output.sequence)
             if fut_p is not None and not fut_p.done():
@@ -588,8 +571,7 @@ class SessionHandle:
             )
             if not self._ready.done():
                 self._ready.set_result(None)
-            if self._acceptor_task is None:
-                self._acceptor_task = self._spawn(self._accept_loop(), "stream-acceptor")
+            self._start_acceptor()
         else:
             self._on_end(output)
 
@@ -641,84 +623,6 @@ class SessionHandle:
             self._core.abort(error)
             self._pump()
 
-    async def _read_loop(self) -> None:
-        core = self._core
-        try:
-            if self._role is Role.CLIENT:
-                self._control = await self._conn.open_bi()
-            else:
-                pair = await self._conn.accept_bi()
-                if pair is None:
-                    raise ConnectionClosed("connection closed before the control stream opened")
-                self._control = pair
-            self._writer_task = self._spawn(self._write_loop(self._control[0]), "control-writer")
-            recv = self._control[1]
-            while not core.is_closed:
-                data = await recv.read(_READ_SIZE)
-                if not data:
-                    core.receive_eof(self._loop.time())
-                    self._pump()
-                    return
-                core.receive_data(data, self._loop.time())
-                self._pump()
-                if len(self._writer) > _OUTBOX_HIGH_WATER:
-                    await self._writer.wait_idle()
-        except TransportError as exc:
-            core.connection_lost(exc)
-            self._pump()
-
-    async def _write_loop(self, send: SendStream) -> None:
-        """The only writer of the control stream (see :mod:`quic_reverse._control`)."""
-        try:
-            await self._writer.run(send)
-        except TransportError as exc:
-            self._core.connection_lost(exc)
-            self._pump()
-
-    async def _accept_loop(self) -> None:
-        while True:
-            pair = await self._conn.accept_bi()
-            if pair is None:
-                return
-            header_ready = pair[1].buffered_bytes >= STREAM_BIND_SIZE
-            token = self._core.stream_arrived(self._loop.time(), header_ready=header_ready)
-            if token is None:
-                self._refused_streams += 1
-                if self._refused_streams & (self._refused_streams - 1) == 0:  # 1, 2, 4...
-                    logger.warning(
-                        "%s: resetting unexpected data stream %d (nothing awaits it; %d so far)",
-                        self._role.value,
-                        pair[0].stream_id,
-                        self._refused_streams,
-                    )
-                _reset_pair(pair)
-                continue
-            self._streams_by_token[token] = pair
-            if header_ready:
-                # The header is already here: read it without a task (cannot block).
-                await self._read_header(token, pair[1])
-                continue
-            self._header_tasks[token] = self._spawn(
-                self._read_header(token, pair[1]), f"stream-header {token}"
-            )
-            self._pump()
-
-    async def _read_header(self, token: int, recv: RecvStream) -> None:
-        try:
-            header = await recv.read_exactly(STREAM_BIND_SIZE)
-        except (TransportError, IncompleteReadError) as exc:
-            logger.warning("%s: data stream lost before its StreamBind: %s", self._role.value, exc)
-            self._header_tasks.pop(token, None)
-            self._core.stream_lost(token)
-            pair = self._streams_by_token.pop(token, None)
-            if pair is not None:
-                _reset_pair(pair)
-            self._pump()
-            return
-        self._header_tasks.pop(token, None)
-        self._core.stream_header(token, header, self._loop.time())
-        self._pump()
-
     # ------------------------------------------------------------------ ending
 
     def _on_end(self, end: SessionEnded) -> None:
@@ -764,25 +668,17 @@ class SessionHandle:
             self._timer = None
         current = asyncio.current_task()
         try:
-            for pair in self._streams_by_token.values():
-                _reset_pair(pair)
-            self._streams_by_token.clear()
-            for task in list(self._header_tasks.values()):
-                task.cancel()
-            self._header_tasks.clear()
+            self._acceptor.close()
             if self._acceptor_task is not None:
                 self._acceptor_task.cancel()
             # Bounded linger: let the last control bytes (our close, or our answer to the
             # peer's close) leave before the connection goes.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._config.close_timeout):
-                    if self._control is not None and self._conn.is_open:
-                        await self._writer.wait_idle()
-                        with contextlib.suppress(QuicReverseError):
-                            await self._control[0].finish()
-                        if end.by_peer and end.clean:
-                            # The closing peer drops the connection once it has our answer.
-                            await self._conn.wait_closed()
+                    await self._channel.linger()
+                    if self._conn.is_open and end.by_peer and end.clean:
+                        # The closing peer drops the connection once it has our answer.
+                        await self._conn.wait_closed()
             code = 0 if end.clean else _ERROR_CLOSE_CODE
             self._conn.close(code, str(end.error).encode()[:100])
             for task in list(self._tasks):
@@ -796,5 +692,5 @@ class SessionHandle:
                 async with asyncio.timeout(self._config.close_timeout):
                     await self._conn.wait_closed()
         finally:
-            self._writer.stop()
+            self._channel.writer.stop()
             self._closed.set()

@@ -5,15 +5,35 @@ a burst of opens beyond the stream limits, and cancelled accepts."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
-from quic_reverse import OpenRequest, Stream
-from quic_reverse.errors import StreamReset
+from quic_reverse import (
+    CloseReceived,
+    Config,
+    ControlEvent,
+    OpenRequest,
+    Pong,
+    Role,
+    Session,
+    SessionHandle,
+    Stream,
+)
+from quic_reverse.errors import (
+    Disconnected,
+    NegotiationError,
+    OperationTimeout,
+    QuicReverseError,
+    SessionClosed,
+    StreamReset,
+)
+from quic_reverse.transport.base import Connection
 from quic_reverse.transport.memory import connection_pair
 from quic_reverse.wire import CloseCode
 
-from ..support.timing import LONG, SHORT
+from ..support.quic import quic_pair
+from ..support.timing import LONG, MS, SHORT
 from .helpers import session_pair, start_pair
 
 TRANSPORTS = ["memory", "qh3"]
@@ -72,3 +92,97 @@ async def test_cancelled_accept_fails_the_open_at_once() -> None:
     finally:
         async with asyncio.timeout(LONG):
             await asyncio.gather(client.close(), server.close())
+
+
+async def _next_event(handle: SessionHandle) -> ControlEvent | None:
+    """The next event that is not the Pong of our own ping."""
+    for _ in range(100):
+        event = await handle.process_message()
+        if not isinstance(event, Pong):
+            return event
+    raise AssertionError("only Pong events")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_both_clients_fail_at_once_with_roles_conflict(transport: str) -> None:
+    """Issue 10 item 6: both sides Role.CLIENT -> NegotiationError "roles conflict"
+    within a round trip, not an OperationTimeout after negotiation_timeout."""
+    config = Config(negotiation_timeout=LONG)
+
+    async def both(c: Connection, s: Connection) -> list[BaseException | SessionHandle]:
+        async with asyncio.timeout(SHORT):
+            return await asyncio.gather(  # type: ignore[return-value]
+                Session(c, Role.CLIENT, config).start(),
+                Session(s, Role.CLIENT, config).start(),
+                return_exceptions=True,
+            )
+
+    if transport == "memory":
+        mc, ms = connection_pair()
+        results = await both(mc, ms)
+    else:
+        async with quic_pair("qh3") as (qc, qs):
+            results = await both(qc, qs)
+    conflicts = [r for r in results if isinstance(r, NegotiationError)]
+    assert conflicts, results
+    assert all("roles conflict" in str(r) for r in conflicts)
+    assert all(isinstance(r, QuicReverseError) for r in results), results
+
+
+async def test_both_servers_timeout_names_the_likely_cause() -> None:
+    """Both Role.SERVER: nothing is ever sent (protocol v1 has no way to tell sooner),
+    so negotiation times out, but the error says what to check."""
+    mc, ms = connection_pair()
+    config = Config(negotiation_timeout=50 * MS)
+    async with asyncio.timeout(LONG):
+        results = await asyncio.gather(
+            Session(mc, Role.SERVER, config).start(),
+            Session(ms, Role.SERVER, config).start(),
+            return_exceptions=True,
+        )
+    for r in results:
+        assert isinstance(r, OperationTimeout), r
+        assert "also Role.SERVER" in str(r)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_peer_closing_connection_with_code_0_is_a_graceful_close(
+    transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10 item 7: a peer that closes the connection with code 0 without
+    StreamClose(0) first ends the session normally: serve() returns, the event is
+    CloseReceived, the reason a SessionClosed, logged at INFO."""
+    caplog.set_level(logging.INFO, logger="quic_reverse")
+    async with session_pair(transport) as (client, server):
+        serving = asyncio.create_task(server.serve({}))
+        await client.ping()
+        events = asyncio.create_task(_next_event(client))
+        async with asyncio.timeout(LONG):
+            server.connection.close(0, b"bye")  # as the Rust relay example does
+            await serving  # returns: not an error
+            await server.wait_closed()
+            await client.wait_closed()
+            assert isinstance(await events, CloseReceived)
+            assert await client.process_message() is None
+        for handle in (client, server):
+            assert isinstance(handle.close_reason, SessionClosed), handle.close_reason
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_connection_closed_with_an_error_code_is_still_a_failure() -> None:
+    async with session_pair() as (client, server):
+        await client.ping()
+        events = asyncio.create_task(_next_event(client))
+        server.connection.close(7, b"broken")
+        async with asyncio.timeout(LONG):
+            with pytest.raises(Disconnected):
+                await events
+            await client.wait_closed()
+
+
+def test_library_logger_has_a_null_handler() -> None:
+    """Issue 10 (logging): no last-resort stderr output when the app set up nothing."""
+    import quic_reverse  # noqa: F401
+
+    handlers = logging.getLogger("quic_reverse").handlers
+    assert any(isinstance(h, logging.NullHandler) for h in handlers), handlers
