@@ -64,8 +64,9 @@ from .errors import (
     QuicReverseError,
     SessionClosed,
     TransportError,
+    UsageError,
 )
-from .events import ControlEvent, OpenRequest
+from .events import ControlEvent, OpenRequestReceived
 from .stream import Stream
 from .transport.base import Connection
 from .wire import (
@@ -149,10 +150,10 @@ class Session:
             OperationTimeout: (kind NEGOTIATION) the exchange took longer than
                 ``negotiation_timeout``.
             Disconnected: the connection went away during negotiation.
-            SessionClosed: ``start()`` was already called.
+            UsageError: ``start()`` was already called.
         """
         if self._handle is not None:
-            raise SessionClosed("Session.start() may be called only once")
+            raise UsageError("Session.start() may be called only once")
         self._handle = SessionHandle(self._connection, self._role, self._config)
         await self._handle._start()
         return self._handle
@@ -432,7 +433,7 @@ class SessionHandle:
             ProtocolError, Disconnected, OperationTimeout: the session died of an error.
         """
         if self._serve_handlers is not None:
-            raise RuntimeError("serve() is already running on this session")
+            raise UsageError("serve() is already running on this session")
         self._serve_handlers = handlers
         try:
             self._route_events()  # whatever was queued before serve() started
@@ -452,7 +453,7 @@ class SessionHandle:
             return
         core = self._core
         while (event := core.next_user_event()) is not None:
-            if not isinstance(event, OpenRequest):
+            if not isinstance(event, OpenRequestReceived):
                 logger.debug("%s: serve(): %r", self._role.value, event)
                 continue
             handler = handlers.get(event.service)

@@ -25,7 +25,7 @@ from .errors import (
     IncompleteReadError,
     QuicReverseError,
     StreamReset,
-    TransportError,
+    UsageError,
 )
 from .transport.base import RecvStream, SendStream
 from .wire import CloseCode
@@ -172,9 +172,13 @@ class Stream:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Buffer ``data``; call :meth:`drain` to send it (with backpressure)."""
+        """Buffer ``data``; call :meth:`drain` to send it (with backpressure).
+
+        Raises:
+            UsageError: the stream is closed for writing (``write_eof``, ``reset``...).
+        """
         if self._write_done or self._closing:
-            raise TransportError(f"stream {self._lsid} is closed for writing")
+            raise UsageError(f"stream {self._lsid} is closed for writing")
         self._buffer += data
 
     async def drain(self) -> None:
@@ -190,9 +194,9 @@ class Stream:
             await self._write(data)
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` and drain (the one-call form)."""
+        """Write ``data`` and drain (the one-call form). Raises as :meth:`write`."""
         if self._write_done or self._closing:
-            raise TransportError(f"stream {self._lsid} is closed for writing")
+            raise UsageError(f"stream {self._lsid} is closed for writing")
         if self._buffer:
             await self.drain()
         await self._write(data)

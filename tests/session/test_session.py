@@ -150,7 +150,7 @@ async def test_low_level_event_loop_and_metadata() -> None:
             seen = await task
         assert isinstance(seen[-1], ControlEvent.CloseReceived)
         assert seen[-1].reason == "done"
-        assert [type(e).__name__ for e in seen if isinstance(e, OpenRequest)] == ["OpenRequest"] * 2
+        assert [type(e).__name__ for e in seen if isinstance(e, OpenRequest)] == ["OpenRequestReceived"] * 2
 
 
 async def test_open_timeout_when_peer_never_answers() -> None:

@@ -65,7 +65,7 @@ class CoreBase:
         self._info_events += 1
         if self._info_events > self.config.max_buffered_events:
             for i, old in enumerate(self._events):
-                if not isinstance(old, ev.OpenRequest):
+                if not isinstance(old, ev.OpenRequestReceived):
                     del self._events[i]
                     self._info_events -= 1
                     logger.debug("%s: event queue full, dropped %r", self._tag, old)

@@ -186,17 +186,12 @@ class SessionCore(StreamPairing):
         """True when ``next_user_event()`` has something."""
         return bool(self._events)
 
-    @property
-    def has_pending_incoming(self) -> bool:
-        """True while some peer OpenRequest is still unanswered."""
-        return bool(self._incoming)
-
     def next_user_event(self) -> ev.ControlEvent | None:
         """The next event for ``process_message()``, or ``None`` if none is queued."""
         if not self._events:
             return None
         event = self._events.popleft()
-        if not isinstance(event, ev.OpenRequest):
+        if not isinstance(event, ev.OpenRequestReceived):
             self._info_events -= 1
         return event
 
@@ -232,7 +227,7 @@ class SessionCore(StreamPairing):
     def start(self, now: float) -> None:
         """Begin negotiation. The client queues its Hello; the server waits for one."""
         if self.state is not IDLE:
-            raise SessionClosed("session already started")
+            raise UsageError("session already started")
         self.state = AWAIT_HELLO
         self._deadlines.schedule(now + self.config.negotiation_timeout, TimerKind.NEGOTIATION)
         self._last_activity = now
@@ -399,7 +394,7 @@ class SessionCore(StreamPairing):
         elif isinstance(msg, Ping):
             logger.debug("%s: ping %d received, answering", self._tag, msg.sequence)
             self._send(Pong(sequence=msg.sequence))
-            self._push_info(ev.Ping(sequence=msg.sequence))
+            self._push_info(ev.PingReceived(sequence=msg.sequence))
         elif isinstance(msg, Pong):
             self._on_pong(msg, now)
         else:  # pragma: no cover - decode() returns only the types above
@@ -422,7 +417,7 @@ class SessionCore(StreamPairing):
             self._peer_abandoned(lsid, msg.code, msg.reason, now)
             logger.debug("%s: peer closed logical stream %d (%s)", self._tag, lsid, msg.code.name)
             self._push_info(
-                ev.StreamClose(logical_stream_id=lsid, code=msg.code, reason=msg.reason)
+                ev.StreamCloseReceived(logical_stream_id=lsid, code=msg.code, reason=msg.reason)
             )
             return
         logger.debug("%s: session close received (%s), answering", self._tag, msg.code.name)
@@ -445,7 +440,7 @@ class SessionCore(StreamPairing):
             self._schedule_keepalive()
         else:
             self._outputs.append(PongReceived(msg.sequence, now - rec.sent_at))
-        self._push_info(ev.Pong(sequence=msg.sequence))
+        self._push_info(ev.PongReceived(sequence=msg.sequence))
 
     # ------------------------------------------------------------------ remote opens
 
@@ -477,7 +472,7 @@ class SessionCore(StreamPairing):
         logger.debug("%s: OpenRequest %d for %r", self._tag, rid, msg.service)
         self._incoming[rid] = msg.service
         self._events.append(
-            ev.OpenRequest(
+            ev.OpenRequestReceived(
                 request_id=rid, service=msg.service, metadata=msg.metadata, flags=msg.flags
             )
         )
