@@ -186,3 +186,59 @@ def test_library_logger_has_a_null_handler() -> None:
 
     handlers = logging.getLogger("quic_reverse").handlers
     assert any(isinstance(h, logging.NullHandler) for h in handlers), handlers
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_burst_past_the_stream_limits_queues_and_succeeds(transport: str) -> None:
+    """Issue 10 item 2 (library part): a burst of opens larger than the peer's
+    max_concurrent_streams, our max_inflight_opens and the transport's stream limit
+    waits for slots and then succeeds; nothing is refused at once."""
+    burst = 200
+    acceptor = Config(max_concurrent_streams=20)
+    opener = Config(max_inflight_opens=16)
+    held = 0
+    most_held = 0
+
+    async def hold_then_echo(stream: Stream) -> None:
+        nonlocal held, most_held
+        held += 1
+        most_held = max(most_held, held)
+        try:
+            async for chunk in stream:
+                await stream.send(chunk)
+        finally:
+            held -= 1
+
+    async with session_pair(transport, client_config=opener, server_config=acceptor) as (
+        client,
+        server,
+    ):
+        serving = asyncio.create_task(server.serve({"echo": hold_then_echo}))
+        gate = asyncio.Event()
+
+        async def one(i: int) -> bytes:
+            stream = await client.open("echo")
+            await gate.wait()  # every stream stays open until the burst is all in
+            payload = f"#{i}".encode()
+            await stream.send(payload)
+            await stream.write_eof()
+            data = await stream.read()
+            await stream.aclose()
+            return data
+
+        tasks = [asyncio.create_task(one(i)) for i in range(burst)]
+        async with asyncio.timeout(LONG):
+            # 20 streams are held open; 16 requests wait at the acceptor for a stream
+            # slot, the other 164 at the opener for an in-flight slot: none fails.
+            while (
+                server.table_sizes().get("waiting_incoming", 0) < 16
+                or client.table_sizes()["queued"] < burst - 20 - 16
+            ):
+                assert not any(t.done() for t in tasks), [t for t in tasks if t.done()]
+                await asyncio.sleep(MS)
+            gate.set()
+            results = await asyncio.gather(*tasks)
+        assert results == [f"#{i}".encode() for i in range(burst)]
+        assert most_held <= 20
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)

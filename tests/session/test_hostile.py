@@ -247,7 +247,7 @@ async def test_streams_and_responses_in_any_order() -> None:
 
 
 async def test_open_flood_beyond_limits_is_rejected_and_bounded() -> None:
-    cfg = Config(max_concurrent_streams=50, max_buffered_events=16)
+    cfg = Config(max_concurrent_streams=50, max_queued_opens=100, max_buffered_events=16)
     async with hostile(cfg) as (handle, peer):
         flood = [
             OpenRequest(request_id=i, service="x", metadata=Metadata.EMPTY) for i in range(1, 3001)
@@ -258,7 +258,7 @@ async def test_open_flood_beyond_limits_is_rejected_and_bounded() -> None:
             await peer.write(Ping(sequence=i))
         rejected = 0
         async with asyncio.timeout(WAIT):
-            while rejected < 3000 - 50:
+            while rejected < 3000 - 50 - 100:  # 50 handed out, 100 wait for a slot
                 msg = await peer.next()
                 if isinstance(msg, OpenResponse):
                     assert msg.status == OpenStatus.rejected(RejectCode.LIMIT_EXCEEDED)
@@ -271,6 +271,7 @@ async def test_open_flood_beyond_limits_is_rejected_and_bounded() -> None:
             raise AssertionError("no Pong for the last Ping")
         sizes = handle.table_sizes()
         assert sizes["incoming"] == 50
+        assert sizes["waiting_incoming"] == 100
         assert sizes["events"] <= 50 + 16
         assert not handle.is_closed
 

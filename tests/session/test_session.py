@@ -150,7 +150,9 @@ async def test_low_level_event_loop_and_metadata() -> None:
             seen = await task
         assert isinstance(seen[-1], ControlEvent.CloseReceived)
         assert seen[-1].reason == "done"
-        assert [type(e).__name__ for e in seen if isinstance(e, OpenRequest)] == ["OpenRequestReceived"] * 2
+        assert [type(e).__name__ for e in seen if isinstance(e, OpenRequest)] == [
+            "OpenRequestReceived"
+        ] * 2
 
 
 async def test_open_timeout_when_peer_never_answers() -> None:
@@ -233,8 +235,9 @@ async def test_queued_open_times_out() -> None:
         assert_no_residue(server, "orphan_requests")
 
 
-async def test_limit_exceeded_when_too_many_streams() -> None:
-    async with session_pair(client_config=Config(max_concurrent_streams=2)) as (client, server):
+async def test_limit_exceeded_when_too_many_streams_and_nothing_may_wait() -> None:
+    config = Config(max_concurrent_streams=2, max_queued_opens=0)
+    async with session_pair(client_config=config) as (client, server):
         released = asyncio.Event()
 
         async def hold(stream: Stream) -> None:

@@ -106,6 +106,8 @@ class SessionCore(StreamPairing):
 
         # remote opens (the peer asked us)
         self._incoming: dict[int, str] = {}  # request id -> service, unanswered
+        # requests past max_concurrent_streams, waiting for a slot: id -> (msg, deadline)
+        self._waiting: dict[int, tuple[OpenRequest, float]] = {}
         self._next_lsid = 1
         self._used_lsids: set[int] = set()
         self.active_streams = 0
@@ -146,6 +148,7 @@ class SessionCore(StreamPairing):
             "header_pending": len(self._headers),
             "early_streams": len(self._early),
             "incoming": len(self._incoming),
+            "waiting_incoming": len(self._waiting),
             "used_lsids": len(self._used_lsids),
             "active_streams": self.active_streams,
             "pings": len(self._pings),
@@ -367,7 +370,7 @@ class SessionCore(StreamPairing):
         if state is OPEN:
             kind = type(msg)
             if kind is OpenRequest:
-                self._on_open_request(msg)  # type: ignore[arg-type]
+                self._on_open_request(msg, now)  # type: ignore[arg-type]
                 return
             if kind is OpenResponse:
                 self._on_open_response_event(msg, now)  # type: ignore[arg-type]
@@ -386,7 +389,7 @@ class SessionCore(StreamPairing):
                 self._send(Pong(sequence=msg.sequence))
             return
         if isinstance(msg, OpenRequest):
-            self._on_open_request(msg)
+            self._on_open_request(msg, now)
         elif isinstance(msg, OpenResponse):
             self._on_open_response_event(msg, now)
         elif isinstance(msg, StreamClose):
@@ -444,36 +447,68 @@ class SessionCore(StreamPairing):
 
     # ------------------------------------------------------------------ remote opens
 
-    def _on_open_request(self, msg: OpenRequest) -> None:
+    def _on_open_request(self, msg: OpenRequest, now: float) -> None:
         rid = msg.request_id
-        if rid in self._incoming:
+        if rid in self._incoming or rid in self._waiting:
             raise ProtocolError(f"OpenRequest: request_id {rid} is already pending")
-        if self.active_streams + len(self._incoming) >= self.config.max_concurrent_streams:
-            self._limit_rejects += 1
-            if self._limit_rejects & (self._limit_rejects - 1) == 0:  # 1, 2, 4, 8...: no flood
-                logger.warning(
-                    "%s: rejecting OpenRequest %d for %r: LIMIT_EXCEEDED "
-                    "(%d active, %d unanswered; %d rejected so far)",
-                    self._tag,
-                    rid,
-                    msg.service,
-                    self.active_streams,
-                    len(self._incoming),
-                    self._limit_rejects,
-                )
-            self._send(
-                OpenResponse(
-                    request_id=rid,
-                    status=OpenStatus.rejected(RejectCode.LIMIT_EXCEEDED),
-                    reason="too many concurrent streams",
-                )
+        if self.active_streams + len(self._incoming) < self.config.max_concurrent_streams:
+            self._admit(msg)
+            return
+        # At the stream limit: the request waits for a slot (bounded in number by
+        # max_queued_opens and in time by open_timeout) instead of being refused.
+        if len(self._waiting) < self.config.max_queued_opens:
+            deadline = now + self.config.open_timeout
+            self._waiting[rid] = (msg, deadline)
+            self._deadlines.schedule(deadline, TimerKind.ADMISSION, rid)
+            logger.debug(
+                "%s: OpenRequest %d waits for a stream slot (%d waiting)",
+                self._tag,
+                rid,
+                len(self._waiting),
             )
             return
+        self._reject_over_limit(rid, msg.service, "too many concurrent streams")
+
+    def _admit(self, msg: OpenRequest) -> None:
+        """Hand the peer's request to the user (an event) and count it against the limit."""
+        rid = msg.request_id
         logger.debug("%s: OpenRequest %d for %r", self._tag, rid, msg.service)
         self._incoming[rid] = msg.service
         self._events.append(
             ev.OpenRequestReceived(
                 request_id=rid, service=msg.service, metadata=msg.metadata, flags=msg.flags
+            )
+        )
+
+    def _admit_waiting(self) -> None:
+        """A stream slot was freed: admit waiting requests, oldest first."""
+        waiting = self._waiting
+        limit = self.config.max_concurrent_streams
+        while waiting and self.active_streams + len(self._incoming) < limit:
+            rid = next(iter(waiting))
+            msg, _ = waiting.pop(rid)
+            self._admit(msg)
+
+    def _reject_over_limit(self, rid: int, service: str, reason: str) -> None:
+        self._limit_rejects += 1
+        if self._limit_rejects & (self._limit_rejects - 1) == 0:  # 1, 2, 4, 8...: no flood
+            logger.warning(
+                "%s: rejecting OpenRequest %d for %r: LIMIT_EXCEEDED, %s "
+                "(%d active, %d unanswered, %d waiting; %d rejected so far)",
+                self._tag,
+                rid,
+                service,
+                reason,
+                self.active_streams,
+                len(self._incoming),
+                len(self._waiting),
+                self._limit_rejects,
+            )
+        self._send(
+            OpenResponse(
+                request_id=rid,
+                status=OpenStatus.rejected(RejectCode.LIMIT_EXCEEDED),
+                reason=reason,
             )
         )
 
@@ -530,6 +565,7 @@ class SessionCore(StreamPairing):
             OpenResponse(request_id=request_id, status=OpenStatus.rejected(code), reason=reason)
         )
         service = self._incoming.pop(request_id)
+        self._admit_waiting()
         logger.warning(
             "%s: rejected request %d for %r: %s",
             self._tag,
@@ -543,6 +579,8 @@ class SessionCore(StreamPairing):
         self.active_streams = max(0, self.active_streams - 1)
         if local_lsid is not None:
             self._used_lsids.discard(local_lsid)
+        if self._waiting and self.state is OPEN:
+            self._admit_waiting()
 
     # ------------------------------------------------------------------ ping, close
 
@@ -632,6 +670,9 @@ class SessionCore(StreamPairing):
         if kind is _T_KEEPALIVE:
             # One live keep-alive entry at a time: while a keep-alive ping is out, none.
             return self.state is OPEN and not self._keepalive_seq
+        if kind is TimerKind.ADMISSION:
+            waiting = self._waiting.get(key)
+            return waiting is not None and waiting[1] == deadline
         if kind is TimerKind.NEGOTIATION:
             return self.is_negotiating
         return self.state is CLOSING  # TimerKind.CLOSE
@@ -661,6 +702,9 @@ class SessionCore(StreamPairing):
                 self.send_ping(now, keepalive=True)
             else:  # traffic since it was scheduled: idle again from the last activity
                 self._deadlines.schedule(due, _T_KEEPALIVE)
+        elif kind is TimerKind.ADMISSION:
+            msg, _ = self._waiting.pop(key)
+            self._reject_over_limit(key, msg.service, "no stream slot within open_timeout")
         elif kind is TimerKind.NEGOTIATION:
             hint = ""
             if self.role is Role.SERVER and self.state is AWAIT_HELLO:
@@ -692,6 +736,7 @@ class SessionCore(StreamPairing):
         self._keepalive_seq = None
         self._fail_streams()
         self._incoming.clear()
+        self._waiting.clear()
         self._deadlines.clear()
 
     def _finish(

@@ -31,6 +31,7 @@ class TimerKind(enum.Enum):
     ORPHAN_REQUEST = "orphan_request"  # key: request id of an abandoned open
     ORPHAN_LSID = "orphan_lsid"  # key: lsid of an abandoned accepted open
     PING = "ping"  # key: ping sequence
+    ADMISSION = "admission"  # key: request id of a peer open waiting for a stream slot
 
 
 Entry = tuple[float, int, TimerKind, int]
