@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar, cast
 
-from ._acceptor import Pair, StreamAcceptor, reset_pair
+from ._acceptor import StreamAcceptor, reset_pair
 from ._control import ControlChannel
 from ._core import (
     Negotiated,
@@ -329,17 +329,37 @@ class SessionHandle:
             raise
 
     async def accept_open(self, request_id: int, logical_stream_id: int | None = None) -> Stream:
-        """Accept the peer's OpenRequest: send OpenResponse(Accepted), open the data
-        stream and write its StreamBind. The logical id is chosen here (from 1) unless
-        given.
+        """Accept the peer's OpenRequest: open the data stream, send
+        OpenResponse(Accepted) and write the stream's StreamBind. The logical id is
+        chosen here (from 1) unless given.
+
+        The data stream is opened first: at the transport's stream limit this waits
+        for a slot while the request is still unanswered (the opener's wait is then
+        bounded by its ``open_timeout``, not by its shorter bind deadline). Cancelled or
+        failed before the answer went out, the request is rejected (SERVICE_UNAVAILABLE);
+        after it, the peer is told with StreamClose: either way its open fails at once.
 
         Raises:
-            EncodeError: unknown ``request_id``, or an id that is 0 or in use.
+            UsageError: unknown ``request_id``, or a ``logical_stream_id`` in use.
+            EncodeError: a ``logical_stream_id`` outside 1..2**64-1.
             SessionClosed: the session is not open.
             TransportError: the data stream could not be opened.
         """
-        service = self._core.incoming_service(request_id)
-        lsid = self._core.accept(request_id, logical_stream_id)
+        core = self._core
+        service = core.incoming_service(request_id)
+        core.check_accept(request_id, logical_stream_id)
+        try:
+            pair = await self._conn.open_bi()
+        except BaseException:
+            if core.is_open and core.is_incoming(request_id):
+                core.reject(request_id, RejectCode.SERVICE_UNAVAILABLE, "accept did not complete")
+                self._pump()
+            raise
+        try:
+            lsid = core.accept(request_id, logical_stream_id)
+        except BaseException:
+            reset_pair(pair)  # another accept answered it, or the session ended
+            raise
         self._pump()
         released = False
 
@@ -350,15 +370,12 @@ class SessionHandle:
                 self._core.stream_released(lsid)
                 self._pump()
 
-        pair: Pair | None = None
         try:
-            pair = await self._conn.open_bi()
             await pair[0].write(StreamBind(logical_stream_id=lsid).encode())
         except BaseException:
             # The peer was told "accepted": tell it the stream will not come (its open
             # fails at once instead of at its bind deadline).
-            if pair is not None:
-                reset_pair(pair)
+            reset_pair(pair)
             self._abandon_accepted(lsid, CloseCode.RESET, "accept did not complete")
             release()
             raise

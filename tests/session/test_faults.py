@@ -26,6 +26,7 @@ from quic_reverse.errors import (
     OperationTimeout,
     QuicReverseError,
     SessionClosed,
+    StreamRejected,
     StreamReset,
 )
 from quic_reverse.transport.base import Connection
@@ -66,8 +67,8 @@ async def test_failing_handler_fails_the_open_at_once(transport: str) -> None:
 
 
 async def test_cancelled_accept_fails_the_open_at_once() -> None:
-    """An accept_open() cancelled while its data stream waits for a stream slot tells
-    the opener (StreamClose), which fails at once instead of at its bind deadline."""
+    """An accept_open() cancelled while its data stream waits for a stream slot answers
+    the request (rejected), so the opener fails at once instead of at a deadline."""
     mc, ms = connection_pair(max_streams=1)  # the server may open one data stream
     client, server = await start_pair(mc, ms)
     try:
@@ -85,7 +86,7 @@ async def test_cancelled_accept_fails_the_open_at_once() -> None:
                 await asyncio.sleep(0)
             assert not accept.done()  # waiting in open_bi for a slot
             accept.cancel()
-            with pytest.raises(StreamReset):
+            with pytest.raises(StreamRejected, match="accept did not complete"):
                 await second
             await client.ping()
             held.reset()
@@ -186,6 +187,42 @@ def test_library_logger_has_a_null_handler() -> None:
 
     handlers = logging.getLogger("quic_reverse").handlers
     assert any(isinstance(h, logging.NullHandler) for h in handlers), handlers
+
+
+async def test_accept_at_the_transport_stream_limit_waits_unanswered() -> None:
+    """At the transport's stream limit the acceptor's data stream waits for a slot
+    before the OpenResponse goes out, so the opener waits under its open_timeout (and
+    succeeds once a slot frees), not under its shorter stream_bind_timeout."""
+    mc, ms = connection_pair(max_streams=1)  # the server may open one data stream
+    opener = Config(stream_bind_timeout=100 * MS)
+    client, server = await start_pair(mc, ms, client_config=opener)
+    try:
+        async with asyncio.timeout(LONG):
+            first = asyncio.create_task(client.open("a"))
+            event = await server.process_message()
+            assert isinstance(event, OpenRequest)
+            held = await server.accept_open(event.request_id)  # takes the only slot
+            a = await first
+            second = asyncio.create_task(client.open("b"))
+            event = await server.process_message()
+            assert isinstance(event, OpenRequest)
+            accept = asyncio.create_task(server.accept_open(event.request_id))
+            for _ in range(10):  # let the accept reach its wait for a stream slot
+                await asyncio.sleep(0)
+            assert not accept.done()
+            await client.ping()  # a round trip: an OpenResponse sent would be here now
+            # Unanswered: the opener waits under open_timeout, not its bind deadline.
+            sizes = client.table_sizes()
+            assert (sizes["awaiting_response"], sizes["by_lsid"]) == (1, 0), sizes
+            assert not second.done()
+            held.reset()
+            a.reset()
+            b = await second
+            await (await accept).aclose()
+            b.reset()
+    finally:
+        async with asyncio.timeout(LONG):
+            await asyncio.gather(client.close(), server.close())
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -524,22 +524,16 @@ class SessionCore(StreamPairing):
             raise UsageError(f"no pending OpenRequest with request_id {request_id}")
         return service
 
-    def accept(self, request_id: int, logical_stream_id: int | None = None) -> int:
-        """Accept the peer's request: queue OpenResponse(Accepted) and return the logical id.
+    def is_incoming(self, request_id: int) -> bool:
+        """True while the peer's request ``request_id`` is unanswered (and handed out)."""
+        return request_id in self._incoming
 
-        The id is chosen here (from 1, skipping ids in use) unless given. An unknown
-        request id or an id in use raise :class:`UsageError`; an id that is not in
-        1..2**64-1 raises :class:`EncodeError`.
-        """
+    def check_accept(self, request_id: int, logical_stream_id: int | None = None) -> None:
+        """Raise what :meth:`accept` would raise, without accepting."""
         self._require_open()
         if request_id not in self._incoming:
             raise UsageError(f"accept_open: no pending OpenRequest with request_id {request_id}")
-        if logical_stream_id is None:
-            lsid = self._next_lsid
-            while lsid in self._used_lsids or lsid == 0:
-                lsid = lsid + 1 if lsid < _U64_MAX else 1
-            self._next_lsid = lsid + 1 if lsid < _U64_MAX else 1
-        else:
+        if logical_stream_id is not None:
             lsid = logical_stream_id
             if isinstance(lsid, bool) or not isinstance(lsid, int) or not 0 < lsid <= _U64_MAX:
                 raise EncodeError(
@@ -547,6 +541,22 @@ class SessionCore(StreamPairing):
                 )
             if lsid in self._used_lsids:
                 raise UsageError(f"accept_open: logical_stream_id {lsid} is already in use")
+
+    def accept(self, request_id: int, logical_stream_id: int | None = None) -> int:
+        """Accept the peer's request: queue OpenResponse(Accepted) and return the logical id.
+
+        The id is chosen here (from 1, skipping ids in use) unless given. An unknown
+        request id or an id in use raise :class:`UsageError`; an id that is not in
+        1..2**64-1 raises :class:`EncodeError`.
+        """
+        self.check_accept(request_id, logical_stream_id)
+        if logical_stream_id is None:
+            lsid = self._next_lsid
+            while lsid in self._used_lsids or lsid == 0:
+                lsid = lsid + 1 if lsid < _U64_MAX else 1
+            self._next_lsid = lsid + 1 if lsid < _U64_MAX else 1
+        else:
+            lsid = logical_stream_id
         self._send(
             OpenResponse(request_id=request_id, status=OpenStatus.ACCEPTED, logical_stream_id=lsid)
         )
