@@ -40,6 +40,7 @@ from quic_reverse.errors import (
 )
 from quic_reverse.transport.memory import connection_pair
 
+from ..support.timing import MS
 from .helpers import WAIT, echo, session_pair, start_pair
 
 TRANSPORTS = ["memory", "qh3"]
@@ -156,7 +157,7 @@ async def test_low_level_event_loop_and_metadata() -> None:
 
 
 async def test_open_timeout_when_peer_never_answers() -> None:
-    async with session_pair(server_config=Config(open_timeout=0.3)) as (client, server):
+    async with session_pair(server_config=Config(open_timeout=300 * MS)) as (client, server):
         with pytest.raises(OperationTimeout) as info:
             await server.open("ignored")
         assert info.value.kind is TimeoutKind.OPEN_REQUEST
@@ -194,7 +195,7 @@ async def test_cancelled_open_leaves_no_residue_and_late_stream_is_reset() -> No
         # Cancellation with asyncio.timeout, many at once.
         for _ in range(20):
             with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.001):
+                async with asyncio.timeout(MS):
                     await server.open("never")
         assert server.table_sizes()["local_opens"] == 0
         assert server.table_sizes()["open_waiters"] == 0
@@ -225,7 +226,7 @@ async def test_inflight_limit_waits_for_a_slot() -> None:
 
 
 async def test_queued_open_times_out() -> None:
-    cfg = Config(max_inflight_opens=1, open_timeout=0.3)
+    cfg = Config(max_inflight_opens=1, open_timeout=300 * MS)
     async with session_pair(server_config=cfg) as (_client, server):
         results = await asyncio.gather(server.open("a"), server.open("b"), return_exceptions=True)
         for r in results:
