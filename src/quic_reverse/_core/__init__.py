@@ -29,8 +29,10 @@ Layout
     :mod:`.base`     state shared by the parts, and the one output path
     :mod:`.opens`    local opens: ids, queue, in-flight slots, orphans
     :mod:`.pairing`  incoming data streams: tokens, header deadlines, early streams
+    :mod:`.remote`   remote opens: admission under the stream limit (waiting
+                     requests), accept/reject, logical ids
     :mod:`.session`  :class:`SessionCore`: state, negotiation, dispatch (the one hot
-                     function, ``_handle_message``), remote opens, pings, close
+                     function, ``_handle_message``), pings, keep-alive, close
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""The session core proper: state, negotiation, dispatch, remote opens, pings, close.
+"""The session core proper: state, negotiation, dispatch, pings, keep-alive, close.
 
-:class:`SessionCore` combines the parts: :class:`~.opens.LocalOpens` (our opens) and
-:class:`~.pairing.StreamPairing` (incoming data streams), over the shared state and
+:class:`SessionCore` combines the parts: :class:`~.opens.LocalOpens` (our opens),
+:class:`~.pairing.StreamPairing` (incoming data streams) and
+:class:`~.remote.RemoteOpens` (the peer's opens), over the shared state and
 output path of :class:`~.base.CoreBase`, with every deadline in one
 :class:`~.timers.Deadlines` heap. See the package docstring for inputs and outputs.
 """
@@ -14,7 +15,6 @@ from .. import events as ev
 from ..config import Config, Role
 from ..errors import (
     Disconnected,
-    EncodeError,
     NegotiationError,
     OperationTimeout,
     ProtocolError,
@@ -32,10 +32,8 @@ from ..wire import (
     Message,
     OpenRequest,
     OpenResponse,
-    OpenStatus,
     Ping,
     Pong,
-    RejectCode,
     StreamClose,
     decode,
 )
@@ -49,11 +47,10 @@ from .outputs import (
     SessionEnded,
 )
 from .pairing import StreamPairing
+from .remote import RemoteOpens
 from .timers import Deadlines, TimerKind
 
 __all__ = ["SessionCore"]
-
-_U64_MAX = 2**64 - 1
 
 # (state, role, message type) -> next state, for the negotiation phase. Anything not in
 # this table during negotiation is a NegotiationError.
@@ -80,7 +77,7 @@ class _PingRecord:
         self.keepalive = keepalive
 
 
-class SessionCore(StreamPairing):
+class SessionCore(StreamPairing, RemoteOpens):
     """Protocol state of one session, without I/O. See the package docstring."""
 
     def __init__(self, role: Role, config: Config) -> None:
@@ -104,14 +101,7 @@ class SessionCore(StreamPairing):
         self._init_opens()
         self._init_pairing()
 
-        # remote opens (the peer asked us)
-        self._incoming: dict[int, str] = {}  # request id -> service, unanswered
-        # requests past max_concurrent_streams, waiting for a slot: id -> (msg, deadline)
-        self._waiting: dict[int, tuple[OpenRequest, float]] = {}
-        self._next_lsid = 1
-        self._used_lsids: set[int] = set()
-        self.active_streams = 0
-        self._limit_rejects = 0
+        self._init_remote()
 
         # pings
         self._next_ping_seq = 1
@@ -445,153 +435,6 @@ class SessionCore(StreamPairing):
             self._outputs.append(PongReceived(msg.sequence, now - rec.sent_at))
         self._push_info(ev.PongReceived(sequence=msg.sequence))
 
-    # ------------------------------------------------------------------ remote opens
-
-    def _on_open_request(self, msg: OpenRequest, now: float) -> None:
-        rid = msg.request_id
-        if rid in self._incoming or rid in self._waiting:
-            raise ProtocolError(f"OpenRequest: request_id {rid} is already pending")
-        if self.active_streams + len(self._incoming) < self.config.max_concurrent_streams:
-            self._admit(msg)
-            return
-        # At the stream limit: the request waits for a slot (bounded in number by
-        # max_queued_opens and in time by open_timeout) instead of being refused.
-        if len(self._waiting) < self.config.max_queued_opens:
-            deadline = now + self.config.open_timeout
-            self._waiting[rid] = (msg, deadline)
-            self._deadlines.schedule(deadline, TimerKind.ADMISSION, rid)
-            logger.debug(
-                "%s: OpenRequest %d waits for a stream slot (%d waiting)",
-                self._tag,
-                rid,
-                len(self._waiting),
-            )
-            return
-        self._reject_over_limit(rid, msg.service, "too many concurrent streams")
-
-    def _admit(self, msg: OpenRequest) -> None:
-        """Hand the peer's request to the user (an event) and count it against the limit."""
-        rid = msg.request_id
-        logger.debug("%s: OpenRequest %d for %r", self._tag, rid, msg.service)
-        self._incoming[rid] = msg.service
-        self._events.append(
-            ev.OpenRequestReceived(
-                request_id=rid, service=msg.service, metadata=msg.metadata, flags=msg.flags
-            )
-        )
-
-    def _admit_waiting(self) -> None:
-        """A stream slot was freed: admit waiting requests, oldest first."""
-        waiting = self._waiting
-        limit = self.config.max_concurrent_streams
-        while waiting and self.active_streams + len(self._incoming) < limit:
-            rid = next(iter(waiting))
-            msg, _ = waiting.pop(rid)
-            self._admit(msg)
-
-    def _reject_over_limit(self, rid: int, service: str, reason: str) -> None:
-        self._limit_rejects += 1
-        if self._limit_rejects & (self._limit_rejects - 1) == 0:  # 1, 2, 4, 8...: no flood
-            logger.warning(
-                "%s: rejecting OpenRequest %d for %r: LIMIT_EXCEEDED, %s "
-                "(%d active, %d unanswered, %d waiting; %d rejected so far)",
-                self._tag,
-                rid,
-                service,
-                reason,
-                self.active_streams,
-                len(self._incoming),
-                len(self._waiting),
-                self._limit_rejects,
-            )
-        self._send(
-            OpenResponse(
-                request_id=rid,
-                status=OpenStatus.rejected(RejectCode.LIMIT_EXCEEDED),
-                reason=reason,
-            )
-        )
-
-    def incoming_service(self, request_id: int) -> str:
-        """The service of the peer's unanswered request ``request_id``.
-
-        Raises :class:`SessionClosed` if the session is not open, :class:`UsageError`
-        if no such request is pending.
-        """
-        self._require_open()
-        service = self._incoming.get(request_id)
-        if service is None:
-            raise UsageError(f"no pending OpenRequest with request_id {request_id}")
-        return service
-
-    def is_incoming(self, request_id: int) -> bool:
-        """True while the peer's request ``request_id`` is unanswered (and handed out)."""
-        return request_id in self._incoming
-
-    def check_accept(self, request_id: int, logical_stream_id: int | None = None) -> None:
-        """Raise what :meth:`accept` would raise, without accepting."""
-        self._require_open()
-        if request_id not in self._incoming:
-            raise UsageError(f"accept_open: no pending OpenRequest with request_id {request_id}")
-        if logical_stream_id is not None:
-            lsid = logical_stream_id
-            if isinstance(lsid, bool) or not isinstance(lsid, int) or not 0 < lsid <= _U64_MAX:
-                raise EncodeError(
-                    f"accept_open: logical_stream_id must be in 1..2**64-1, got {lsid!r}"
-                )
-            if lsid in self._used_lsids:
-                raise UsageError(f"accept_open: logical_stream_id {lsid} is already in use")
-
-    def accept(self, request_id: int, logical_stream_id: int | None = None) -> int:
-        """Accept the peer's request: queue OpenResponse(Accepted) and return the logical id.
-
-        The id is chosen here (from 1, skipping ids in use) unless given. An unknown
-        request id or an id in use raise :class:`UsageError`; an id that is not in
-        1..2**64-1 raises :class:`EncodeError`.
-        """
-        self.check_accept(request_id, logical_stream_id)
-        if logical_stream_id is None:
-            lsid = self._next_lsid
-            while lsid in self._used_lsids or lsid == 0:
-                lsid = lsid + 1 if lsid < _U64_MAX else 1
-            self._next_lsid = lsid + 1 if lsid < _U64_MAX else 1
-        else:
-            lsid = logical_stream_id
-        self._send(
-            OpenResponse(request_id=request_id, status=OpenStatus.ACCEPTED, logical_stream_id=lsid)
-        )
-        del self._incoming[request_id]
-        self._used_lsids.add(lsid)
-        self.active_streams += 1
-        logger.debug("%s: accepted request %d as lsid %d", self._tag, request_id, lsid)
-        return lsid
-
-    def reject(self, request_id: int, code: RejectCode, reason: str | None) -> None:
-        """Reject the peer's request with ``code``."""
-        self._require_open()
-        if request_id not in self._incoming:
-            raise UsageError(f"reject_open: no pending OpenRequest with request_id {request_id}")
-        self._send(
-            OpenResponse(request_id=request_id, status=OpenStatus.rejected(code), reason=reason)
-        )
-        service = self._incoming.pop(request_id)
-        self._admit_waiting()
-        logger.warning(
-            "%s: rejected request %d for %r: %s",
-            self._tag,
-            request_id,
-            service,
-            RejectCode(code).name,
-        )
-
-    def stream_released(self, local_lsid: int | None) -> None:
-        """An active stream (bound or accepted) is done; frees its slot and local id."""
-        self.active_streams = max(0, self.active_streams - 1)
-        if local_lsid is not None:
-            self._used_lsids.discard(local_lsid)
-        if self._waiting and self.state is OPEN:
-            self._admit_waiting()
-
     # ------------------------------------------------------------------ ping, close
 
     def send_ping(self, now: float, *, keepalive: bool = False) -> int:
@@ -681,8 +524,7 @@ class SessionCore(StreamPairing):
             # One live keep-alive entry at a time: while a keep-alive ping is out, none.
             return self.state is OPEN and not self._keepalive_seq
         if kind is TimerKind.ADMISSION:
-            waiting = self._waiting.get(key)
-            return waiting is not None and waiting[1] == deadline
+            return self._admission_live(key, deadline)
         if kind is TimerKind.NEGOTIATION:
             return self.is_negotiating
         return self.state is CLOSING  # TimerKind.CLOSE
@@ -713,8 +555,7 @@ class SessionCore(StreamPairing):
             else:  # traffic since it was scheduled: idle again from the last activity
                 self._deadlines.schedule(due, _T_KEEPALIVE)
         elif kind is TimerKind.ADMISSION:
-            msg, _ = self._waiting.pop(key)
-            self._reject_over_limit(key, msg.service, "no stream slot within open_timeout")
+            self._admission_expired(key)
         elif kind is TimerKind.NEGOTIATION:
             hint = ""
             if self.role is Role.SERVER and self.state is AWAIT_HELLO:
@@ -745,8 +586,7 @@ class SessionCore(StreamPairing):
         self._pings.clear()
         self._keepalive_seq = None
         self._fail_streams()
-        self._incoming.clear()
-        self._waiting.clear()
+        self._fail_remote()
         self._deadlines.clear()
 
     def _finish(
