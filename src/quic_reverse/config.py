@@ -57,9 +57,12 @@ class Config:
         max_queued_opens: local opens allowed to wait for a slot; past that ``open()``
             raises :class:`~quic_reverse.errors.CapacityExceeded` at once, so a burst of
             callers (e.g. a TCP connection flood on a relay forward) cannot queue without
-            bound (not in the Rust crate; ``0`` means never wait).
+            bound (not in the Rust crate; ``0`` means never wait). Also bounds the peer's
+            requests waiting for a slot under ``max_concurrent_streams``.
         max_concurrent_streams: active streams (plus unanswered incoming requests) beyond
-            which incoming OpenRequests are rejected with ``LIMIT_EXCEEDED``.
+            which incoming OpenRequests wait for a slot (at most ``max_queued_opens`` of
+            them, each at most ``open_timeout``) before they are handed out; past those
+            bounds they are rejected with ``LIMIT_EXCEEDED``.
         supported_versions: protocol versions we accept (only 1 exists).
         features: feature bits we advertise (ANDed with the peer's).
         close_timeout: how long ``close()`` waits for the peer's answering session close

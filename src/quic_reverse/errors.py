@@ -28,6 +28,10 @@ exceptions (qh3, aioquic, ``OSError``) happens only in ``quic_reverse.transport`
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the wire package imports this module
+    from .wire import CloseCode, RejectCode
 
 __all__ = [
     "CapacityExceeded",
@@ -114,10 +118,10 @@ class StreamRejected(QuicReverseError):
     ``code`` is a :class:`quic_reverse.wire.RejectCode`; ``reason`` the peer's text, if any.
     """
 
-    def __init__(self, code: object, reason: str | None = None) -> None:
-        self.code = code
+    def __init__(self, code: RejectCode | int, reason: str | None = None) -> None:
+        self.code: RejectCode = _as_enum("RejectCode", code)
         self.reason = reason
-        name = getattr(code, "name", code)
+        name = getattr(self.code, "name", self.code)
         # The reason is peer-supplied text: repr() keeps control characters out of logs.
         super().__init__(f"open rejected: {name}" + (f" ({reason!r})" if reason else ""))
 
@@ -125,15 +129,32 @@ class StreamRejected(QuicReverseError):
 class SessionClosed(QuicReverseError):
     """The session is closed; no further operations are possible.
 
-    ``code`` / ``reason`` are those of the session close when known.
+    ``code`` (a :class:`quic_reverse.wire.CloseCode`) / ``reason`` are those of the
+    session close when known.
     """
 
     def __init__(
-        self, message: str = "session closed", *, code: object = None, reason: str | None = None
+        self,
+        message: str = "session closed",
+        *,
+        code: CloseCode | int | None = None,
+        reason: str | None = None,
     ) -> None:
-        self.code = code
+        self.code: CloseCode | None = None if code is None else _as_enum("CloseCode", code)
         self.reason = reason
         super().__init__(message)
+
+
+def _as_enum(kind: str, value: object) -> Any:
+    """``value`` as the wire enum ``kind`` when it is one of its values, else unchanged
+    (a peer may send a code this version does not know)."""
+    from . import wire  # late: the wire package imports this module
+
+    enum_type = getattr(wire, kind)
+    try:
+        return enum_type(value)
+    except (ValueError, TypeError):
+        return value
 
 
 class Disconnected(QuicReverseError):
@@ -169,12 +190,19 @@ class ConnectionClosed(TransportError):
 
 
 class StreamReset(TransportError):
-    """The peer reset the stream we are reading (RESET_STREAM). Never reported as EOF."""
+    """The peer reset the stream we are reading (RESET_STREAM). Never reported as EOF.
 
-    def __init__(self, error_code: int, stream_id: int | None = None) -> None:
+    ``open()`` also raises it when the peer accepted the open and then gave its data
+    stream up (StreamClose for that logical id: its service failed or its accept was
+    cancelled); ``error_code`` is then the :class:`~quic_reverse.wire.CloseCode` value.
+    """
+
+    def __init__(
+        self, error_code: int, stream_id: int | None = None, *, message: str | None = None
+    ) -> None:
         self.error_code = error_code
         self.stream_id = stream_id
-        super().__init__(f"stream {stream_id} reset by peer with code {error_code}")
+        super().__init__(message or f"stream {stream_id} reset by peer with code {error_code}")
 
 
 class StreamStopped(TransportError):

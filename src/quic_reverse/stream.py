@@ -20,7 +20,13 @@ import logging
 from collections.abc import Callable
 from types import TracebackType
 
-from .errors import ConnectionClosed, QuicReverseError, StreamReset, TransportError
+from .errors import (
+    ConnectionClosed,
+    IncompleteReadError,
+    QuicReverseError,
+    StreamReset,
+    UsageError,
+)
 from .transport.base import RecvStream, SendStream
 from .wire import CloseCode
 
@@ -51,7 +57,8 @@ class Stream:
         self._lsid = logical_stream_id
         self._service = service
         self._on_release = on_release
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # written, not yet drained
+        self._rbuf = bytearray()  # read from the transport, not yet returned
         self._write_done = False  # FIN sent or reset
         self._read_done = False  # EOF/reset received, or stopped
         self._released = False
@@ -82,8 +89,8 @@ class Stream:
         return self._send.stream_id
 
     def at_eof(self) -> bool:
-        """True once the peer's FIN (or reset) was read."""
-        return self._read_done
+        """True once the peer's FIN (or reset) was read and every byte returned."""
+        return self._read_done and not self._rbuf
 
     def is_closing(self) -> bool:
         """True once ``close()``/``reset()`` was called or both directions are done."""
@@ -98,14 +105,21 @@ class Stream:
             StreamReset: the peer reset the stream.
             ConnectionClosed: the connection closed before EOF.
         """
-        if n == 0 or self._read_done:
+        if n == 0:
             return b""
+        rbuf = self._rbuf
         if n > 0:
+            if rbuf:  # left by a cancelled read()/readexactly() or one that hit EOF
+                data = bytes(rbuf[:n])
+                del rbuf[:n]
+                return data
             return await self._read_chunk(n)
-        parts: list[bytes] = []
+        # Until EOF: what arrives is kept in the stream, so a cancelled call loses nothing.
         while chunk := await self._read_chunk(_CHUNK):
-            parts.append(chunk)
-        return b"".join(parts)
+            rbuf += chunk
+        data = bytes(rbuf)
+        rbuf.clear()
+        return data
 
     async def _read_chunk(self, n: int) -> bytes:
         if self._read_done:
@@ -128,11 +142,23 @@ class Stream:
         """
         if n < 0:
             raise ValueError("readexactly size can not be less than zero")
-        try:
-            return await self._recv.read_exactly(n)
-        except (StreamReset, ConnectionClosed, EOFError):
-            self._read_finished()
-            raise
+        # Bytes read so far live in the stream, not in this call: a cancelled
+        # readexactly() loses nothing (the next read returns them).
+        buf = self._rbuf
+        while len(buf) < n:
+            if self._read_done:
+                partial = bytes(buf)
+                buf.clear()
+                raise IncompleteReadError(partial, n)
+            chunk = await self._read_chunk(n - len(buf))
+            if not chunk:
+                partial = bytes(buf)
+                buf.clear()
+                raise IncompleteReadError(partial, n)
+            buf += chunk
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
 
     def __aiter__(self) -> Stream:
         return self
@@ -146,9 +172,13 @@ class Stream:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Buffer ``data``; call :meth:`drain` to send it (with backpressure)."""
+        """Buffer ``data``; call :meth:`drain` to send it (with backpressure).
+
+        Raises:
+            UsageError: the stream is closed for writing (``write_eof``, ``reset``...).
+        """
         if self._write_done or self._closing:
-            raise TransportError(f"stream {self._lsid} is closed for writing")
+            raise UsageError(f"stream {self._lsid} is closed for writing")
         self._buffer += data
 
     async def drain(self) -> None:
@@ -161,15 +191,24 @@ class Stream:
         if self._buffer:
             data = bytes(self._buffer)
             self._buffer.clear()
-            await self._send.write(data)
+            await self._write(data)
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` and drain (the one-call form)."""
+        """Write ``data`` and drain (the one-call form). Raises as :meth:`write`."""
         if self._write_done or self._closing:
-            raise TransportError(f"stream {self._lsid} is closed for writing")
+            raise UsageError(f"stream {self._lsid} is closed for writing")
         if self._buffer:
             await self.drain()
-        await self._send.write(data)
+        await self._write(data)
+
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
+        """One transport write. Cancelled half-way, it may have sent a prefix: the peer
+        must not take the rest for complete data, so the sending direction is reset."""
+        try:
+            await self._send.write(data)
+        except asyncio.CancelledError:
+            self._abort_write()
+            raise
 
     async def write_eof(self) -> None:
         """Send buffered data, then FIN: the peer reads EOF. Reading stays possible."""
@@ -181,6 +220,13 @@ class Stream:
         self._maybe_release()
 
     # ------------------------------------------------------------------ closing
+
+    def _abort_write(self) -> None:
+        self._buffer.clear()
+        if not self._write_done:
+            self._send.reset(int(CloseCode.RESET))
+            self._write_done = True
+            self._maybe_release()
 
     def reset(self, code: int = CloseCode.RESET) -> None:
         """Abort both directions: RESET_STREAM and STOP_SENDING with ``code``. Never raises."""
