@@ -60,9 +60,13 @@ from ._core import (
 )
 from .config import Config, Role
 from .errors import (
+    ConnectionClosed,
+    Disconnected,
     EncodeError,
     QuicReverseError,
     SessionClosed,
+    StreamReset,
+    StreamStopped,
     TransportError,
     UsageError,
 )
@@ -495,6 +499,18 @@ class SessionHandle:
         except asyncio.CancelledError:
             stream.reset(CloseCode.RESET)
             raise
+        except (StreamReset, StreamStopped, ConnectionClosed, Disconnected, SessionClosed) as exc:
+            # The peer or the connection ended the stream under the handler: an outcome
+            # of the network, not a bug in the handler, so no traceback.
+            logger.info(
+                "%s: handler for %r ended: %s; resetting stream %d",
+                self._role.value,
+                service,
+                exc,
+                stream.logical_stream_id,
+            )
+            stream.reset(CloseCode.ERROR)
+            self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "stream lost")
         except Exception:
             logger.exception(
                 "%s: handler for %r failed; resetting stream %d",

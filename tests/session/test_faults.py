@@ -279,3 +279,41 @@ async def test_burst_past_the_stream_limits_queues_and_succeeds(transport: str) 
         assert most_held <= 20
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
+
+
+async def test_handler_ended_by_the_peer_is_not_logged_as_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler whose stream the peer stops (STOP_SENDING) ends with one INFO line and
+    no traceback; a handler that raises on its own is still an ERROR with a traceback."""
+    handler_done = asyncio.Event()
+
+    async def write_forever(stream: Stream) -> None:
+        try:
+            for _ in range(10_000):  # bounded: the peer stops reading after one chunk
+                await stream.send(b"x" * 1024)
+        finally:
+            handler_done.set()
+
+    caplog.set_level(logging.INFO, logger="quic_reverse")
+    async with session_pair("memory") as (client, server):
+        serving = asyncio.create_task(server.serve({"stream": write_forever, "boom": _fail}))
+        async with asyncio.timeout(SHORT):
+            stream = await client.open("stream")
+            await stream.readexactly(1024)
+            stream.reset()  # STOP_SENDING: the handler's next send fails
+            await handler_done.wait()
+            for _ in range(3):  # a few turns for the handler's wrap-up to log
+                await asyncio.sleep(0)
+            with pytest.raises(QuicReverseError):
+                bad = await client.open("boom")
+                await bad.read()
+            await client.ping()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+    ended = [r for r in caplog.records if "handler for 'stream'" in r.getMessage()]
+    assert [r.levelno for r in ended] == [logging.INFO], [r.getMessage() for r in ended]
+    assert ended[0].exc_info is None
+    failed = [r for r in caplog.records if "handler for 'boom' failed" in r.getMessage()]
+    assert [r.levelno for r in failed] == [logging.ERROR]
+    assert failed[0].exc_info is not None

@@ -163,7 +163,8 @@ class RemoteOpens(CoreBase):
         )
         service = self._incoming.pop(request_id)
         self._admit_waiting()
-        logger.warning(
+        # The application chose this answer: a protocol step, not a problem.
+        logger.debug(
             "%s: rejected request %d for %r: %s",
             self._tag,
             request_id,
