@@ -63,6 +63,7 @@ from .errors import (
     ConnectionClosed,
     Disconnected,
     EncodeError,
+    NegotiationError,
     QuicReverseError,
     SessionClosed,
     StreamReset,
@@ -158,6 +159,19 @@ class Session:
         """
         if self._handle is not None:
             raise UsageError("Session.start() may be called only once")
+        dialed = self._connection.dialed
+        if dialed is not None and dialed != (self._role is Role.CLIENT):
+            # PROTOCOL-v1 §1: the side that dials is the client. A contradiction would
+            # only show as a negotiation timeout (both SERVER) or a late conflict.
+            side = "dialled" if dialed else "accepted"
+            expected = Role.CLIENT if dialed else Role.SERVER
+            error = NegotiationError(
+                f"roles conflict: this side {side} the QUIC connection, so its role "
+                f"must be {expected.name}, not {self._role.name} (PROTOCOL-v1 §1)"
+            )
+            # Tell the peer at once too, instead of leaving it to its own timeout.
+            self._connection.close(_ERROR_CLOSE_CODE, str(error).encode()[:100])
+            raise error
         self._handle = SessionHandle(self._connection, self._role, self._config)
         await self._handle._start()
         return self._handle

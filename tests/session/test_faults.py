@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Literal
 
 import pytest
 
@@ -131,8 +132,9 @@ async def test_both_clients_fail_at_once_with_roles_conflict(transport: str) -> 
 
 
 async def test_both_servers_timeout_names_the_likely_cause() -> None:
-    """Both Role.SERVER: nothing is ever sent (protocol v1 has no way to tell sooner),
-    so negotiation times out, but the error says what to check."""
+    """Both Role.SERVER over a transport that cannot tell who dialled (the in-memory
+    pair): nothing is ever sent, so negotiation times out, but the error says what to
+    check. (Over QUIC the conflict is caught at once: see the test below.)"""
     mc, ms = connection_pair()
     config = Config(negotiation_timeout=50 * MS)
     async with asyncio.timeout(LONG):
@@ -317,3 +319,21 @@ async def test_handler_ended_by_the_peer_is_not_logged_as_a_failure(
     failed = [r for r in caplog.records if "handler for 'boom' failed" in r.getMessage()]
     assert [r.levelno for r in failed] == [logging.ERROR]
     assert failed[0].exc_info is not None
+
+
+@pytest.mark.parametrize("stack", ["qh3", "aioquic"])
+@pytest.mark.parametrize("role", [Role.SERVER, Role.CLIENT])
+async def test_role_contradicting_the_connection_fails_at_once(
+    stack: Literal["qh3", "aioquic"], role: Role
+) -> None:
+    """Over QUIC the transport knows who dialled, so a role that contradicts it (both
+    SERVER, or both CLIENT) is a NegotiationError before any byte is sent, and the peer
+    learns it from the connection close instead of its negotiation timeout."""
+    config = Config(negotiation_timeout=LONG)  # the test must not pass by timing out
+    async with quic_pair(stack) as (dialer, acceptor):
+        wrong, right = (dialer, acceptor) if role is Role.SERVER else (acceptor, dialer)
+        async with asyncio.timeout(SHORT):
+            with pytest.raises(NegotiationError, match="roles conflict"):
+                await Session(wrong, role, config).start()
+            with pytest.raises((Disconnected, SessionClosed, NegotiationError)):
+                await Session(right, role, config).start()  # its role fits; the peer's does not

@@ -618,6 +618,10 @@ class StackConnection(Connection):
             der = self._quic.qr_peer_certificate()
         return der
 
+    @property
+    def dialed(self) -> bool:
+        return self._is_client
+
     def abort(self) -> None:
         """Drop the connection without waiting for the close handshake (cleanup path)."""
         if not self._closed.is_set():

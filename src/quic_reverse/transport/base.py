@@ -187,3 +187,13 @@ class Connection(abc.ABC):
     def peer_certificate(self) -> bytes | None:
         """The peer's end-entity certificate (DER), if the stack exposes one."""
         return None
+
+    @property
+    def dialed(self) -> bool | None:
+        """True if this side dialled the connection (QUIC client), False if it accepted
+        it, None if the transport cannot tell (in-memory pairs, third-party transports).
+
+        The session uses it to refuse a role that contradicts the connection at once
+        (PROTOCOL-v1 §1: the side that dials is the client) instead of after a timeout.
+        """
+        return None
