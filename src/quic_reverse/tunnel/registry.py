@@ -217,31 +217,25 @@ class EdgeRegistry:
     def __init__(self, *, max_streams: int, max_queued: int) -> None:
         self.max_streams = max_streams
         self.max_queued = max_queued
+        #: Pools are kept when they empty: clients waiting in one (bridging) must see
+        #: the replica that joins next. Names are bounded by the tokens file.
         self._pools: dict[str, Pool] = {}
-        #: Names that had a replica since start (an emptied pool is dropped, this stays).
-        self._seen: set[str] = set()
 
     def pool(self, name: str) -> Pool:
         pool = self._pools.get(name)
         if pool is None:
             pool = self._pools[name] = Pool(
-                name,
-                max_streams=self.max_streams,
-                max_queued=self.max_queued,
-                seen=name in self._seen,
+                name, max_streams=self.max_streams, max_queued=self.max_queued
             )
         return pool
 
     def add(self, replica: Replica) -> Replica | None:
-        self._seen.add(replica.name)
         return self.pool(replica.name).add(replica)
 
     def remove(self, replica: Replica) -> None:
         pool = self._pools.get(replica.name)
         if pool is not None:
             pool.remove(replica)
-            if not pool.replicas and not pool.waiting:
-                del self._pools[replica.name]
 
     def __iter__(self) -> Iterator[Replica]:
         for pool in list(self._pools.values()):

@@ -400,7 +400,6 @@ class Relay:
                 else:
                     log.warning("tcp %s -> %s: %s; closing the client", client, target, exc)
                 return None
-            replica.forwards.add(task)
             try:
                 stream = await self._open_on(pool, replica, fwd.service, metadata)
             except StreamRejected as exc:
@@ -420,6 +419,10 @@ class Relay:
                 self._release(pool, replica, task)
                 raise
             else:
+                # Only now is the client bound to this replica: a session replaced or
+                # dropped while the open was pending fails the open (retried on another
+                # replica) instead of cancelling the client.
+                replica.forwards.add(task)
                 return replica, stream
             tried.add(replica)
             if pool.live(tried):
