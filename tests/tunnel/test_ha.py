@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -327,3 +328,59 @@ async def test_sticky_forward_keeps_a_client_on_its_replica(world: World) -> Non
     await asyncio.to_thread(_wait_served, (a, b), 20)
     # One client address (127.0.0.1): every connection on the same replica.
     assert sorted((served_by(a), served_by(b))) == [0, 20]
+
+
+async def test_slow_service_is_checked_not_dropped(world: World) -> None:
+    """An edge whose local service is slow to connect answers the open late, but it
+    answers the relay's ping: it is checked, never dropped, and keeps serving."""
+    # A listener whose accept queue is full: connects to it hang (SYNs are dropped).
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(full.getsockname())
+        fillers.append(c)
+    try:
+        relay = world.relay(
+            ["127.0.0.1:0=edgeA/echo", "127.0.0.1:0=edgeA/slow"],
+            extra=["--answer-timeout", "0.3"],
+        )
+        edge = start_edge(
+            "edgeA",
+            world.token,
+            relay,
+            [f"echo=127.0.0.1:{world.services.echo}", f"slow=127.0.0.1:{full.getsockname()[1]}"],
+            extra=["--service-timeout", "1.5"],
+        )
+        world.procs.append(edge)
+        slow = await client(relay.forwards["edgeA/slow"], b"never")
+        assert not slow.ok  # the edge gave up on its service: SERVICE_UNAVAILABLE
+        await wait_for(edge, r"service 'slow'.*cannot connect")
+        assert relay.proc.find(r"an open got no answer within 0.3s; checking it")
+        assert not relay.proc.find(r"dropping its session")
+        after = await client(relay.forwards["edgeA/echo"], b"still here")
+        assert after.ok, after.error
+    finally:
+        for c in (*fillers, full):
+            c.close()
+
+
+async def test_edge_stopped_gracefully_clients_wait_for_its_successor(world: World) -> None:
+    """SIGTERM (a service manager's restart): opens arriving while the edge stops are
+    answered "stopping"; the relay holds those clients for the next process."""
+    relay = world.relay(["127.0.0.1:0=edgeA/echo"])
+    edge = world.edge(relay)
+    load = Load(relay.forwards["edgeA/echo"], rate=20).start()
+    await asyncio.sleep(500 * MS)
+    stopped_at = time.monotonic()
+    assert await asyncio.to_thread(edge.terminate) == 0
+    world.edge(relay)
+    await asyncio.sleep(1_000 * MS)
+    outcomes = await load.stop()
+    during = [o for o in outcomes if o.started >= stopped_at]
+    figures("edge stopped (SIGTERM) and started again", during)
+    assert during and all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
