@@ -277,7 +277,8 @@ RELAY_TABLE: tuple[Setting, ...] = (
         name="open_timeout",
         kind="seconds",
         default="10",
-        help="deadline for a TCP client to get a stream (queueing + the edge's answer)",
+        help="deadline for a TCP client to get a stream (queueing, waiting for a replica to "
+        "(re)connect, the edge's answer)",
     ),
     Setting(name="grace", kind="seconds", allow_zero=True, default="10", help="shutdown grace"),
     Setting(name="ping_interval", kind="seconds", default="10", help="keep-alive ping"),
