@@ -19,7 +19,7 @@ Config file format (one file may hold both tables; each command reads its own)::
     grace = 10.0
 
     [edge]
-    relay = "relay.example.com:4433"
+    relay = ["relay1.example.com:4433", "relay2.example.com:4433"]   # or one string
     name = "edgeA"
     token_file = "edgeA.token"
     ca = "relay.crt"                   # or: fingerprint = "ab12..."; or insecure = true
@@ -47,6 +47,7 @@ from .._validate import check_choice, check_count, check_duration, fingerprint, 
 from ..errors import ConfigError
 
 __all__ = [
+    "BALANCE_POLICIES",
     "DEFAULT_ALPN",
     "AUTH_SERVICE",
     "EDGE_SETTINGS",
@@ -125,9 +126,13 @@ class Forward:
     port: int
     edge: str
     service: str
+    #: How new TCP clients are spread over the edge's replicas (``None``: the relay's
+    #: ``balance`` setting): ``least-streams`` or ``sticky`` (by client IP).
+    balance: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}={self.edge}/{self.service}"
+        suffix = f",balance={self.balance}" if self.balance is not None else ""
+        return f"{self.host}:{self.port}={self.edge}/{self.service}{suffix}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,18 +144,33 @@ class Exposed:
     port: int
 
 
+#: Balancing policies of a forward (``balance``): fewest active streams, or sticky by
+#: client IP (rendezvous hashing over the live replicas).
+BALANCE_POLICIES = ("least-streams", "sticky")
+
+
 def parse_forward(text: str) -> Forward:
-    """Parse ``[HOST:]PORT=EDGE/SERVICE``; the host defaults to 127.0.0.1 (secure default)."""
+    """Parse ``[HOST:]PORT=EDGE/SERVICE[,balance=POLICY]``; the host defaults to 127.0.0.1
+    (secure default)."""
     if not isinstance(text, str) or "=" not in text:
         raise ConfigError(f"forward {text!r}: expected [HOST:]PORT=EDGE/SERVICE")
-    left, _, right = text.partition("=")
+    spec, *options = text.split(",")
+    balance: str | None = None
+    for option in options:
+        key, eq, value = option.strip().partition("=")
+        if key != "balance" or not eq:
+            raise ConfigError(
+                f"forward {text!r}: unknown option {option.strip()!r} (expected balance=POLICY)"
+            )
+        balance = check_choice(f"forward {text!r}: balance", value.strip(), BALANCE_POLICIES)
+    left, _, right = spec.partition("=")
     host, port = parse_hostport(f"forward {text!r}", left.strip(), default_host="127.0.0.1")
     edge, slash, service = right.strip().partition("/")
     if not slash:
         raise ConfigError(f"forward {text!r}: expected EDGE/SERVICE after '='")
     validate_service_name(f"forward {text!r}: edge name", edge)
     validate_service_name(f"forward {text!r}: service", service)
-    return Forward(host=host, port=port, edge=edge, service=service)
+    return Forward(host=host, port=port, edge=edge, service=service, balance=balance)
 
 
 def parse_expose(text: str) -> Exposed:
@@ -247,16 +267,18 @@ RELAY_TABLE: tuple[Setting, ...] = (
         name="forward",
         kind="forwards",
         field="forwards",
-        metavar="[HOST:]PORT=EDGE/SERVICE",
+        metavar="[HOST:]PORT=EDGE/SERVICE[,balance=POLICY]",
         help="TCP listener mapped to an edge's service; HOST defaults to 127.0.0.1 "
-        "(repeatable; port 0 picks a free port, logged at start)",
+        "(repeatable; port 0 picks a free port, logged at start; balance= overrides "
+        "--balance for this forward)",
     ),
     Setting(name="auth_timeout", kind="seconds", default="10", help="close unauthenticated edges"),
     Setting(
         name="open_timeout",
         kind="seconds",
         default="10",
-        help="deadline for a TCP client to get a stream (queueing + the edge's answer)",
+        help="deadline for a TCP client to get a stream (queueing, waiting for a replica to "
+        "(re)connect, the edge's answer)",
     ),
     Setting(name="grace", kind="seconds", allow_zero=True, default="10", help="shutdown grace"),
     Setting(name="ping_interval", kind="seconds", default="10", help="keep-alive ping"),
@@ -280,12 +302,40 @@ RELAY_TABLE: tuple[Setting, ...] = (
         default="5",
         help="a closing TCP connection is reset if its last bytes are not sent by then",
     ),
+    Setting(
+        name="balance",
+        kind="choice",
+        choices=BALANCE_POLICIES,
+        default="least-streams",
+        help="how new TCP clients are spread over an edge name's replicas: fewest active "
+        "streams, or sticky by client IP",
+    ),
+    Setting(
+        name="answer_timeout",
+        kind="seconds",
+        default="1",
+        help="an open the edge has not answered by then makes the relay ping that edge "
+        "(within the same time) and drop it if silent; new clients avoid it meanwhile",
+    ),
+    Setting(
+        name="backlog",
+        kind="count",
+        default="4096",
+        help="listen backlog of each TCP forward (bursts of connects; capped by the "
+        "kernel's net.core.somaxconn)",
+    ),
     *_COMMON,
 )
 
 #: The edge's settings, in ``--help`` order.
 EDGE_TABLE: tuple[Setting, ...] = (
-    Setting(name="relay", kind="hostport", metavar="HOST:PORT", help="the relay's QUIC address"),
+    Setting(
+        name="relay",
+        kind="hostports",
+        field="relays",
+        metavar="HOST:PORT",
+        help="a relay's QUIC address (repeatable: one session to each, for high availability)",
+    ),
     Setting(name="name", kind="str", help="this edge's name (as in the relay's tokens file)"),
     Setting(name="token_file", kind="path", metavar="FILE", help="file holding this edge's token"),
     Setting(
@@ -322,6 +372,13 @@ EDGE_TABLE: tuple[Setting, ...] = (
         name="backoff_initial", kind="seconds", default="0.5", help="first reconnect delay cap"
     ),
     Setting(name="backoff_cap", kind="seconds", default="10", help="max reconnect delay"),
+    Setting(
+        name="probe_interval",
+        kind="seconds",
+        default="1",
+        help="while a relay does not answer, a new handshake is tried this often (a path "
+        "that comes back is noticed within it)",
+    ),
     Setting(
         name="auth_retry",
         kind="bool",
@@ -363,6 +420,7 @@ _KIND_WORDS = {
     "path": "a string (a file path)",
     "choice": "a string",
     "hostport": "a string (HOST:PORT)",
+    "hostports": "a string or an array of strings (HOST:PORT)",
     "forwards": "a string or an array of strings ([HOST:]PORT=EDGE/SERVICE)",
     "expose": 'a table (service = "HOST:PORT") or an array of "SERVICE=HOST:PORT"',
     "fingerprint": "a string (64 hex digits)",
@@ -414,6 +472,11 @@ def convert(setting: Setting, value: Any, where: str, base: Path | None, *, from
         return value
     if kind == "forwards":
         return tuple(parse_forward(v) for v in _strings(where, setting, value))
+    if kind == "hostports":
+        return tuple(
+            parse_hostport(where, v, default_host=setting.default_host)
+            for v in _strings(where, setting, value)
+        )
     if kind == "expose":
         if isinstance(value, dict) and not from_cli:
             items = []
@@ -477,6 +540,8 @@ def build_edge_config(
 ) -> EdgeConfig:
     """Merge an ``[edge]`` table and CLI flags (``None`` = not given) into an EdgeConfig."""
     kw = merge_settings("edge", file_table, base, flags)
+    if kw.get("relays"):
+        kw["relay"] = kw["relays"][0]
     for required in ("relay", "name", "token_file"):
         if required not in kw:
             flag = "--" + required.replace("_", "-")
@@ -536,6 +601,9 @@ class RelayConfig:
     max_streams: int = 10_000
     max_queued_opens: int = 10_000
     linger: float = 5.0
+    balance: str = "least-streams"
+    answer_timeout: float = 1.0
+    backlog: int = 4096
     log_level: str = "info"
     alpn: str = DEFAULT_ALPN
     stack: str = "qh3"
@@ -560,8 +628,17 @@ class RelayConfig:
             if fwd.port != 0 and (fwd.host, fwd.port) in seen:
                 raise ConfigError(f"relay: two forwards listen on {fwd.host}:{fwd.port}")
             seen.add((fwd.host, fwd.port))
-        for name in ("auth_timeout", "open_timeout", "ping_interval", "ping_timeout", "linger"):
+        for name in (
+            "auth_timeout",
+            "open_timeout",
+            "ping_interval",
+            "ping_timeout",
+            "linger",
+            "answer_timeout",
+        ):
             check_duration(name, getattr(self, name))
+        check_choice("balance", self.balance, BALANCE_POLICIES)
+        check_count("backlog", self.backlog)
         check_duration("grace", self.grace, allow_zero=True)
         check_count("max_streams", self.max_streams)
         check_count("max_queued_opens", self.max_queued_opens, minimum=0)
@@ -575,6 +652,7 @@ class RelayConfig:
 class EdgeConfig:
     """Validated settings of ``quic-reverse edge`` (see :data:`EDGE_TABLE`)."""
 
+    #: The first relay (``relays[0]``; kept for callers that know one relay).
     relay: tuple[str, int]
     name: str
     token_file: Path
@@ -589,6 +667,9 @@ class EdgeConfig:
     connect_timeout: float = 10.0
     backoff_initial: float = 0.5
     backoff_cap: float = 10.0
+    probe_interval: float = 1.0
+    #: Every relay this edge keeps a session to (default: ``(relay,)``).
+    relays: tuple[tuple[str, int], ...] = ()
     auth_retry: bool = False
     max_streams: int = 10_000
     service_timeout: float = 5.0
@@ -625,6 +706,7 @@ class EdgeConfig:
             "connect_timeout",
             "backoff_initial",
             "backoff_cap",
+            "probe_interval",
             "service_timeout",
             "linger",
         ):
@@ -633,8 +715,15 @@ class EdgeConfig:
         check_count("max_streams", self.max_streams)
         if self.backoff_cap < self.backoff_initial:
             raise ConfigError("backoff_cap must be >= backoff_initial")
-        if self.relay[1] == 0:
-            raise ConfigError("relay: port 0 cannot be dialled")
+        if not self.relays:
+            object.__setattr__(self, "relays", (self.relay,))
+        elif self.relay != self.relays[0]:
+            raise ConfigError("relay: relay must be the first of relays")
+        for address in self.relays:
+            if address[1] == 0:
+                raise ConfigError("relay: port 0 cannot be dialled")
+        if len(set(self.relays)) != len(self.relays):
+            raise ConfigError("relay: the same relay is given twice")
         check_choice("stack", self.stack, STACKS)
         check_choice("log_level", self.log_level, LOG_LEVELS)
         if not self.alpn:

@@ -3,13 +3,19 @@ TCP listeners whose connections become reverse opens to an edge's service.
 
 Life of a TCP connection on a forward ``127.0.0.1:2222=edgeA/ssh``: the connection
 is owned by a :class:`~quic_reverse.tunnel.pipe.TcpLeg` from accept. The relay reserves
-a stream on the best live replica of ``edgeA`` (:mod:`.registry`: fewest active
-streams; waiting, bounded by ``open_timeout``, while every replica is at
-``max_streams``); if ``edgeA`` has no live session the TCP client is closed at once
+a stream on the best live replica of ``edgeA`` (:mod:`.registry`: the forward's
+``balance`` policy; waiting, bounded by ``open_timeout``, while every replica is at
+``max_streams`` or while ``edgeA`` has no live replica but has been connected before:
+bridging a restart); if ``edgeA`` never connected the TCP client is closed at once
 (reason logged). Then ``handle.open("ssh")``: a failure that another replica may not
 have (session lost, timeout, ``SERVICE_UNAVAILABLE``, ``LIMIT_EXCEEDED``) is retried on
 another replica before the client notices; any other rejection closes the client;
 success pipes bytes both ways (:func:`~quic_reverse.tunnel.pipe.pipe`).
+
+Dead edges: an open that gets no answer within ``answer_timeout`` marks its replica
+*suspect* (new clients avoid it) and pings it; no Pong within ``answer_timeout`` either
+and the replica is dropped at once, its pending opens retried elsewhere. An idle dead
+edge is found by keep-alive (``ping_interval`` + ``ping_timeout``).
 
 Security rules enforced here:
 
@@ -154,6 +160,7 @@ class Relay:
                     ),
                     fwd.host,
                     fwd.port,
+                    backlog=cfg.backlog,
                 )
             except OSError as exc:
                 raise OSError(
@@ -380,9 +387,11 @@ class Relay:
         # "client" is shown in the edge's logs; with "via" (the forward's address it
         # came in on) the edge recognises its own connections: a forwarding loop.
         metadata = Metadata.structured({"client": client, "via": leg.local})
+        balance = fwd.balance or self.config.balance
+        client_ip = client.rpartition(":")[0] or client
         while True:
             try:
-                replica = await pool.acquire(tried, deadline)
+                replica = await pool.acquire(tried, deadline, balance=balance, client=client_ip)
             except Unavailable as exc:
                 if why:
                     log.warning(
@@ -391,14 +400,17 @@ class Relay:
                 else:
                     log.warning("tcp %s -> %s: %s; closing the client", client, target, exc)
                 return None
-            replica.forwards.add(task)
             try:
-                stream = await replica.handle.open(fwd.service, metadata)
+                stream = await self._open_on(pool, replica, fwd.service, metadata)
             except StreamRejected as exc:
                 self._release(pool, replica, task)
                 if exc.code not in RETRY_ON_ANOTHER:
                     log.warning("tcp %s -> %s: edge rejected the open: %s", client, target, exc)
                     return None
+                if exc.code == RejectCode.SERVICE_UNAVAILABLE and exc.reason == "stopping":
+                    # The edge is shutting down: no new streams for it (clients wait for
+                    # another replica, e.g. its restarted process).
+                    replica.draining = True
                 why = f"replica {replica.describe()} rejected the open: {exc}"
             except QuicReverseError as exc:
                 self._release(pool, replica, task)
@@ -407,10 +419,68 @@ class Relay:
                 self._release(pool, replica, task)
                 raise
             else:
+                # Only now is the client bound to this replica: a session replaced or
+                # dropped while the open was pending fails the open (retried on another
+                # replica) instead of cancelling the client.
+                replica.forwards.add(task)
                 return replica, stream
             tried.add(replica)
             if pool.live(tried):
                 log.info("tcp %s -> %s: %s; trying another replica", client, target, why)
+
+    async def _open_on(
+        self, pool: Pool, replica: Replica, service: str, metadata: Metadata
+    ) -> Stream:
+        """``replica.handle.open``; with no answer within ``answer_timeout`` the replica
+        is checked (:meth:`_check`), and dropped if dead (the open then fails)."""
+        opening = asyncio.ensure_future(replica.handle.open(service, metadata))
+        try:
+            done, _ = await asyncio.wait({opening}, timeout=self.config.answer_timeout)
+            if not done:
+                await self._check(pool, replica)
+            return await opening
+        finally:
+            if not opening.done():
+                opening.cancel()
+                await asyncio.gather(opening, return_exceptions=True)
+
+    async def _check(self, pool: Pool, replica: Replica) -> None:
+        """Wait for the liveness check of ``replica`` (one at a time per replica)."""
+        if replica.check is None or replica.check.done():
+            replica.check = asyncio.create_task(
+                self._liveness(pool, replica), name=f"check {replica.name}"
+            )
+        await asyncio.shield(replica.check)
+
+    async def _liveness(self, pool: Pool, replica: Replica) -> bool:
+        """An open went unanswered: mark the replica suspect and ping it. No Pong
+        within ``answer_timeout``: the edge is dead, its session is dropped now (its
+        pending opens fail and are retried on another replica)."""
+        timeout = self.config.answer_timeout
+        pool.suspected(replica, True)
+        log.info(
+            "edge %r (%s): an open got no answer within %.1fs; checking it",
+            replica.name,
+            replica.describe(),
+            timeout,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                await replica.handle.ping()
+        except (TimeoutError, QuicReverseError) as exc:
+            if replica.live:
+                log.warning(
+                    "edge %r (%s): no answer to an open nor to a ping (%s); dropping its session",
+                    replica.name,
+                    replica.describe(),
+                    str(exc) or f"{timeout:g}s",
+                )
+                replica.retired = True
+                self.registry.remove(replica)
+                replica.connection.close(0, b"edge not answering")
+            return False
+        pool.suspected(replica, False)
+        return True
 
     @staticmethod
     def _release(pool: Pool, replica: Replica, task: asyncio.Task[None]) -> None:
