@@ -34,6 +34,7 @@ from typing import Any
 
 import qh3.quic.connection as _qh3_connection_module
 import qh3.quic.tls_bridge as _qh3_tls_bridge_module
+import qh3.tls as _qh3_tls_module
 from qh3._hazmat import pull_quic_header as _pull_quic_header
 from qh3.quic import events as qh3_events
 from qh3.quic.configuration import QuicConfiguration
@@ -90,6 +91,7 @@ if not any(isinstance(f, _PeerCloseIsDebug) for f in _qh3_logger.filters):
 # Both are patched consistently, for the duration of the call that uses them.
 _CORE_LOCAL_MAX_STREAMS_BIDI_ARG = 21
 _CORE_MAX_DATAGRAM_SIZE_ARG = 8
+_QUIC_TRANSPORT_PARAMETERS = _qh3_tls_module.ExtensionType.QUIC_TRANSPORT_PARAMETERS
 
 #: Cap on the datagram size a qh3 client may discover (path MTU discovery probes up
 #: to min(route limit, this)). Bigger packets mean fewer per-packet costs (header
@@ -119,6 +121,8 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         self._qr_max_streams = max_streams
         #: Upper bound for path MTU discovery replacing the configuration's, if set.
         self._qr_max_datagram_size: int | None = None
+        #: Server: the stateless reset token to announce (see qr_set_reset_token).
+        self._qr_reset_token: bytes | None = None
         super().__init__(**kwargs)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
@@ -174,6 +178,12 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
                 return bytes(original_serialize())
 
         bridge.serialize_transport_parameters = serialize  # type: ignore[method-assign]
+        if self._qr_reset_token is not None:
+            # The bridge serialises its transport parameters when it is created.
+            bridge.stateless_reset_token = self._qr_reset_token
+            bridge.tls.handshake_extensions = [
+                (_QUIC_TRANSPORT_PARAMETERS, serialize()),
+            ]
         return bridge
 
     # -- driver hooks ------------------------------------------------------------
@@ -226,6 +236,19 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
     def qr_peer_certificate(self) -> bytes | None:
         cert = self.get_peercert()
         return None if cert is None else bytes(cert.public_bytes())
+
+    def qr_retried(self, retry_source_cid: bytes) -> None:
+        # Read when the first datagram creates the TLS state (transport parameters).
+        self._retry_source_connection_id = retry_source_cid
+
+    def qr_set_reset_token(self, token: bytes) -> None:
+        # qh3 draws the token at random when it creates the TLS bridge (first datagram).
+        self._qr_reset_token = token
+
+    def qr_peer_reset_token(self) -> bytes | None:
+        parameters = self._applied_transport_parameters
+        token = None if parameters is None else parameters.stateless_reset_token
+        return None if token is None else bytes(token)
 
 
 class Qh3Connection(StackConnection):
