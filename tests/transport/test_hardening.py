@@ -580,8 +580,9 @@ async def test_connect_started_while_the_server_is_down_completes_soon_after() -
         )
     )
     try:
-        # Let the stack back off: several seconds without any answer.
-        done, _ = await asyncio.wait([connecting], timeout=4000 * MS)
+        # Let the stack back off: 6 s without any answer put qh3's next Initial
+        # retransmission ~4 s away (measured before staggered attempts: 4.0 s).
+        done, _ = await asyncio.wait([connecting], timeout=6000 * MS)
         assert not done
         async with _server_on(port, "qh3"):
             started = time.monotonic()
@@ -598,3 +599,27 @@ async def test_connect_started_while_the_server_is_down_completes_soon_after() -
             connecting.cancel()
             with contextlib.suppress(BaseException):
                 await connecting
+
+
+def test_qh3_protocol_error_warnings_are_throttled(caplog: pytest.LogCaptureFixture) -> None:
+    """qh3 warns once per connection a peer breaks ("Native protocol error"): one
+    warning per minute gets through, the rest are demoted to debug."""
+    from quic_reverse.transport import qh3
+
+    quic_logger = logging.getLogger("quic")
+    [throttle] = [f for f in quic_logger.filters if isinstance(f, qh3._PeerErrorsThrottled)]
+    throttle._next, throttle._suppressed = 0.0, 0
+    caplog.set_level(logging.DEBUG, logger="quic")
+    for i in range(20):
+        quic_logger.warning("Native protocol error: %r", ("protocol_error", i))
+    levels = [r.levelno for r in caplog.records if "Native protocol error" in r.getMessage()]
+    assert levels == [logging.WARNING] + [logging.DEBUG] * 19
+    caplog.clear()
+    throttle._next = 0.0  # a minute passed
+    quic_logger.warning("Native protocol error: %r", ("protocol_error", 20))
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and "19 more" in record.getMessage()
+    # Other qh3 warnings are untouched.
+    caplog.clear()
+    quic_logger.warning("something else")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]

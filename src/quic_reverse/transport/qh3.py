@@ -22,12 +22,14 @@ qh3 traps handled here (see ``QUIC-STACKS.md``):
   high-water mark;
 * qh3 logs every CONNECTION_CLOSE it receives, including the graceful close that
   ends every session, as a *warning* on its ``quic`` logger: :class:`_PeerCloseIsDebug`
-  demotes that one message to debug (protocol errors stay warnings).
+  demotes that one message to debug; its "Native protocol error" warning (a peer
+  can trigger one per connection) is throttled by :class:`_PeerErrorsThrottled`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -81,9 +83,42 @@ class _PeerCloseIsDebug(logging.Filter):
         return True
 
 
+class _PeerErrorsThrottled(logging.Filter):
+    """Throttle qh3's "Native protocol error" warning (one per connection a peer
+    breaks, so any peer can trigger it at will): one warning per minute, saying how
+    many were demoted to debug in between."""
+
+    INTERVAL = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0.0
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or record.msg != "Native protocol error: %r":
+            return True
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.INTERVAL
+            if self._suppressed:
+                record.msg += " (%d more in the last %.0f s, logged at debug)"
+                record.args = (*(record.args or ()), self._suppressed, self.INTERVAL)
+                self._suppressed = 0
+            return True
+        self._suppressed += 1
+        if not _qh3_logger.isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno = logging.DEBUG
+        record.levelname = logging.getLevelName(logging.DEBUG)
+        return True
+
+
 _qh3_logger = logging.getLogger("quic")
 if not any(isinstance(f, _PeerCloseIsDebug) for f in _qh3_logger.filters):
     _qh3_logger.addFilter(_PeerCloseIsDebug())
+if not any(isinstance(f, _PeerErrorsThrottled) for f in _qh3_logger.filters):
+    _qh3_logger.addFilter(_PeerErrorsThrottled())
 
 
 # qh3 2.1 hard-codes the concurrent-stream limits it advertises (100 bidi, 103 uni)
