@@ -418,10 +418,11 @@ async def test_initials_from_silent_addresses_take_bounded_slots(stack: Stack) -
                 conn.close()
                 await asyncio.wait_for(conn.wait_closed(), LONG)
             # The Retries carry tokens only good from this address for that Retry.
-            sock.settimeout(LONG)
-            retry = sock.recv(2048)
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            retry = await asyncio.wait_for(loop.sock_recv(sock, 2048), LONG)
             while retry[0] & 0xF0 != 0xF0:  # skip the 4 handshakes' answers (v1 Retry)
-                retry = sock.recv(2048)
+                retry = await asyncio.wait_for(loop.sock_recv(sock, 2048), LONG)
             dcid_end = 6 + retry[5]
             scid = retry[dcid_end + 1 : dcid_end + 1 + retry[dcid_end]]
             token = retry[dcid_end + 1 + len(scid) : -16]
@@ -623,3 +624,24 @@ def test_qh3_protocol_error_warnings_are_throttled(caplog: pytest.LogCaptureFixt
     caplog.clear()
     quic_logger.warning("something else")
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+async def test_version_negotiation_only_for_full_size_datagrams(stack: Stack) -> None:
+    """An unknown version gets a Version Negotiation packet only when the datagram is
+    1200+ bytes (RFC 9000 §5.2.2): a small spoofed datagram is never amplified."""
+    async with quic_server(_echo, stack) as server:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            unknown = bytes([0xC0, 0x0A, 0x1A, 0x2A, 0x3A, 8]) + bytes(8) + b"\x08" + bytes(8)
+            sock.sendto(unknown + bytes(20), server.address)  # small: no answer
+            sock.sendto(unknown + bytes(1200), server.address)  # full size: answered
+            answer = await asyncio.wait_for(loop.sock_recv(sock, 2048), LONG)
+            assert answer[1:5] == bytes(4)  # version 0: Version Negotiation
+            assert len(answer) < 1200
+            with pytest.raises(BlockingIOError):
+                sock.recv(2048)  # exactly one answer
+        finally:
+            sock.close()

@@ -182,7 +182,8 @@ class StackServer:
             return None
         version, is_initial, dcid, scid = header
         if version is not None and version not in self._supported_versions:
-            if self._transport is not None:
+            # RFC 9000 §5.2.2: only for datagrams of 1200+ bytes (no amplification).
+            if self._transport is not None and len(data) >= 1200:
                 self._transport.sendto(self._version_negotiation(dcid, scid), addr)
             return None
         conn = self._connections.get(dcid)
