@@ -3,6 +3,7 @@
 * garbage Initials (spoofable, ~1.2 kB each) sent to the relay's QUIC port from the
   edge's namespace: a new edge authenticates within 1 s during 4,000/s, and within
   2 s right after a burst of 1,100; the relay logs the drop once, not per datagram;
+* an edge connecting through a partition gets in within 2 s of the heal;
 * relay ``kill -9`` + immediate restart on the same ports and key: the restarted
   relay answers the edge's next packet with a stateless reset, the edge learns at
   once that its session is gone (instead of at its ping timeout) and reconnects.
@@ -151,3 +152,25 @@ async def test_relay_restart_is_noticed_through_a_stateless_reset(world: World) 
     recovered = (back - ready).total_seconds()
     assert noticed <= EDGE_PING_INTERVAL + 500 * MS, f"edge noticed after {noticed:.3f}s"
     assert recovered <= RESTART_RECOVERY_BOUND, f"edge back after {recovered:.3f}s"
+
+
+@pytest.mark.timeout(int(120_000 * MS))
+async def test_connect_attempt_through_a_partition_completes_soon_after_heal(
+    world: World,
+) -> None:
+    """An edge that started connecting during a partition (long connect timeout, so
+    the attempt is still running when the path comes back) authenticates within 2 s
+    of the heal, not when the stack's backed-off Initial retransmission fires."""
+    relay = world.start_relay([FORWARD])
+    world.lab.partition()
+    edge = await asyncio.to_thread(
+        world.start_edge, relay, wait=False, extra=["--connect-timeout", "60"]
+    )
+    await asyncio.to_thread(edge.wait_for, r"connecting to relay", timeout=STARTUP)
+    await asyncio.sleep(6000 * MS)  # hold: the stack backs its Initials off meanwhile
+    assert count_lines(edge, r"authenticated to relay") == 0
+    world.lab.heal()
+    healed = datetime.datetime.now()
+    await asyncio.to_thread(edge.wait_for, r"authenticated to relay", timeout=STARTUP)
+    back = (_when(edge, r"authenticated to relay") - healed).total_seconds()
+    assert back <= RESTART_RECOVERY_BOUND, f"edge authenticated {back:.3f}s after the heal"
