@@ -314,6 +314,7 @@ async def test_garbage_initials_get_no_state_and_no_answer(
     assert [r.levelno for r in infos].count(logging.INFO) == 1  # then debug lines
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("stack", STACKS)
 async def test_new_client_connects_during_a_garbage_flood(stack: Stack) -> None:
     """Goal (issue 17): during 4,000 garbage Initials/s a new client completes its
@@ -490,6 +491,7 @@ async def _server_process(stack: Stack) -> AsyncIterator[tuple[asyncio.subproces
         await proc.wait()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(("server_stack", "client_stack"), [(s, c) for s in STACKS for c in STACKS])
 async def test_restarted_server_resets_the_client_at_once(
     server_stack: Stack, client_stack: Stack
