@@ -32,6 +32,7 @@ from ._options import (
     DEFAULT_STREAM_WINDOW,
     TransportOptions,
 )
+from ._reset import remember_static_key
 from ._udp import DEFAULT_SOCKET_BUFFER
 from .tls import ServerCredentials, load_certificates, load_server_credentials
 
@@ -83,6 +84,9 @@ class QuicStack(Protocol):
     def qr_consumed(self, stream_id: int, nbytes: int) -> bool: ...
     def qr_forget(self, stream_id: int) -> None: ...
     def qr_flush_needed(self) -> bool: ...
+    def qr_set_reset_token(self, token: bytes) -> None: ...
+    def qr_retried(self, retry_source_cid: bytes) -> None: ...
+    def qr_peer_reset_token(self) -> bytes | None: ...
 
 
 class StackHooks:
@@ -109,6 +113,23 @@ class StackHooks:
     def qr_flush_needed(self) -> bool:
         """After a transmit: True if building packets produced more to send at once."""
         return False
+
+    # -- address validation and stateless resets (see ._retry, ._reset) ----------
+
+    def qr_set_reset_token(self, token: bytes) -> None:
+        """Server, before the first datagram: the stateless reset token to announce
+        for the handshake connection id (``host_cid``)."""
+
+    def qr_retried(self, retry_source_cid: bytes) -> None:
+        """Server, before the first datagram: the client's address was validated with
+        a Retry whose source connection id was ``retry_source_cid`` (to announce in
+        the transport parameters). A stack that cannot must not be run with Retry."""
+        raise NotImplementedError("this stack does not support Retry")
+
+    def qr_peer_reset_token(self) -> bytes | None:
+        """Client, after the handshake: the server's stateless reset token for the
+        connection id in use (None if unknown)."""
+        return None
 
 
 def _zero() -> int:
@@ -243,6 +264,7 @@ class StackSpec(Generic[C]):
                 self.load_credentials(config, credentials)
         except TransportError as exc:
             raise ConfigError(str(exc)) from exc
+        remember_static_key(config, credentials.key)  # stateless resets survive restarts
         return config
 
     # -- entry points --------------------------------------------------------
