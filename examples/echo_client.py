@@ -51,7 +51,7 @@ async def main(args: argparse.Namespace) -> int:
     connection = await dial(args, tls)
     try:
         session = Session(connection, Role.CLIENT, Config(agent="echo-client/0.1"))
-        async with await session.start() as handle:
+        async with session.start() as handle:
             log.info("connected to %r", handle.remote_agent)
             try:
                 stream = await handle.open(args.service, Metadata.EMPTY)

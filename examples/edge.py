@@ -100,7 +100,7 @@ async def main(args: argparse.Namespace) -> int:
     connection = await dial(args, tls)
     try:
         session = Session(connection, Role.CLIENT, Config(agent="edge/0.1"))
-        async with await session.start() as handle:
+        async with session.start() as handle:
             print(
                 f"connected to relay {args.host}:{args.port} (agent {handle.remote_agent!r}); "
                 f"exposing {', '.join(SERVICES)}",

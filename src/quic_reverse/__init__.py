@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging as _logging
 
+from ._starting import AwaitableContext
 from .config import Config, Role
 from .errors import (
     CapacityExceeded,
@@ -16,6 +17,7 @@ from .errors import (
     Disconnected,
     EncodeError,
     IncompleteReadError,
+    LimitOverrunError,
     NegotiationError,
     OperationTimeout,
     ProtocolError,
@@ -52,6 +54,7 @@ __version__ = "0.1.0"
 _logging.getLogger("quic_reverse").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "AwaitableContext",
     "CloseCode",
     "CloseReceived",
     "Config",
@@ -82,6 +85,7 @@ __all__ = [
     "Disconnected",
     "EncodeError",
     "IncompleteReadError",
+    "LimitOverrunError",
     "NegotiationError",
     "OperationTimeout",
     "ProtocolError",

@@ -12,14 +12,32 @@
     ├── OperationTimeout (also TimeoutError) - a deadline passed; ``.kind`` says which
     ├── StreamRejected - the peer rejected an open (``.code``, ``.reason``)
     ├── SessionClosed - the session was closed (locally or by the peer)
-    ├── Disconnected - the connection is gone / keep-alive failed
+    ├── Disconnected (also ConnectionError) - the connection is gone / keep-alive failed
     ├── CapacityExceeded - a local limit refuses the operation
-    ├── IncompleteReadError (also EOFError) - FIN arrived before ``readexactly(n)`` had n bytes
+    │   └── LimitOverrunError (also asyncio.LimitOverrunError) - ``readuntil`` found no
+    │       separator within its limit (``.consumed``)
+    ├── IncompleteReadError (also asyncio.IncompleteReadError, so EOFError) - FIN arrived
+    │   before ``readexactly(n)`` had n bytes (``.partial``, ``.expected``)
     └── TransportError - the QUIC layer failed; stack errors converted here
-        ├── ConnectionClosed - the QUIC connection is closed (``.error_code``, ``.reason``)
-        ├── StreamReset - the peer reset the stream we read (``.error_code``)
-        ├── StreamStopped - the peer asked us to stop sending (``.error_code``)
-        └── CertificateError - the peer's certificate failed verification/pinning
+        ├── ConnectionClosed (also ConnectionError) - the QUIC connection is closed
+        │   (``.error_code``, ``.reason``)
+        ├── StreamReset (also ConnectionResetError) - the peer reset the stream we read
+        │   (``.error_code``)
+        ├── StreamStopped (also BrokenPipeError) - the peer asked us to stop sending
+        │   (``.error_code``)
+        └── CertificateError (also ssl.SSLCertVerificationError) - the peer's
+            certificate failed verification/pinning
+
+**Builtin bases.** Each error also derives from the builtin exception it means, so
+code written for asyncio streams and sockets catches it unchanged: ``except
+ConnectionResetError`` catches a peer reset, ``except ConnectionError`` a lost
+connection, ``except asyncio.IncompleteReadError`` a short ``readexactly``, ``except
+ssl.SSLCertVerificationError`` a certificate that failed. The ``OSError`` subclasses
+among them (``ConnectionError`` and its children, ``ssl.SSLError``) keep the
+one-argument form: ``str()`` is the message, ``args`` is ``(message,)`` and ``errno``
+is ``None``, because no operating-system call failed (asyncio raises
+``ConnectionResetError("Connection lost")`` the same way). ``except OSError`` therefore
+catches these transport errors too.
 
 Errors that map to a wire code carry it as an attribute; conversion from stack
 exceptions (qh3, aioquic, ``OSError``) happens only in ``quic_reverse.transport``.
@@ -27,7 +45,9 @@ exceptions (qh3, aioquic, ``OSError``) happens only in ``quic_reverse.transport`
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import ssl
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the wire package imports this module
@@ -41,6 +61,7 @@ __all__ = [
     "Disconnected",
     "EncodeError",
     "IncompleteReadError",
+    "LimitOverrunError",
     "NegotiationError",
     "OperationTimeout",
     "ProtocolError",
@@ -57,6 +78,24 @@ __all__ = [
 
 class QuicReverseError(Exception):
     """Root of every exception raised by quic-reverse."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Many errors take other constructor arguments than their ``args`` (the
+        # message): rebuild without calling __init__, so pickling (multiprocessing,
+        # concurrent.futures) round-trips every error with its attributes.
+        strerror = self.strerror if isinstance(self, OSError) else None
+        return (_rebuild, (type(self), self.args, dict(self.__dict__), strerror))
+
+
+def _rebuild(
+    cls: type[QuicReverseError], args: tuple[Any, ...], state: dict[str, Any], strerror: Any
+) -> QuicReverseError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    if isinstance(error, OSError):
+        error.strerror = strerror
+    return error
 
 
 class ConfigError(QuicReverseError, ValueError):
@@ -157,29 +196,58 @@ def _as_enum(kind: str, value: object) -> Any:
         return value
 
 
-class Disconnected(QuicReverseError):
-    """The underlying connection was lost, or the peer stopped answering keep-alives."""
+class Disconnected(QuicReverseError, ConnectionError):
+    """The underlying connection was lost, or the peer stopped answering keep-alives.
+
+    Also a builtin :class:`ConnectionError` (``errno`` is ``None``).
+    """
 
 
 class CapacityExceeded(QuicReverseError):
     """A local limit (in-flight opens, concurrent streams) refuses the operation."""
 
 
-class IncompleteReadError(QuicReverseError, EOFError):
-    """The stream ended (FIN) before the requested number of bytes arrived."""
+class LimitOverrunError(CapacityExceeded, asyncio.LimitOverrunError):
+    """``Stream.readuntil()`` found no separator within its ``limit`` (``.consumed``:
+    how many bytes were looked at). Also an :class:`asyncio.LimitOverrunError`."""
 
-    def __init__(self, partial: bytes, expected: int) -> None:
+    consumed: int
+
+    def __init__(self, message: str, consumed: int) -> None:
+        self.consumed = consumed
+        Exception.__init__(self, message)
+
+
+class IncompleteReadError(QuicReverseError, asyncio.IncompleteReadError):
+    """The stream ended (FIN) before the requested number of bytes arrived.
+
+    Also an :class:`asyncio.IncompleteReadError` (and so an :class:`EOFError`), with the
+    same ``partial`` (the bytes that did arrive) and ``expected`` attributes.
+    """
+
+    partial: bytes
+    expected: int | None
+
+    def __init__(self, partial: bytes, expected: int | None) -> None:
         self.partial = partial
         self.expected = expected
-        super().__init__(f"stream ended after {len(partial)} of {expected} bytes")
+        # Not asyncio's __init__: it would set its own message; ours stays as it was.
+        if expected is None:  # readuntil(): EOF before the separator
+            message = f"stream ended after {len(partial)} bytes, before the separator"
+        else:
+            message = f"stream ended after {len(partial)} of {expected} bytes"
+        Exception.__init__(self, message)
 
 
 class TransportError(QuicReverseError):
     """The QUIC transport failed. Stack-specific exceptions are converted to this family."""
 
 
-class ConnectionClosed(TransportError):
-    """The QUIC connection is closed. ``error_code``/``reason`` come from the close frame."""
+class ConnectionClosed(TransportError, ConnectionError):
+    """The QUIC connection is closed. ``error_code``/``reason`` come from the close frame.
+
+    Also a builtin :class:`ConnectionError` (``errno`` is ``None``).
+    """
 
     def __init__(
         self, message: str = "connection closed", *, error_code: int = 0, reason: str = ""
@@ -189,8 +257,10 @@ class ConnectionClosed(TransportError):
         super().__init__(message)
 
 
-class StreamReset(TransportError):
+class StreamReset(TransportError, ConnectionResetError):
     """The peer reset the stream we are reading (RESET_STREAM). Never reported as EOF.
+
+    Also a builtin :class:`ConnectionResetError` (``errno`` is ``None``).
 
     ``open()`` also raises it when the peer accepted the open and then gave its data
     stream up (StreamClose for that logical id: its service failed or its accept was
@@ -205,8 +275,12 @@ class StreamReset(TransportError):
         super().__init__(message or f"stream {stream_id} reset by peer with code {error_code}")
 
 
-class StreamStopped(TransportError):
-    """The peer asked us to stop sending on this stream (STOP_SENDING)."""
+class StreamStopped(TransportError, BrokenPipeError):
+    """The peer asked us to stop sending on this stream (STOP_SENDING).
+
+    Also a builtin :class:`BrokenPipeError` (``errno`` is ``None``), what writing to a
+    socket whose reader went away raises.
+    """
 
     def __init__(self, error_code: int, stream_id: int | None = None) -> None:
         self.error_code = error_code
@@ -214,5 +288,26 @@ class StreamStopped(TransportError):
         super().__init__(f"stream {stream_id} stopped by peer with code {error_code}")
 
 
-class CertificateError(TransportError):
-    """The peer's certificate failed verification or did not match the pinned fingerprint."""
+class CertificateError(TransportError, ssl.SSLCertVerificationError):
+    """The peer's certificate failed verification or did not match the pinned fingerprint.
+
+    Also an :class:`ssl.SSLCertVerificationError` (so an :class:`ssl.SSLError`,
+    ``OSError`` and ``ValueError``). The QUIC stacks do their own TLS, so there is no
+    OpenSSL code: ``verify_code`` is 1 (``X509_V_ERR_UNSPECIFIED``), ``verify_message`` is
+    the message,
+    ``reason`` is ``"CERTIFICATE_VERIFY_FAILED"`` and ``library`` is ``"SSL"``.
+    """
+
+    verify_code: int
+    verify_message: str
+    reason: str
+    library: str
+
+    def __init__(self, message: str = "certificate verification failed") -> None:
+        super().__init__(message)
+        # ssl.SSLError.__str__ shows strerror when it is set, else the args tuple.
+        self.strerror = message
+        self.verify_code = 1  # X509_V_ERR_UNSPECIFIED: the stacks give no OpenSSL code
+        self.verify_message = message
+        self.reason = "CERTIFICATE_VERIFY_FAILED"
+        self.library = "SSL"

@@ -58,6 +58,7 @@ from ._core import (
     SessionEnded,
     StreamRefused,
 )
+from ._starting import AwaitableContext, exit_context
 from .config import Config, Role
 from .errors import (
     ConnectionClosed,
@@ -147,8 +148,12 @@ class Session:
         """The session's configuration."""
         return self._config
 
-    async def start(self) -> SessionHandle:
+    def start(self) -> AwaitableContext[SessionHandle]:
         """Negotiate (PROTOCOL-v1 §4) and return the handle of the open session.
+
+        Both forms work: ``handle = await session.start()`` (then close it yourself),
+        and ``async with session.start() as handle:`` (closed when the block ends: a
+        normal close, or CloseCode.ERROR when the block raised).
 
         Raises:
             NegotiationError: version mismatch or an unexpected message.
@@ -157,6 +162,9 @@ class Session:
             Disconnected: the connection went away during negotiation.
             UsageError: ``start()`` was already called.
         """
+        return AwaitableContext(self._start(), exit_context)
+
+    async def _start(self) -> SessionHandle:
         if self._handle is not None:
             raise UsageError("Session.start() may be called only once")
         dialed = self._connection.dialed
@@ -331,12 +339,13 @@ class SessionHandle:
         """
         if type(flags) is not OpenFlags:
             flags = _open_flags(flags)
-        rid = self._core.open_request(service, Metadata.of(metadata), flags, self._loop.time())
+        sent = Metadata.of(metadata)
+        rid = self._core.open_request(service, sent, flags, self._loop.time())
         fut: asyncio.Future[Stream] = self._loop.create_future()
         self._open_waiters[rid] = (fut, service)
         self._pump()
         try:
-            return await fut
+            return self._describe(await fut, sent)
         except asyncio.CancelledError:
             self._open_waiters.pop(rid, None)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -398,7 +407,13 @@ class SessionHandle:
             release()
             raise
         send, recv = pair
-        return Stream(send, recv, logical_stream_id=lsid, service=service, on_release=release)
+        stream = Stream(send, recv, logical_stream_id=lsid, service=service, on_release=release)
+        return self._describe(stream, None)
+
+    def _describe(self, stream: Stream, metadata: Metadata | None) -> Stream:
+        """Fill in what ``stream.get_extra_info()`` reports from the session."""
+        stream._extra.update(peername=self._conn.remote_address, metadata=metadata, role=self._role)
+        return stream
 
     async def reject_open(
         self, request_id: int, code: RejectCode, reason: str | None = None
@@ -500,14 +515,18 @@ class SessionHandle:
                         f"unknown service {event.service!r}",
                     )
                 continue
-            self._spawn(self._run_handler(event.request_id, event.service, handler), "handler")
+            run = self._run_handler(event.request_id, event.service, handler, event.metadata)
+            self._spawn(run, "handler")
 
-    async def _run_handler(self, request_id: int, service: str, handler: Handler) -> None:
+    async def _run_handler(
+        self, request_id: int, service: str, handler: Handler, metadata: Metadata | None = None
+    ) -> None:
         try:
             stream = await self.accept_open(request_id)
         except QuicReverseError as exc:
             logger.warning("%s: could not accept %r: %s", self._role.value, service, exc)
             return
+        stream._extra["metadata"] = metadata
         try:
             await handler(stream)
         except asyncio.CancelledError:

@@ -2,10 +2,15 @@
 
 :class:`Stream` wraps one QUIC bidirectional stream (a transport ``SendStream`` and
 ``RecvStream`` pair) after its StreamBind header has been exchanged. It reads and writes
-like ``asyncio.StreamReader``/``StreamWriter``: ``read(n)``, ``readexactly(n)``, async
-iteration over chunks, ``write()`` + ``drain()`` (or ``send()``), ``write_eof()`` for
-FIN, ``reset(code)`` to abort both directions, ``close()``/``wait_closed()`` and
-``async with``.
+like ``asyncio.StreamReader``/``StreamWriter``: ``read(n)``, ``readexactly(n)``,
+``readline()``, ``readuntil(separator)``, ``at_eof()``, async iteration over chunks,
+``write()``/``writelines()`` + ``drain()`` (or ``send()``), ``write_eof()`` for FIN,
+``reset(code)`` to abort both directions, ``close()``/``wait_closed()``,
+``get_extra_info(name)`` and ``async with``. The errors are asyncio's too: a short
+``readexactly`` raises an :class:`asyncio.IncompleteReadError`, a peer reset a
+:class:`ConnectionResetError` (see :mod:`quic_reverse.errors`). To hand a stream to code
+that wants a real ``StreamReader``/``StreamWriter`` pair or an :class:`asyncio.Protocol`,
+see :mod:`quic_reverse.adapters`.
 
 Closing a stream does **not** send an informational ``StreamClose`` control message:
 QUIC's FIN and RESET_STREAM already end the stream at the peer, the Rust crate does not
@@ -17,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
+from typing import Any
 
 from .errors import (
     ConnectionClosed,
     IncompleteReadError,
+    LimitOverrunError,
     QuicReverseError,
     StreamReset,
     UsageError,
@@ -35,6 +42,9 @@ __all__ = ["Stream"]
 logger = logging.getLogger("quic_reverse.stream")
 
 _CHUNK = 65536
+
+#: Default ``limit`` of :meth:`Stream.readline`/:meth:`Stream.readuntil` (asyncio's too).
+DEFAULT_LIMIT = 2**16
 
 
 class Stream:
@@ -64,6 +74,8 @@ class Stream:
         self._released = False
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
+        #: get_extra_info() values the session knows (peername, metadata, role).
+        self._extra: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return (
@@ -95,6 +107,27 @@ class Stream:
     def is_closing(self) -> bool:
         """True once ``close()``/``reset()`` was called or both directions are done."""
         return self._closing or self._released
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Information about the stream, like ``asyncio.StreamWriter.get_extra_info``.
+
+        Names: ``"peername"`` (the peer's ``(host, port)``), ``"service"``,
+        ``"metadata"`` (the OpenRequest's :class:`~quic_reverse.wire.Metadata`: what was
+        sent, on the side that called ``open()``; what was received, in a
+        :meth:`~quic_reverse.SessionHandle.serve` handler; ``None`` after a bare
+        ``accept_open()``, whose caller holds the request event), ``"logical_stream_id"``,
+        ``"quic_stream_id"``, ``"role"`` (this side's :class:`~quic_reverse.Role`),
+        ``"stream"`` (this object). Any other name returns ``default``.
+        """
+        if name == "service":
+            return self._service
+        if name == "logical_stream_id":
+            return self._lsid
+        if name == "quic_stream_id":
+            return self._send.stream_id
+        if name == "stream":
+            return self
+        return self._extra.get(name, default)
 
     # ------------------------------------------------------------------ reading
 
@@ -160,6 +193,70 @@ class Stream:
         del buf[:n]
         return data
 
+    async def readuntil(self, separator: bytes = b"\n", *, limit: int = DEFAULT_LIMIT) -> bytes:
+        """Read up to and including ``separator`` (as ``asyncio.StreamReader.readuntil``).
+
+        At most ``limit`` bytes are held while looking for it; a cancelled call loses
+        nothing (the bytes stay in the stream for the next read).
+
+        Raises:
+            IncompleteReadError: EOF came before the separator (``.partial`` holds the
+                rest of the stream, ``.expected`` is ``None``); the bytes are consumed.
+            LimitOverrunError: no separator within ``limit`` bytes (``.consumed``); the
+                bytes stay in the stream.
+            ValueError: an empty separator.
+            StreamReset, ConnectionClosed: as for :meth:`read`.
+        """
+        if not separator:
+            raise ValueError("separator should be at least one-byte string")
+        seplen = len(separator)
+        buf = self._rbuf
+        offset = 0
+        while True:
+            idx = buf.find(separator, offset)
+            if idx != -1:
+                end = idx + seplen
+                if end > limit:
+                    raise LimitOverrunError(
+                        "separator is found, but chunk is longer than limit", idx
+                    )
+                data = bytes(buf[:end])
+                del buf[:end]
+                return data
+            offset = max(0, len(buf) + 1 - seplen)
+            if offset > limit:
+                raise LimitOverrunError(
+                    "separator is not found, and chunk exceeds the limit", offset
+                )
+            chunk = await self._read_chunk(_CHUNK)
+            if not chunk:
+                partial = bytes(buf)
+                buf.clear()
+                raise IncompleteReadError(partial, None)
+            buf += chunk
+
+    async def readline(self, *, limit: int = DEFAULT_LIMIT) -> bytes:
+        """Read one line, ``\\n`` included (as ``asyncio.StreamReader.readline``).
+
+        At EOF the rest of the stream is returned without ``\\n`` (``b""`` at EOF).
+
+        Raises:
+            ValueError: no ``\\n`` within ``limit`` bytes (the over-long data is dropped,
+                as asyncio does).
+            StreamReset, ConnectionClosed: as for :meth:`read`.
+        """
+        try:
+            return await self.readuntil(b"\n", limit=limit)
+        except IncompleteReadError as exc:
+            return exc.partial
+        except LimitOverrunError as exc:
+            buf = self._rbuf
+            if buf.startswith(b"\n", exc.consumed):
+                del buf[: exc.consumed + 1]
+            else:
+                buf.clear()
+            raise ValueError(str(exc)) from None
+
     def __aiter__(self) -> Stream:
         return self
 
@@ -192,6 +289,15 @@ class Stream:
             data = bytes(self._buffer)
             self._buffer.clear()
             await self._write(data)
+
+    def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """:meth:`write` each buffer of ``data`` (as ``asyncio.StreamWriter.writelines``)."""
+        for item in data:
+            self.write(item)
+
+    def can_write_eof(self) -> bool:
+        """Always True: a QUIC stream can send FIN and keep reading."""
+        return True
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` and drain (the one-call form). Raises as :meth:`write`."""
