@@ -309,13 +309,14 @@ def peer_ended_normally(exc: BaseException) -> bool:
     session's StreamClose first, as the Rust relay example does when it drops its
     connection right after ``close()``; the session reports that as a closed session
     or as a lost connection whose cause is a :class:`ConnectionClosed` with code 0.
-    Both are a normal end. A close with any other code, or a QUIC idle timeout (which
-    the stacks also report with code 0), is not.
+    Both are a normal end. A close with any other code, or a lost connection (an idle
+    timeout or a stateless reset, which also come with code 0: ``ConnectionClosed.lost``),
+    is not.
     """
     if isinstance(exc, SessionClosed):  # a peer's StreamClose(0) has code NORMAL
         return exc.code is None or exc.code == CloseCode.NORMAL
     closed = _find_closed(exc)
-    return closed is not None and closed.error_code == 0 and "idle" not in closed.reason.lower()
+    return closed is not None and closed.error_code == 0 and not closed.lost
 
 
 def add_server_certificate_arguments(parser: argparse.ArgumentParser, *, cert_dir: Path) -> None:

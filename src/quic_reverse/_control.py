@@ -125,14 +125,10 @@ class ControlWriter:
 def graceful_close(exc: TransportError) -> bool:
     """Did the peer close the connection on purpose with application code 0?
 
-    An idle timeout is also reported with code 0 by the QUIC stacks, but it is a lost
-    connection, not a close.
+    An idle timeout or a stateless reset also comes with code 0, but it is a lost
+    connection (``ConnectionClosed.lost``), not a close.
     """
-    return (
-        isinstance(exc, ConnectionClosed)
-        and exc.error_code == 0
-        and "idle timeout" not in exc.reason.lower()
-    )
+    return isinstance(exc, ConnectionClosed) and exc.error_code == 0 and not exc.lost
 
 
 class ControlChannel:

@@ -246,14 +246,24 @@ class TransportError(QuicReverseError):
 class ConnectionClosed(TransportError, ConnectionError):
     """The QUIC connection is closed. ``error_code``/``reason`` come from the close frame.
 
+    ``lost`` is True when no close frame ended it: the idle timeout expired or the peer
+    answered with a stateless reset (it no longer has the connection, e.g. it
+    restarted). Such an end is never a graceful close, whatever ``error_code`` says.
+
     Also a builtin :class:`ConnectionError` (``errno`` is ``None``).
     """
 
     def __init__(
-        self, message: str = "connection closed", *, error_code: int = 0, reason: str = ""
+        self,
+        message: str = "connection closed",
+        *,
+        error_code: int = 0,
+        reason: str = "",
+        lost: bool = False,
     ) -> None:
         self.error_code = error_code
         self.reason = reason
+        self.lost = lost
         super().__init__(message)
 
 

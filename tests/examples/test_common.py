@@ -47,7 +47,7 @@ def lost(closed: ConnectionClosed) -> Disconnected:
         (lost(ConnectionClosed("connection closed by peer (code 0x0)", error_code=0)), True),
         (ConnectionClosed("connection closed by peer (code 0x0)", error_code=0), True),
         (lost(ConnectionClosed("closed (code 0x7)", error_code=7)), False),
-        (lost(ConnectionClosed("closed", error_code=0, reason="Idle timeout")), False),
+        (lost(ConnectionClosed("closed", error_code=0, reason="Idle timeout", lost=True)), False),
         (Disconnected("keep-alive failed"), False),
     ],
 )

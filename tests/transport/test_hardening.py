@@ -519,7 +519,7 @@ async def test_restarted_server_resets_the_client_at_once(
                 assert _impl(second).resets_sent >= 1
                 with pytest.raises(ConnectionClosed) as info:
                     await client.open_bi()
-                assert info.value.reason == STATELESS_RESET
+                assert info.value.reason == STATELESS_RESET and info.value.lost
                 assert "stateless reset" in str(info.value)
                 assert noticed < RESET_NOTICE_BOUND
         finally:

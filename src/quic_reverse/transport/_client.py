@@ -94,6 +94,7 @@ def _reset_by_peer(conn: StackConnection) -> None:
         "connection reset by the server (stateless reset: it lost the connection "
         "state, e.g. it restarted)",
         reason=STATELESS_RESET,
+        lost=True,
     )
     conn._on_terminated(0, STATELESS_RESET)
 
