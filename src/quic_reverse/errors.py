@@ -14,6 +14,8 @@
     ├── SessionClosed - the session was closed (locally or by the peer)
     ├── Disconnected - the connection is gone / keep-alive failed
     ├── CapacityExceeded - a local limit refuses the operation
+    ├── DatagramsUnavailable - no QUIC datagrams / datagram flows with this peer or path
+    ├── DatagramTooLarge (also ValueError) - a datagram over ``max_datagram_size``
     ├── IncompleteReadError (also EOFError) - FIN arrived before ``readexactly(n)`` had n bytes
     └── TransportError - the QUIC layer failed; stack errors converted here
         ├── ConnectionClosed - the QUIC connection is closed (``.error_code``, ``.reason``)
@@ -35,6 +37,8 @@ if TYPE_CHECKING:  # the wire package imports this module
 
 __all__ = [
     "CapacityExceeded",
+    "DatagramTooLarge",
+    "DatagramsUnavailable",
     "CertificateError",
     "ConfigError",
     "ConnectionClosed",
@@ -163,6 +167,20 @@ class Disconnected(QuicReverseError):
 
 class CapacityExceeded(QuicReverseError):
     """A local limit (in-flight opens, concurrent streams) refuses the operation."""
+
+
+class DatagramsUnavailable(QuicReverseError):
+    """No datagrams here: the peer did not negotiate ``Features.DATAGRAM_FLOWS`` (e.g.
+    the Rust crate), or the QUIC connection carries no DATAGRAM frames (RFC 9221)."""
+
+
+class DatagramTooLarge(QuicReverseError, ValueError):
+    """A datagram longer than the path allows (``.size`` > ``.limit``); never fragmented."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"datagram of {size} bytes exceeds the {limit}-byte limit of the path")
+        self.size = size
+        self.limit = limit
 
 
 class IncompleteReadError(QuicReverseError, EOFError):
