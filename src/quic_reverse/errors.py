@@ -16,6 +16,7 @@
     ├── CapacityExceeded - a local limit refuses the operation
     ├── DatagramsUnavailable - no QUIC datagrams / datagram flows with this peer or path
     ├── DatagramTooLarge (also ValueError) - a datagram over ``max_datagram_size``
+    ├── DatagramFlowClosed - the datagram flow is closed (``.code``, ``.reason``)
     ├── IncompleteReadError (also EOFError) - FIN arrived before ``readexactly(n)`` had n bytes
     └── TransportError - the QUIC layer failed; stack errors converted here
         ├── ConnectionClosed - the QUIC connection is closed (``.error_code``, ``.reason``)
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # the wire package imports this module
 
 __all__ = [
     "CapacityExceeded",
+    "DatagramFlowClosed",
     "DatagramTooLarge",
     "DatagramsUnavailable",
     "CertificateError",
@@ -181,6 +183,16 @@ class DatagramTooLarge(QuicReverseError, ValueError):
         super().__init__(f"datagram of {size} bytes exceeds the {limit}-byte limit of the path")
         self.size = size
         self.limit = limit
+
+
+class DatagramFlowClosed(QuicReverseError):
+    """The datagram flow is closed: locally, by the peer (FlowClose), by its idle
+    timeout, or because the session ended. ``code`` is the CloseCode value."""
+
+    def __init__(self, message: str, *, code: int = 0, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
 
 
 class IncompleteReadError(QuicReverseError, EOFError):

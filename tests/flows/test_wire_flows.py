@@ -15,6 +15,7 @@ from quic_reverse.wire import (
     FlowClose,
     Hello,
     HelloAck,
+    Message,
     Metadata,
     OpenFlags,
     OpenRequest,
@@ -41,7 +42,7 @@ def _of(kind: str) -> list[dict[str, Any]]:
 
 
 # The values behind the "message" vectors, spelled out independently of the file.
-MESSAGES = {
+MESSAGES: dict[str, Message] = {
     "hello_datagram_flows": Hello(
         protocol_version=1, features=Features.PING_PONG | Features.DATAGRAM_FLOWS, agent=None
     ),

@@ -76,7 +76,7 @@ async def test_too_large_is_refused_before_sending(transport_pair: Pair) -> None
 
 
 async def test_closed_connection_refuses_datagrams(transport_pair: Pair) -> None:
-    client, server = transport_pair
+    client, _server = transport_pair
     client.close()
     await client.wait_closed()
     with pytest.raises(ConnectionClosed):
@@ -114,7 +114,7 @@ async def test_handler_exception_drops_only_that_datagram(transport_pair: Pair) 
 
 
 async def test_memory_pair_without_datagrams() -> None:
-    client, server = connection_pair(max_datagram_size=None)
+    client, _server = connection_pair(max_datagram_size=None)
     try:
         assert client.max_datagram_size is None
         with pytest.raises(DatagramsUnavailable):

@@ -39,6 +39,7 @@ from ..wire import (
 )
 from ..wire.flows import FLOW_CLOSE_TAG
 from .base import AWAIT_HELLO, AWAIT_HELLO_ACK, CLOSED, CLOSING, IDLE, OPEN, logger
+from .flows import FlowCore
 from .outputs import (
     CoreState,
     Negotiated,
@@ -47,7 +48,6 @@ from .outputs import (
     PongReceived,
     SessionEnded,
 )
-from .flows import FlowCore
 from .pairing import StreamPairing
 from .remote import RemoteOpens
 from .timers import Deadlines, TimerKind
