@@ -605,9 +605,8 @@ class RelayConfig:
         seen: set[tuple[str, str, int]] = set()
         for fwd in self.forwards:
             if fwd.port != 0 and (fwd.protocol, fwd.host, fwd.port) in seen:
-                raise ConfigError(
-                    f"relay: two {fwd.protocol} forwards listen on {fwd.host}:{fwd.port}"
-                )
+                kind = " (udp)" if fwd.protocol == "udp" else ""
+                raise ConfigError(f"relay: two forwards listen on {fwd.host}:{fwd.port}{kind}")
             seen.add((fwd.protocol, fwd.host, fwd.port))
         for name in ("auth_timeout", "open_timeout", "ping_interval", "ping_timeout", "linger"):
             check_duration(name, getattr(self, name))
