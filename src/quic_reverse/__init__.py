@@ -13,6 +13,9 @@ from .errors import (
     CertificateError,
     ConfigError,
     ConnectionClosed,
+    DatagramFlowClosed,
+    DatagramsUnavailable,
+    DatagramTooLarge,
     Disconnected,
     EncodeError,
     IncompleteReadError,
@@ -41,6 +44,7 @@ from .events import (
     StreamClose,
     StreamCloseReceived,
 )
+from .flow import DatagramFlow, FlowHandler
 from .session import Handler, Session, SessionHandle
 from .stream import Stream
 from .wire import CloseCode, Features, Metadata, OpenFlags, OpenStatus, RejectCode
@@ -56,7 +60,9 @@ __all__ = [
     "CloseReceived",
     "Config",
     "ControlEvent",
+    "DatagramFlow",
     "Features",
+    "FlowHandler",
     "Handler",
     "Metadata",
     "OpenFlags",
@@ -79,6 +85,9 @@ __all__ = [
     "CertificateError",
     "ConfigError",
     "ConnectionClosed",
+    "DatagramFlowClosed",
+    "DatagramTooLarge",
+    "DatagramsUnavailable",
     "Disconnected",
     "EncodeError",
     "IncompleteReadError",
