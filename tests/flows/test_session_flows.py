@@ -16,7 +16,9 @@ from quic_reverse.errors import (
     DatagramsUnavailable,
     DatagramTooLarge,
     StreamRejected,
+    UsageError,
 )
+from quic_reverse.events import OpenRequestReceived
 from quic_reverse.flow import DatagramFlow
 from quic_reverse.transport.memory import connection_pair
 from quic_reverse.wire import (
@@ -244,3 +246,30 @@ async def test_transport_without_datagrams_refuses_clearly() -> None:
             await client.open_flow("echo")
     finally:
         await asyncio.wait_for(asyncio.gather(client.close(), server.close()), SHORT * 4)
+
+
+async def test_accepting_the_wrong_kind_is_a_usage_error() -> None:
+    """A flow request cannot be answered with a stream (the opener would get a flow id
+    and a stray data stream), nor a stream request with a flow."""
+    async with session_pair() as (client, server):
+        flow_open = asyncio.create_task(client.open_flow("f"))
+        stream_open = asyncio.create_task(client.open("s"))
+        events: dict[str, OpenRequestReceived] = {}
+        async with asyncio.timeout(WAIT):
+            while len(events) < 2:
+                event = await server.process_message()
+                assert isinstance(event, OpenRequestReceived)
+                events[event.service] = event
+        assert events["f"].flags & OpenFlags.DATAGRAM
+        with pytest.raises(UsageError, match="use accept_flow"):
+            await server.accept_open(events["f"].request_id)
+        with pytest.raises(UsageError, match="use accept_open"):
+            server.accept_flow(events["s"].request_id)
+        # Both requests are still pending and can be answered correctly.
+        remote = server.accept_flow(events["f"].request_id)
+        stream = await server.accept_open(events["s"].request_id)
+        flow = await asyncio.wait_for(flow_open, WAIT)
+        assert flow.flow_id == remote.flow_id
+        assert (await asyncio.wait_for(stream_open, WAIT)).logical_stream_id == (
+            stream.logical_stream_id
+        )

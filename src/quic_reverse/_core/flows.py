@@ -48,6 +48,7 @@ class FlowCore(CoreBase):
 
     def _init_flows(self) -> None:
         self._flow_opens: set[int] = set()  # request ids of our unanswered flow opens
+        self._flow_requests: set[int] = set()  # the peer's unanswered flow requests
         self._flows: dict[int, bool] = {}  # flow id -> True if we accepted it
         self._next_flow_id = 1 if self.role is Role.CLIENT else 2
 
@@ -117,6 +118,11 @@ class FlowCore(CoreBase):
         self._require_open()
         if request_id not in self._incoming:
             raise UsageError(f"accept_flow: no pending OpenRequest with request_id {request_id}")
+        if request_id not in self._flow_requests:
+            raise UsageError(
+                f"accept_flow: request {request_id} asks for a stream; use accept_open()"
+            )
+        self._flow_requests.discard(request_id)
         fid = self._next_flow_id
         while fid in self._flows or fid in self._used_lsids:
             fid += 2
@@ -159,4 +165,5 @@ class FlowCore(CoreBase):
     def _fail_flows(self) -> None:
         """The session ended: forget every flow (the driver closes its flow objects)."""
         self._flow_opens.clear()
+        self._flow_requests.clear()
         self._flows.clear()
