@@ -14,6 +14,9 @@ from .errors import (
     CertificateError,
     ConfigError,
     ConnectionClosed,
+    DatagramFlowClosed,
+    DatagramsUnavailable,
+    DatagramTooLarge,
     Disconnected,
     EncodeError,
     IncompleteReadError,
@@ -43,6 +46,7 @@ from .events import (
     StreamClose,
     StreamCloseReceived,
 )
+from .flow import DatagramFlow, FlowHandler
 from .session import Handler, Session, SessionHandle
 from .stream import Stream
 from .wire import CloseCode, Features, Metadata, OpenFlags, OpenStatus, RejectCode
@@ -59,7 +63,9 @@ __all__ = [
     "CloseReceived",
     "Config",
     "ControlEvent",
+    "DatagramFlow",
     "Features",
+    "FlowHandler",
     "Handler",
     "Metadata",
     "OpenFlags",
@@ -82,6 +88,9 @@ __all__ = [
     "CertificateError",
     "ConfigError",
     "ConnectionClosed",
+    "DatagramFlowClosed",
+    "DatagramTooLarge",
+    "DatagramsUnavailable",
     "Disconnected",
     "EncodeError",
     "IncompleteReadError",

@@ -16,6 +16,9 @@
     ├── CapacityExceeded - a local limit refuses the operation
     │   └── LimitOverrunError (also asyncio.LimitOverrunError) - ``readuntil`` found no
     │       separator within its limit (``.consumed``)
+    ├── DatagramsUnavailable - no QUIC datagrams / datagram flows with this peer or path
+    ├── DatagramTooLarge (also ValueError) - a datagram over ``max_datagram_size``
+    ├── DatagramFlowClosed - the datagram flow is closed (``.code``, ``.reason``)
     ├── IncompleteReadError (also asyncio.IncompleteReadError, so EOFError) - FIN arrived
     │   before ``readexactly(n)`` had n bytes (``.partial``, ``.expected``)
     └── TransportError - the QUIC layer failed; stack errors converted here
@@ -55,6 +58,9 @@ if TYPE_CHECKING:  # the wire package imports this module
 
 __all__ = [
     "CapacityExceeded",
+    "DatagramFlowClosed",
+    "DatagramTooLarge",
+    "DatagramsUnavailable",
     "CertificateError",
     "ConfigError",
     "ConnectionClosed",
@@ -216,6 +222,30 @@ class LimitOverrunError(CapacityExceeded, asyncio.LimitOverrunError):
     def __init__(self, message: str, consumed: int) -> None:
         self.consumed = consumed
         Exception.__init__(self, message)
+
+
+class DatagramsUnavailable(QuicReverseError):
+    """No datagrams here: the peer did not negotiate ``Features.DATAGRAM_FLOWS`` (e.g.
+    the Rust crate), or the QUIC connection carries no DATAGRAM frames (RFC 9221)."""
+
+
+class DatagramTooLarge(QuicReverseError, ValueError):
+    """A datagram longer than the path allows (``.size`` > ``.limit``); never fragmented."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"datagram of {size} bytes exceeds the {limit}-byte limit of the path")
+        self.size = size
+        self.limit = limit
+
+
+class DatagramFlowClosed(QuicReverseError):
+    """The datagram flow is closed: locally, by the peer (FlowClose), by its idle
+    timeout, or because the session ended. ``code`` is the CloseCode value."""
+
+    def __init__(self, message: str, *, code: int = 0, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
 
 
 class IncompleteReadError(QuicReverseError, asyncio.IncompleteReadError):

@@ -73,6 +73,7 @@ from .errors import (
     UsageError,
 )
 from .events import ControlEvent, OpenRequestReceived
+from .flow import DEFAULT_FLOW_QUEUE, DatagramFlow, FlowHandler, FlowManager
 from .stream import Stream
 from .transport.base import Connection
 from .wire import (
@@ -209,6 +210,8 @@ class SessionHandle:
         self._closed = asyncio.Event()  # shutdown finished: transport closed, tasks done
         self._shutdown_task: asyncio.Task[None] | None = None
         self._serve_handlers: Mapping[str, Handler] | None = None
+        self._flows = FlowManager(connection, self._core, self._pump)  # datagram flows
+        self._serve_flow_handlers: Mapping[str, FlowHandler] = {}
 
     # ------------------------------------------------------------------ properties
 
@@ -415,6 +418,50 @@ class SessionHandle:
         stream._extra.update(peername=self._conn.remote_address, metadata=metadata, role=self._role)
         return stream
 
+    async def open_flow(
+        self,
+        service: str,
+        metadata: MetadataLike = None,
+        *,
+        idle_timeout: float | None = None,
+        queue_size: int = DEFAULT_FLOW_QUEUE,
+    ) -> DatagramFlow:
+        """Ask the peer for a datagram flow to ``service`` (extension, PROTOCOL.md §9):
+        requested and answered like :meth:`open` (same limits, timeouts and reject
+        codes), then whole datagrams both ways over QUIC DATAGRAM frames.
+
+        Raises:
+            DatagramsUnavailable: the peer did not negotiate ``Features.DATAGRAM_FLOWS``
+                (e.g. the Rust crate: nothing is sent) or the connection has no datagrams.
+            StreamRejected, OperationTimeout, CapacityExceeded, SessionClosed: as open().
+            ConfigError: a bad ``idle_timeout`` or ``queue_size``.
+        """
+        return await self._flows.open(
+            service, Metadata.of(metadata), idle_timeout=idle_timeout, queue_size=queue_size
+        )
+
+    def accept_flow(
+        self,
+        request_id: int,
+        *,
+        idle_timeout: float | None = None,
+        queue_size: int = DEFAULT_FLOW_QUEUE,
+    ) -> DatagramFlow:
+        """Accept the peer's flow request (an ``OpenRequestReceived`` whose flags have
+        ``OpenFlags.DATAGRAM``): answer with a flow id and return the flow.
+
+        Raises:
+            UsageError: unknown ``request_id``.
+            SessionClosed: the session is not open.
+        """
+        return self._flows.accept(request_id, idle_timeout=idle_timeout, queue_size=queue_size)
+
+    @property
+    def flows_available(self) -> bool:
+        """True when datagram flows can be opened: both sides negotiated
+        ``Features.DATAGRAM_FLOWS`` and the connection carries QUIC datagrams."""
+        return self._core.flows_available and self._conn.max_datagram_size is not None
+
     async def reject_open(
         self, request_id: int, code: RejectCode, reason: str | None = None
     ) -> None:
@@ -469,12 +516,18 @@ class SessionHandle:
             self._events_ready.clear()
             await self._events_ready.wait()
 
-    async def serve(self, handlers: Mapping[str, Handler]) -> None:
+    async def serve(
+        self,
+        handlers: Mapping[str, Handler],
+        flow_handlers: Mapping[str, FlowHandler] | None = None,
+    ) -> None:
         """Route incoming opens to ``handlers[service](stream)`` until the session ends.
 
         Unknown services are rejected with UNSUPPORTED_SERVICE. When a handler returns
         the stream is closed gracefully; when it raises, the stream is reset and the
         error logged; the session carries on. Returns when the session ends cleanly.
+        Datagram flow requests go to ``flow_handlers[service](flow)`` (unknown services:
+        UNSUPPORTED_SERVICE); the flow is closed when the handler returns.
         While it runs it consumes every control event (informational ones are only
         logged), so do not call :meth:`process_message` at the same time; ``open()``,
         ``ping()`` and the rest work as usual from other tasks.
@@ -485,6 +538,7 @@ class SessionHandle:
         if self._serve_handlers is not None:
             raise UsageError("serve() is already running on this session")
         self._serve_handlers = handlers
+        self._serve_flow_handlers = flow_handlers or {}
         try:
             self._route_events()  # whatever was queued before serve() started
             self._pump()
@@ -506,6 +560,9 @@ class SessionHandle:
             if not isinstance(event, OpenRequestReceived):
                 logger.debug("%s: serve(): %r", self._role.value, event)
                 continue
+            if core.is_flow_request(event.flags):  # datagram flow (extension)
+                self._route_flow(event)
+                continue
             handler = handlers.get(event.service)
             if handler is None:
                 with contextlib.suppress(SessionClosed):
@@ -517,6 +574,34 @@ class SessionHandle:
                 continue
             run = self._run_handler(event.request_id, event.service, handler, event.metadata)
             self._spawn(run, "handler")
+
+    def _route_flow(self, event: OpenRequestReceived) -> None:
+        flow_handler = self._serve_flow_handlers.get(event.service)
+        if flow_handler is None or self._conn.max_datagram_size is None:
+            code = RejectCode.UNSUPPORTED_SERVICE
+            why = f"unknown datagram service {event.service!r}"
+            if flow_handler is not None:
+                code, why = RejectCode.SERVICE_UNAVAILABLE, "no QUIC datagrams on this connection"
+            with contextlib.suppress(SessionClosed):
+                self._core.reject(event.request_id, code, why)
+            return
+        flow = self.accept_flow(event.request_id)
+        self._spawn(self._run_flow_handler(flow, flow_handler), "flow-handler")
+
+    async def _run_flow_handler(self, flow: DatagramFlow, handler: FlowHandler) -> None:
+        try:
+            await handler(flow)
+        except asyncio.CancelledError:
+            flow.close(CloseCode.RESET)
+            raise
+        except QuicReverseError as exc:
+            logger.info("%s: flow handler for %r ended: %s", self._role.value, flow.service, exc)
+            flow.close(CloseCode.ERROR, "flow lost")
+        except Exception:
+            logger.exception("%s: flow handler for %r failed", self._role.value, flow.service)
+            flow.close(CloseCode.ERROR, "service failed")
+        else:
+            flow.close()
 
     async def _run_handler(
         self, request_id: int, service: str, handler: Handler, metadata: Metadata | None = None
@@ -595,6 +680,8 @@ class SessionHandle:
             self._acceptor_task = self._spawn(self._acceptor.run(), "stream-acceptor")
 
     def _dispatch(self, output: Output) -> None:
+        if self._flows.dispatch(output):  # datagram flows (extension)
+            return
         if isinstance(output, OpenResolved):
             pair = self._acceptor.take(output.token)
             waiter = self._open_waiters.pop(output.request_id, None)
@@ -639,7 +726,7 @@ class SessionHandle:
             if not self._ready.done():
                 self._ready.set_result(None)
             self._start_acceptor()
-        else:
+        elif isinstance(output, SessionEnded):
             self._on_end(output)
 
     def _rearm_timer(self) -> None:

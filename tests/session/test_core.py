@@ -105,7 +105,7 @@ def test_negotiation_both_roles(byte_at_a_time: bool) -> None:
     )
     pair.client.start(0.0)
     sent = messages(pair.client.data_to_send())
-    assert sent == [Hello(protocol_version=1, features=Features(3), agent="edge/1")]
+    assert sent == [Hello(protocol_version=1, features=Features(0x10003), agent="edge/1")]
 
     pair = Pair(
         Config(agent="edge/1", features=Features.STRUCTURED_METADATA | Features.PING_PONG),
@@ -115,10 +115,10 @@ def test_negotiation_both_roles(byte_at_a_time: bool) -> None:
     for core, agent in ((pair.client, "relay/1"), (pair.server, "edge/1")):
         assert core.state is CoreState.OPEN
         assert core.negotiated_version == 1
-        assert core.negotiated_features == Features.STRUCTURED_METADATA | Features.PING_PONG
+        assert core.negotiated_features == Features(0x10003)  # + DATAGRAM_FLOWS (default)
         assert core.remote_agent == agent
-    assert pair.client_out == [Negotiated(1, Features(3), "relay/1")]
-    assert pair.server_out == [Negotiated(1, Features(3), "edge/1")]
+    assert pair.client_out == [Negotiated(1, Features(0x10003), "relay/1")]
+    assert pair.server_out == [Negotiated(1, Features(0x10003), "edge/1")]
 
 
 def test_server_waits_for_hello_and_sends_nothing_first() -> None:
@@ -536,8 +536,9 @@ def test_config_defaults_and_ping_feature() -> None:
     assert (cfg.max_inflight_opens, cfg.max_concurrent_streams) == (100, 1000)
     assert cfg.max_queued_opens == 10_000
     assert cfg.supported_versions == (1,) and cfg.features == Features(0)
-    assert cfg.advertised_features == Features(0)
-    assert Config(ping_interval=15).advertised_features == Features.PING_PONG
+    assert cfg.advertised_features == Features.DATAGRAM_FLOWS  # our extension, default on
+    assert Config(datagram_flows=False).advertised_features == Features(0)
+    assert Config(ping_interval=15, datagram_flows=False).advertised_features == Features.PING_PONG
     with pytest.raises(AttributeError):
         cfg.open_timeout = 3  # type: ignore[misc]
 

@@ -76,7 +76,8 @@ async def test_negotiation_and_both_directions(transport: str) -> None:
         assert client.role is Role.CLIENT and server.role is Role.SERVER
         assert client.remote_agent == "relay/1" and server.remote_agent == "edge/1"
         assert client.negotiated_version == server.negotiated_version == 1
-        assert client.negotiated_features == server.negotiated_features == Features.PING_PONG
+        both = Features.PING_PONG | Features.DATAGRAM_FLOWS  # (datagram flows: default on)
+        assert client.negotiated_features == server.negotiated_features == both
         serve_c = asyncio.create_task(client.serve({"echo": echo, "upper": upper}))
         serve_s = asyncio.create_task(server.serve({"echo": echo}))
         # The reverse open (server -> client) and the ordinary direction.

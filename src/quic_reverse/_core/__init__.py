@@ -31,6 +31,7 @@ Layout
     :mod:`.pairing`  incoming data streams: tokens, header deadlines, early streams
     :mod:`.remote`   remote opens: admission under the stream limit (waiting
                      requests), accept/reject, logical ids
+    :mod:`.flows`    datagram flows (extension): flow opens, flow ids, FlowClose
     :mod:`.session`  :class:`SessionCore`: state, negotiation, dispatch (the one hot
                      function, ``_handle_message``), pings, keep-alive, close
 """
@@ -39,6 +40,8 @@ from __future__ import annotations
 
 from .outputs import (
     CoreState,
+    FlowClosed,
+    FlowOpened,
     Negotiated,
     OpenFailed,
     OpenResolved,
@@ -52,6 +55,8 @@ from .session import SessionCore
 
 __all__ = [
     "CoreState",
+    "FlowClosed",
+    "FlowOpened",
     "Negotiated",
     "OpenFailed",
     "OpenResolved",

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import (
     CapacityExceeded,
@@ -66,6 +67,11 @@ class LocalOpens(CoreBase):
     """The local-open part of the core (a mixin of ``SessionCore``)."""
 
     _early: dict[int, EarlyStream]  # owned by .pairing; read here
+
+    if TYPE_CHECKING:  # owned by .flows (the datagram-flow extension)
+
+        def _flow_answered(self, rid: int, flow_id: int | None, now: float) -> bool: ...
+        def _flow_open_dropped(self, rid: int) -> None: ...
 
     def _init_opens(self) -> None:
         self._next_request_id = 1
@@ -157,6 +163,7 @@ class LocalOpens(CoreBase):
         rec = self._local.pop(rid, None)
         if rec is None:
             return None
+        self._flow_open_dropped(rid)
         if rec.state is _QUEUED:
             with contextlib.suppress(ValueError):
                 self._queued.remove(rid)
@@ -223,6 +230,8 @@ class LocalOpens(CoreBase):
             self._drop_local(rid, now)
             self._outputs.append(OpenFailed(rid, StreamRejected(msg.status.code, msg.reason)))
             return
+        if self._flow_answered(rid, lsid, now):
+            return  # a datagram flow (extension): no data stream follows
         if not lsid or lsid in self._by_lsid:
             self._drop_local(rid, now)
             what = "without a logical_stream_id" if not lsid else f"with duplicate id {lsid}"

@@ -10,6 +10,8 @@ from ..wire import Features
 
 __all__ = [
     "CoreState",
+    "FlowClosed",
+    "FlowOpened",
     "Negotiated",
     "OpenFailed",
     "OpenResolved",
@@ -94,6 +96,23 @@ class SessionEnded:
     by_peer: bool
 
 
+@dataclass(frozen=True, slots=True)
+class FlowOpened:
+    """Local flow open ``request_id`` was accepted as datagram flow ``flow_id``."""
+
+    request_id: int
+    flow_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowClosed:
+    """The peer closed datagram flow ``flow_id`` (FlowClose)."""
+
+    flow_id: int
+    code: int
+    reason: str | None
+
+
 Output = (
     Negotiated
     | OpenResolved
@@ -102,4 +121,6 @@ Output = (
     | PongReceived
     | PingFailed
     | SessionEnded
+    | FlowOpened
+    | FlowClosed
 )

@@ -11,9 +11,11 @@ skipping ids in use).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .. import events as ev
 from ..errors import EncodeError, ProtocolError, UsageError
-from ..wire import OpenRequest, OpenResponse, OpenStatus, RejectCode
+from ..wire import OpenFlags, OpenRequest, OpenResponse, OpenStatus, RejectCode
 from .base import OPEN, CoreBase, logger
 from .timers import TimerKind
 
@@ -24,6 +26,12 @@ _U64_MAX = 2**64 - 1
 
 class RemoteOpens(CoreBase):
     """The remote-open part of the core (a mixin of ``SessionCore``)."""
+
+    _flow_requests: set[int]  # owned by .flows: unanswered requests for datagram flows
+
+    if TYPE_CHECKING:  # owned by .flows (the datagram-flow extension)
+
+        def is_flow_request(self, flags: OpenFlags) -> bool: ...
 
     def _init_remote(self) -> None:
         self._incoming: dict[int, str] = {}  # request id -> service, unanswered
@@ -61,6 +69,8 @@ class RemoteOpens(CoreBase):
         rid = msg.request_id
         logger.debug("%s: OpenRequest %d for %r", self._tag, rid, msg.service)
         self._incoming[rid] = msg.service
+        if self.is_flow_request(msg.flags):  # datagram flow (extension, .flows)
+            self._flow_requests.add(rid)
         self._events.append(
             ev.OpenRequestReceived(
                 request_id=rid, service=msg.service, metadata=msg.metadata, flags=msg.flags
@@ -120,6 +130,10 @@ class RemoteOpens(CoreBase):
         self._require_open()
         if request_id not in self._incoming:
             raise UsageError(f"accept_open: no pending OpenRequest with request_id {request_id}")
+        if request_id in self._flow_requests:
+            raise UsageError(
+                f"accept_open: request {request_id} asks for a datagram flow; use accept_flow()"
+            )
         if logical_stream_id is not None:
             lsid = logical_stream_id
             if isinstance(lsid, bool) or not isinstance(lsid, int) or not 0 < lsid <= _U64_MAX:
@@ -162,6 +176,7 @@ class RemoteOpens(CoreBase):
             OpenResponse(request_id=request_id, status=OpenStatus.rejected(code), reason=reason)
         )
         service = self._incoming.pop(request_id)
+        self._flow_requests.discard(request_id)
         self._admit_waiting()
         # The application chose this answer: a protocol step, not a problem.
         logger.debug(

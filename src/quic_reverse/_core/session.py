@@ -37,7 +37,9 @@ from ..wire import (
     StreamClose,
     decode,
 )
+from ..wire.flows import FLOW_CLOSE_TAG
 from .base import AWAIT_HELLO, AWAIT_HELLO_ACK, CLOSED, CLOSING, IDLE, OPEN, logger
+from .flows import FlowCore
 from .outputs import (
     CoreState,
     Negotiated,
@@ -77,7 +79,7 @@ class _PingRecord:
         self.keepalive = keepalive
 
 
-class SessionCore(StreamPairing, RemoteOpens):
+class SessionCore(StreamPairing, RemoteOpens, FlowCore):
     """Protocol state of one session, without I/O. See the package docstring."""
 
     def __init__(self, role: Role, config: Config) -> None:
@@ -102,6 +104,7 @@ class SessionCore(StreamPairing, RemoteOpens):
         self._init_pairing()
 
         self._init_remote()
+        self._init_flows()
 
         # pings
         self._next_ping_seq = 1
@@ -144,6 +147,8 @@ class SessionCore(StreamPairing, RemoteOpens):
             "pings": len(self._pings),
             "events": len(self._events),
             "timers": len(self._deadlines),
+            "flows": len(self._flows),
+            "flow_opens": len(self._flow_opens),
         }
 
     # ------------------------------------------------------------------ outputs
@@ -308,6 +313,9 @@ class SessionCore(StreamPairing, RemoteOpens):
         self._last_activity = now
         try:
             for payload in self._reader.feed(data):
+                if payload[:4] == FLOW_CLOSE_TAG and self.flows_available:
+                    self._on_flow_close_payload(payload)  # extension, PROTOCOL.md §9
+                    continue
                 self._handle_message(decode(payload), now)
                 if self.state is CLOSED:
                     return
@@ -587,6 +595,7 @@ class SessionCore(StreamPairing, RemoteOpens):
         self._keepalive_seq = None
         self._fail_streams()
         self._fail_remote()
+        self._fail_flows()
         self._deadlines.clear()
 
     def _finish(

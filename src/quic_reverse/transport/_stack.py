@@ -49,6 +49,10 @@ __all__ = [
     "StackSpec",
 ]
 
+#: The ``max_datagram_frame_size`` transport parameter our configurations announce
+#: (RFC 9221: we accept DATAGRAM frames up to this size; a peer may send them).
+DATAGRAM_FRAME_LIMIT = 65535
+
 #: ``(version, is_initial, destination_cid, source_cid)`` of a packet header.
 Header = tuple[int | None, bool, bytes, bytes]
 
@@ -167,6 +171,8 @@ class StackEvents:
     connection_id_retired: type
     handshake_completed: type
     connection_terminated: type
+    #: RFC 9221 DATAGRAM frame received (None: the stack has no datagrams).
+    datagram_frame_received: type | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -232,6 +238,7 @@ class StackSpec(Generic[C]):
             idle_timeout=idle_timeout,
             max_data=connection_window,
             max_stream_data=stream_window,
+            max_datagram_frame_size=DATAGRAM_FRAME_LIMIT,
             **extra,
         )
 
@@ -258,6 +265,7 @@ class StackSpec(Generic[C]):
             idle_timeout=idle_timeout,
             max_data=connection_window,
             max_stream_data=stream_window,
+            max_datagram_frame_size=DATAGRAM_FRAME_LIMIT,
         )
         try:
             with stack_call(f"{self.name} cannot use certificate {os.fspath(certfile)}"):

@@ -217,6 +217,7 @@ SPEC: StackSpec[QuicConfiguration] = StackSpec(
         connection_id_retired=aioquic_events.ConnectionIdRetired,
         handshake_completed=aioquic_events.HandshakeCompleted,
         connection_terminated=aioquic_events.ConnectionTerminated,
+        datagram_frame_received=aioquic_events.DatagramFrameReceived,
     ),
     configuration_class=QuicConfiguration,
     create=_create,

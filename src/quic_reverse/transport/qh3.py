@@ -331,6 +331,7 @@ SPEC: StackSpec[QuicConfiguration] = StackSpec(
         connection_id_retired=qh3_events.ConnectionIdRetired,
         handshake_completed=qh3_events.HandshakeCompleted,
         connection_terminated=qh3_events.ConnectionTerminated,
+        datagram_frame_received=qh3_events.DatagramFrameReceived,
     ),
     configuration_class=QuicConfiguration,
     create=_create,

@@ -24,6 +24,9 @@ Config file format (one file may hold both tables; each command reads its own)::
     token_file = "edgeA.token"
     ca = "relay.crt"                   # or: fingerprint = "ab12..."; or insecure = true
     expose = { ssh = "127.0.0.1:22", web = "127.0.0.1:80" }          # edge host
+
+UDP (datagram flows, docs/TUNNEL.md): ``forward = ["udp:127.0.0.1:5353=edgeA/dns"]`` on
+the relay, ``expose = { dns = "udp:127.0.0.1:53" }`` on the edge.
     ping_interval = 5.0
     backoff_cap = 10.0
 
@@ -129,10 +132,13 @@ class Forward:
     #: How new TCP clients are spread over the edge's replicas (``None``: the relay's
     #: ``balance`` setting): ``least-streams`` or ``sticky`` (by client IP).
     balance: str | None = None
+    #: "tcp" (default) or "udp" (``udp:HOST:PORT=EDGE/SERVICE``: datagram flows).
+    protocol: str = "tcp"
 
     def __str__(self) -> str:
+        prefix = "udp:" if self.protocol == "udp" else ""
         suffix = f",balance={self.balance}" if self.balance is not None else ""
-        return f"{self.host}:{self.port}={self.edge}/{self.service}{suffix}"
+        return f"{prefix}{self.host}:{self.port}={self.edge}/{self.service}{suffix}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +148,16 @@ class Exposed:
     service: str
     host: str
     port: int
+    #: "tcp" (default) or "udp" (``SERVICE=udp:HOST:PORT``: served as datagram flows).
+    protocol: str = "tcp"
+
+
+def _protocol_prefix(text: str) -> tuple[str, str]:
+    """Split an optional ``udp:``/``tcp:`` prefix off ``text``."""
+    for proto in ("udp", "tcp"):
+        if text[:4].lower() == proto + ":":
+            return proto, text[4:]
+    return "tcp", text
 
 
 #: Balancing policies of a forward (``balance``): fewest active streams, or sticky by
@@ -150,10 +166,10 @@ BALANCE_POLICIES = ("least-streams", "sticky")
 
 
 def parse_forward(text: str) -> Forward:
-    """Parse ``[HOST:]PORT=EDGE/SERVICE[,balance=POLICY]``; the host defaults to 127.0.0.1
-    (secure default)."""
+    """Parse ``[udp:][HOST:]PORT=EDGE/SERVICE[,balance=POLICY]``; the host defaults to
+    127.0.0.1 (secure default); ``udp:`` forwards UDP datagrams over datagram flows."""
     if not isinstance(text, str) or "=" not in text:
-        raise ConfigError(f"forward {text!r}: expected [HOST:]PORT=EDGE/SERVICE")
+        raise ConfigError(f"forward {text!r}: expected [udp:][HOST:]PORT=EDGE/SERVICE")
     spec, *options = text.split(",")
     balance: str | None = None
     for option in options:
@@ -164,25 +180,29 @@ def parse_forward(text: str) -> Forward:
             )
         balance = check_choice(f"forward {text!r}: balance", value.strip(), BALANCE_POLICIES)
     left, _, right = spec.partition("=")
+    protocol, left = _protocol_prefix(left.strip())
     host, port = parse_hostport(f"forward {text!r}", left.strip(), default_host="127.0.0.1")
     edge, slash, service = right.strip().partition("/")
     if not slash:
         raise ConfigError(f"forward {text!r}: expected EDGE/SERVICE after '='")
     validate_service_name(f"forward {text!r}: edge name", edge)
     validate_service_name(f"forward {text!r}: service", service)
-    return Forward(host=host, port=port, edge=edge, service=service, balance=balance)
+    return Forward(
+        host=host, port=port, edge=edge, service=service, balance=balance, protocol=protocol
+    )
 
 
 def parse_expose(text: str) -> Exposed:
-    """Parse ``SERVICE=HOST:PORT``."""
+    """Parse ``SERVICE=[udp:]HOST:PORT`` (``udp:``: a UDP service, served as datagram flows)."""
     if not isinstance(text, str) or "=" not in text:
-        raise ConfigError(f"expose {text!r}: expected SERVICE=HOST:PORT")
+        raise ConfigError(f"expose {text!r}: expected SERVICE=[udp:]HOST:PORT")
     service, _, target = text.partition("=")
     validate_service_name(f"expose {text!r}: service", service.strip())
+    protocol, target = _protocol_prefix(target.strip())
     host, port = parse_hostport(f"expose {text!r}", target.strip())
     if port == 0:
         raise ConfigError(f"expose {text!r}: port 0 is not a service")
-    return Exposed(service=service.strip(), host=host, port=port)
+    return Exposed(service=service.strip(), host=host, port=port, protocol=protocol)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -267,10 +287,24 @@ RELAY_TABLE: tuple[Setting, ...] = (
         name="forward",
         kind="forwards",
         field="forwards",
-        metavar="[HOST:]PORT=EDGE/SERVICE[,balance=POLICY]",
+        metavar="[udp:][HOST:]PORT=EDGE/SERVICE[,balance=POLICY]",
         help="TCP listener mapped to an edge's service; HOST defaults to 127.0.0.1 "
         "(repeatable; port 0 picks a free port, logged at start; balance= overrides "
-        "--balance for this forward)",
+        "--balance for this forward); udp: a UDP listener whose clients each get a "
+        "datagram flow",
+    ),
+    Setting(
+        name="udp_idle_timeout",
+        kind="seconds",
+        default="60",
+        help="a UDP client's flow closes after this long without a datagram",
+    ),
+    Setting(
+        name="max_udp_flows",
+        kind="count",
+        default="1024",
+        help="UDP client addresses with a flow at once, per udp forward; datagrams of "
+        "more clients are dropped",
     ),
     Setting(name="auth_timeout", kind="seconds", default="10", help="close unauthenticated edges"),
     Setting(
@@ -341,8 +375,8 @@ EDGE_TABLE: tuple[Setting, ...] = (
     Setting(
         name="expose",
         kind="expose",
-        metavar="SERVICE=HOST:PORT",
-        help="allow-listed local service (repeatable)",
+        metavar="SERVICE=[udp:]HOST:PORT",
+        help="allow-listed local service (repeatable); udp: a UDP service",
     ),
     Setting(
         name="ca", kind="path", metavar="FILE", help="CA/certificate (PEM) to verify the relay"
@@ -396,6 +430,18 @@ EDGE_TABLE: tuple[Setting, ...] = (
         default="5",
         help="deadline for connecting to an exposed local service",
     ),
+    Setting(
+        name="udp_idle_timeout",
+        kind="seconds",
+        default="60",
+        help="a UDP flow closes after this long without a datagram",
+    ),
+    Setting(
+        name="max_udp_flows",
+        kind="count",
+        default="1024",
+        help="UDP flows served at once per session; more are refused LIMIT_EXCEEDED",
+    ),
     Setting(name="grace", kind="seconds", allow_zero=True, default="5", help="shutdown grace"),
     Setting(
         name="linger",
@@ -421,8 +467,8 @@ _KIND_WORDS = {
     "choice": "a string",
     "hostport": "a string (HOST:PORT)",
     "hostports": "a string or an array of strings (HOST:PORT)",
-    "forwards": "a string or an array of strings ([HOST:]PORT=EDGE/SERVICE)",
-    "expose": 'a table (service = "HOST:PORT") or an array of "SERVICE=HOST:PORT"',
+    "forwards": "a string or an array of strings ([udp:][HOST:]PORT=EDGE/SERVICE)",
+    "expose": 'a table (service = "[udp:]HOST:PORT") or an array of "SERVICE=[udp:]HOST:PORT"',
     "fingerprint": "a string (64 hex digits)",
 }
 
@@ -607,6 +653,8 @@ class RelayConfig:
     log_level: str = "info"
     alpn: str = DEFAULT_ALPN
     stack: str = "qh3"
+    udp_idle_timeout: float = 60.0
+    max_udp_flows: int = 1024
 
     def __post_init__(self) -> None:
         if self.self_signed and (self.cert or self.key):
@@ -623,11 +671,12 @@ class RelayConfig:
                 raise ConfigError("relay: --key needs --cert FILE (the certificate)")
         if self.tokens is None:
             raise ConfigError("relay: --tokens FILE is required (edge name -> token)")
-        seen: set[tuple[str, int]] = set()
+        seen: set[tuple[str, str, int]] = set()
         for fwd in self.forwards:
-            if fwd.port != 0 and (fwd.host, fwd.port) in seen:
-                raise ConfigError(f"relay: two forwards listen on {fwd.host}:{fwd.port}")
-            seen.add((fwd.host, fwd.port))
+            if fwd.port != 0 and (fwd.protocol, fwd.host, fwd.port) in seen:
+                kind = " (udp)" if fwd.protocol == "udp" else ""
+                raise ConfigError(f"relay: two forwards listen on {fwd.host}:{fwd.port}{kind}")
+            seen.add((fwd.protocol, fwd.host, fwd.port))
         for name in (
             "auth_timeout",
             "open_timeout",
@@ -635,8 +684,10 @@ class RelayConfig:
             "ping_timeout",
             "linger",
             "answer_timeout",
+            "udp_idle_timeout",
         ):
             check_duration(name, getattr(self, name))
+        check_count("max_udp_flows", self.max_udp_flows)
         check_choice("balance", self.balance, BALANCE_POLICIES)
         check_count("backlog", self.backlog)
         check_duration("grace", self.grace, allow_zero=True)
@@ -678,6 +729,8 @@ class EdgeConfig:
     log_level: str = "info"
     alpn: str = DEFAULT_ALPN
     stack: str = "qh3"
+    udp_idle_timeout: float = 60.0
+    max_udp_flows: int = 1024
 
     def __post_init__(self) -> None:
         validate_service_name("edge name", self.name)
@@ -709,10 +762,12 @@ class EdgeConfig:
             "probe_interval",
             "service_timeout",
             "linger",
+            "udp_idle_timeout",
         ):
             check_duration(name, getattr(self, name))
         check_duration("grace", self.grace, allow_zero=True)
         check_count("max_streams", self.max_streams)
+        check_count("max_udp_flows", self.max_udp_flows)
         if self.backoff_cap < self.backoff_initial:
             raise ConfigError("backoff_cap must be >= backoff_initial")
         if not self.relays:

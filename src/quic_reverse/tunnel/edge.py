@@ -43,7 +43,7 @@ from typing import Any, TypeVar, cast
 from .. import __version__
 from ..config import Config, Role
 from ..errors import CertificateError, ConfigError, QuicReverseError, TransportError
-from ..events import CloseReceived, OpenRequest
+from ..events import CloseReceived, OpenRequest, OpenRequestReceived
 from ..session import Session, SessionHandle
 from ..transport import quic
 from ..transport.base import Connection
@@ -52,6 +52,7 @@ from .auth import AuthRejected, authenticate_to_relay, new_instance_id, read_edg
 from .config import EdgeConfig, Exposed
 from .pipe import TcpLeg, pipe
 from .supervisor import Backoff
+from .udp import UdpExpose, is_flow_request
 
 __all__ = ["Edge", "EdgeExit"]
 
@@ -94,6 +95,8 @@ class Edge:
         #: (our end, service end) of our connections to exposed services, as
         #: "host:port" pairs (forwarding-loop detection).
         self._local_ends: set[tuple[str, str]] = set()
+        #: Flow requests for ``udp:`` services (tunnel/udp.py).
+        self.udp = UdpExpose(idle_timeout=config.udp_idle_timeout, max_flows=config.max_udp_flows)
         if config.insecure:
             log.warning(
                 "!!! --insecure: the relay's certificate is NOT verified; anyone on the path "
@@ -305,7 +308,10 @@ class Edge:
                 return False
             authenticated = True
             (backoff or self._backoff).reset()
-            exposed = ", ".join(f"{e.service}={e.host}:{e.port}" for e in cfg.expose)
+            exposed = ", ".join(
+                f"{e.service}={'udp:' if e.protocol == 'udp' else ''}{e.host}:{e.port}"
+                for e in cfg.expose
+            )
             log.info(
                 "authenticated to relay %s:%d as %r; exposing %s",
                 host,
@@ -347,9 +353,11 @@ class Edge:
                 log.info("relay closed the session: %s %r", event.code.name, event.reason or "")
                 return
             if isinstance(event, OpenRequest):
-                task = asyncio.create_task(
-                    self._forward(handle, event), name=f"forward {event.service}"
-                )
+                if is_flow_request(event, handle.negotiated_features):
+                    work = self._udp_flow(handle, event)
+                else:
+                    work = self._forward(handle, event)
+                task = asyncio.create_task(work, name=f"forward {event.service}")
                 for tracked in (self._forwards, forwards):
                     if tracked is not None:
                         tracked.add(task)
@@ -358,6 +366,23 @@ class Edge:
     async def _reject(self, handle: SessionHandle, rid: int, code: RejectCode, reason: str) -> None:
         with contextlib.suppress(QuicReverseError):
             await handle.reject_open(rid, code, reason)
+
+    async def _udp_flow(self, handle: SessionHandle, request: OpenRequestReceived) -> None:
+        """A datagram flow request: served only for a ``udp:`` service on the allow-list."""
+        rid, service = request.request_id, request.service
+        client = request.metadata.get("client")
+        shown = client if isinstance(client, str) and _CLIENT_RE.match(client) else None
+        asked = f" for {shown}" if shown else ""
+        entry = self.config.exposed(service)
+        if entry is None or entry.protocol != "udp":
+            why = "not exposed" if entry is None else "not a UDP service"
+            log.info("relay asked for a UDP flow to %r%s: %s; rejected", service, asked, why)
+            await self._reject(handle, rid, RejectCode.UNSUPPORTED_SERVICE, why)
+            return
+        if self._stop.is_set():
+            await self._reject(handle, rid, RejectCode.SERVICE_UNAVAILABLE, "stopping")
+            return
+        await self.udp.serve_flow(handle, request, (entry.host, entry.port), asked)
 
     async def _forward(self, handle: SessionHandle, request: OpenRequest) -> None:
         cfg = self.config
@@ -370,6 +395,10 @@ class Edge:
         if entry is None:
             log.info("relay asked for service %r%s: not exposed; rejected", service, asked)
             await self._reject(handle, rid, RejectCode.UNSUPPORTED_SERVICE, "not exposed")
+            return
+        if entry.protocol == "udp":
+            log.info("relay asked for a stream to UDP service %r%s; rejected", service, asked)
+            await self._reject(handle, rid, RejectCode.UNSUPPORTED_SERVICE, "a UDP service")
             return
         if self._stop.is_set():
             log.info("relay asked for %r%s while stopping; rejected", service, asked)

@@ -53,6 +53,7 @@ from .auth import TokenStore, authenticate_edge
 from .config import Forward, RelayConfig, load_server_certificate
 from .pipe import TcpLeg, pipe
 from .registry import EdgeRegistry, Pool, Replica, Unavailable
+from .udp import UdpForward
 
 __all__ = ["EdgeSession", "Relay", "ensure_self_signed"]
 
@@ -99,6 +100,8 @@ class Relay:
         self._stopping = False
         self.quic_address: tuple[str, int] | None = None
         self.forward_addresses: dict[Forward, tuple[str, int]] = {}
+        #: The ``udp:`` forwards (tunnel/udp.py), by forward.
+        self.udp_forwards: dict[Forward, UdpForward] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -153,6 +156,20 @@ class Relay:
         )
         loop = asyncio.get_running_loop()
         for fwd in cfg.forwards:
+            if fwd.protocol == "udp":
+                udp = UdpForward(
+                    host=fwd.host,
+                    port=fwd.port,
+                    edge=fwd.edge,
+                    service=fwd.service,
+                    pool=lambda fwd=fwd: self.registry.pool(fwd.edge),  # type: ignore[misc]
+                    open_timeout=cfg.open_timeout,
+                    idle_timeout=cfg.udp_idle_timeout,
+                    max_flows=cfg.max_udp_flows,
+                )
+                self.forward_addresses[fwd] = await udp.start()
+                self.udp_forwards[fwd] = udp
+                continue
             try:
                 server = await loop.create_server(
                     lambda fwd=fwd: TcpLeg(  # type: ignore[misc]
@@ -186,6 +203,7 @@ class Relay:
         self._stopping = True
         for server in self._tcp:
             server.close()
+        await asyncio.gather(*(u.close() for u in self.udp_forwards.values()))
         log.info(
             "shutting down: no new connections, %.1fs grace for open streams", self.config.grace
         )
