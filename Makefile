@@ -1,6 +1,7 @@
 # One-command entry points (README "Quick start").
 # `make demo`  creates .venv if needed and runs the echo server + client end to end.
-# `make test`  creates .venv if needed, then runs ruff, mypy --strict and the whole pytest suite.
+# `make test`  creates .venv if needed, then runs ruff, mypy --strict, the API reference build and the whole pytest suite.
+# `make docs`  builds the API reference from the docstrings into build/api/ (pdoc; warnings are errors).
 # `make bench` runs every benchmark and writes docs/BENCHMARKS.md (`make bench-quick` for a smoke run).
 
 PYTHON ?= python3
@@ -8,20 +9,20 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck pytest bench bench-quick fuzz clean
+.PHONY: demo test test-fast lint typecheck pytest docs bench bench-quick fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,bench,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples pathlab bench
-	$(PY) -m ruff format --check src tests examples pathlab bench
+	$(PY) -m ruff check src tests examples pathlab bench docs/build_api.py
+	$(PY) -m ruff format --check src tests examples pathlab bench docs/build_api.py
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -29,7 +30,11 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(PY) -m pytest
 
-test: lint typecheck pytest
+# The API reference (docs/API.md says what is in it); about three seconds.
+docs: $(STAMP)
+	$(PY) -W error docs/build_api.py build/api
+
+test: lint typecheck docs pytest
 
 # The in-process subset (no subprocesses, namespaces or Rust peers), for quick iteration.
 test-fast: $(STAMP)

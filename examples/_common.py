@@ -47,7 +47,7 @@ from quic_reverse import (
 from quic_reverse.errors import CertificateError
 from quic_reverse.transport import Connection, QuicServer
 from quic_reverse.transport.quic import ClientTLS, ServerTLS, TransportOptions, connect, serve
-from quic_reverse.transport.tls import generate_self_signed
+from quic_reverse.transport.tls import generate_self_signed, load_certificates
 
 DEFAULT_HOST = "127.0.0.1"
 #: ALPN and TLS server name of the Rust crate's examples: keep them so both interoperate.
@@ -184,41 +184,30 @@ def add_client_arguments(
     )
 
 
-def ca_file(path: Path, scratch_dir: Path, *, option: str = "--ca") -> Path:
-    """Return a PEM file holding the certificate at ``path``, which may be PEM or DER.
+def ca_file(path: Path, *, option: str = "--ca") -> Path:
+    """Check that ``path`` holds a certificate (PEM or DER) before anything is dialled.
 
-    The Rust examples write DER; the QUIC stacks want PEM, so a DER file is converted
-    into ``scratch_dir``. The certificate is parsed here, so a missing, unreadable or
-    malformed file is reported before anything is dialled.
+    The library's one loader (``transport.tls.load_certificates``) parses it, and
+    ``ClientTLS`` accepts either format, so a DER file written by the Rust examples is
+    used as it is.
 
     Raises:
         ExampleError: (status 2) the file is missing, unreadable or not a certificate.
     """
     try:
-        data = path.read_bytes()
+        path.read_bytes()
     except FileNotFoundError:
         raise usage_error(f"{option} {path}: no such file") from None
     except OSError as exc:
         raise usage_error(f"{option} {path}: cannot read it: {exc.strerror or exc}") from None
-    is_pem = b"-----BEGIN CERTIFICATE-----" in data
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
-            cadata=data.decode("ascii") if is_pem else data
-        )
-    except (ssl.SSLError, UnicodeDecodeError, ValueError):
+        load_certificates(path, "CA file")
+    except ConfigError:
         raise usage_error(f"{option} {path}: not a PEM or DER certificate") from None
-    if is_pem:
-        return path
-    pem = ssl.DER_cert_to_PEM_cert(data)
-    scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    out = scratch_dir / f"{path.stem}.pem"
-    _write_atomic(out, pem.encode("ascii"), 0o644)
-    return out
+    return path
 
 
-def client_tls(
-    args: argparse.Namespace, *, default_ca: Path, written_by: str, scratch_dir: Path
-) -> ClientTLS:
+def client_tls(args: argparse.Namespace, *, default_ca: Path, written_by: str) -> ClientTLS:
     """The client TLS settings the options ask for: trust ``--ca`` (PEM or DER), or
     ``default_ca``, which the server ``written_by`` writes, when it was not given.
 
@@ -232,7 +221,7 @@ def client_tls(
         )
     option = "--ca" if args.ca is not None else "--ca (default)"
     ca: Path = args.ca if args.ca is not None else default_ca
-    cafile = ca_file(ca, scratch_dir, option=option)
+    cafile = ca_file(ca, option=option)
     return ClientTLS(alpn=(args.alpn,), server_name=args.server_name, cafile=str(cafile))
 
 
@@ -320,13 +309,14 @@ def peer_ended_normally(exc: BaseException) -> bool:
     session's StreamClose first, as the Rust relay example does when it drops its
     connection right after ``close()``; the session reports that as a closed session
     or as a lost connection whose cause is a :class:`ConnectionClosed` with code 0.
-    Both are a normal end. A close with any other code, or a QUIC idle timeout (which
-    the stacks also report with code 0), is not.
+    Both are a normal end. A close with any other code, or a lost connection (an idle
+    timeout or a stateless reset, which also come with code 0: ``ConnectionClosed.lost``),
+    is not.
     """
     if isinstance(exc, SessionClosed):  # a peer's StreamClose(0) has code NORMAL
         return exc.code is None or exc.code == CloseCode.NORMAL
     closed = _find_closed(exc)
-    return closed is not None and closed.error_code == 0 and "idle" not in closed.reason.lower()
+    return closed is not None and closed.error_code == 0 and not closed.lost
 
 
 def add_server_certificate_arguments(parser: argparse.ArgumentParser, *, cert_dir: Path) -> None:

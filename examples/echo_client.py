@@ -47,12 +47,11 @@ async def main(args: argparse.Namespace) -> int:
         args,
         default_ca=default_cert_dir() / CERT_NAME,
         written_by="echo_server.py",
-        scratch_dir=default_cert_dir() / "client",
     )
     connection = await dial(args, tls)
     try:
         session = Session(connection, Role.CLIENT, Config(agent="echo-client/0.1"))
-        async with await session.start() as handle:
+        async with session.start() as handle:
             log.info("connected to %r", handle.remote_agent)
             try:
                 stream = await handle.open(args.service, Metadata.EMPTY)

@@ -87,7 +87,7 @@ SERVICES = {
 async def handle_connection(connection: Connection) -> None:
     """One client: negotiate (server role), then route its open requests until it leaves."""
     session = Session(connection, Role.SERVER, Config(agent="echo-server/0.1"))
-    async with await session.start() as handle:
+    async with session.start() as handle:
         log.info("client %s connected (agent %r)", connection.remote_address, handle.remote_agent)
         await handle.serve(SERVICES)
     log.info("client %s done", connection.remote_address)

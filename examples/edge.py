@@ -40,7 +40,6 @@ from _common import (
     add_client_arguments,
     add_common_arguments,
     client_tls,
-    default_cert_dir,
     dial,
     peer_ended_normally,
     run,
@@ -96,13 +95,12 @@ async def main(args: argparse.Namespace) -> int:
             args,
             default_ca=RUST_RELAY_CERT,
             written_by="relay.py",
-            scratch_dir=default_cert_dir() / "edge",
         )
     print(f"connecting to relay {args.host}:{args.port} ...", flush=True)
     connection = await dial(args, tls)
     try:
         session = Session(connection, Role.CLIENT, Config(agent="edge/0.1"))
-        async with await session.start() as handle:
+        async with session.start() as handle:
             print(
                 f"connected to relay {args.host}:{args.port} (agent {handle.remote_agent!r}); "
                 f"exposing {', '.join(SERVICES)}",

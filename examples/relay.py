@@ -68,7 +68,7 @@ async def run_demo(connection: Connection) -> bool:
     peer = "{}:{}".format(*connection.remote_address)
     ok = True
     session = Session(connection, Role.SERVER, Config(agent="relay/0.1"))
-    async with await session.start() as handle:
+    async with session.start() as handle:
         print(f"edge connected from {peer} (agent {handle.remote_agent!r})", flush=True)
 
         # 1. time: the edge writes its clock and FINs. Our request is empty: read the

@@ -139,8 +139,15 @@ def test_quick_start_is_make_demo_and_make_test() -> None:
     demo = make_dry_run("demo")
     assert demo[-1] == ".venv/bin/python examples/demo.py"  # run for real in tests/examples
     test = make_dry_run("test")
-    assert [line.split()[-1] for line in test[-4:]] == ["bench", "bench", "mypy", "pytest"]
-    assert "-m ruff check" in test[-4] and "-m ruff format --check" in test[-3]
+    assert [line.split()[-1] for line in test[-5:]] == [
+        "docs/build_api.py",
+        "docs/build_api.py",
+        "mypy",
+        "build/api",  # the API reference (docs/build_api.py), warnings as errors
+        "pytest",
+    ]
+    assert "-m ruff check" in test[-5] and "-m ruff format --check" in test[-4]
+    assert "-W error docs/build_api.py" in test[-2]
 
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.MULTILINE)

@@ -47,7 +47,7 @@ def _add_settings(p: argparse.ArgumentParser, table: Sequence[Setting]) -> None:
         help_text = s.help + (f" (default: {s.default})" if s.default is not None else "")
         if s.kind == "bool":
             p.add_argument(s.flag, action="store_true", default=None, help=help_text)
-        elif s.kind in ("forwards", "expose"):
+        elif s.kind in ("forwards", "expose", "hostports"):
             p.add_argument(s.flag, action="append", metavar=s.metavar, help=help_text)
         elif s.kind == "choice":
             p.add_argument(s.flag, choices=s.choices, help=help_text)

@@ -57,15 +57,21 @@ class Config:
         max_queued_opens: local opens allowed to wait for a slot; past that ``open()``
             raises :class:`~quic_reverse.errors.CapacityExceeded` at once, so a burst of
             callers (e.g. a TCP connection flood on a relay forward) cannot queue without
-            bound (not in the Rust crate; ``0`` means never wait).
+            bound (not in the Rust crate; ``0`` means never wait). Also bounds the peer's
+            requests waiting for a slot under ``max_concurrent_streams``.
         max_concurrent_streams: active streams (plus unanswered incoming requests) beyond
-            which incoming OpenRequests are rejected with ``LIMIT_EXCEEDED``.
+            which incoming OpenRequests wait for a slot (at most ``max_queued_opens`` of
+            them, each at most ``open_timeout``) before they are handed out; past those
+            bounds they are rejected with ``LIMIT_EXCEEDED``.
         supported_versions: protocol versions we accept (only 1 exists).
         features: feature bits we advertise (ANDed with the peer's).
         close_timeout: how long ``close()`` waits for the peer's answering session close
             before closing the transport anyway (not in the Rust crate).
         max_buffered_events: informational control events (Ping, Pong, StreamClose,
             OpenResponseReceived) kept for ``process_message()``; older ones are dropped.
+        datagram_flows: advertise ``Features.DATAGRAM_FLOWS`` (our extension, not in the
+            Rust crate: datagram flows over QUIC DATAGRAM frames, PROTOCOL.md §9). Used
+            only when the peer advertises it too.
     """
 
     agent: str | None = None
@@ -81,6 +87,7 @@ class Config:
     features: Features = field(default_factory=lambda: Features(0))
     close_timeout: float = 2.0
     max_buffered_events: int = 256
+    datagram_flows: bool = True
 
     def __post_init__(self) -> None:
         if self.agent is not None and not isinstance(self.agent, str):
@@ -107,6 +114,8 @@ class Config:
         for v in versions:
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= _U16_MAX:
                 raise ConfigError(f"supported_versions: {v!r} is not a protocol version")
+        if not isinstance(self.datagram_flows, bool):
+            raise ConfigError(f"datagram_flows must be a bool, got {self.datagram_flows!r}")
         features = self.features
         if isinstance(features, bool) or not isinstance(features, int):
             raise ConfigError(f"features must be Features flags, got {features!r}")
@@ -117,10 +126,14 @@ class Config:
 
     @property
     def advertised_features(self) -> Features:
-        """The features we put in our Hello: ``features`` plus PING_PONG when keep-alive is on."""
+        """The features we put in our Hello: ``features`` plus PING_PONG when keep-alive is
+        on, plus DATAGRAM_FLOWS when ``datagram_flows``."""
+        features = self.features
         if self.ping_interval is not None:
-            return self.features | Features.PING_PONG
-        return self.features
+            features |= Features.PING_PONG
+        if self.datagram_flows:
+            features |= Features.DATAGRAM_FLOWS
+        return features
 
     @property
     def protocol_version(self) -> int:

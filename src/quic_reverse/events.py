@@ -11,6 +11,13 @@ dataclass deriving from :class:`ControlEvent`, usable with ``match``::
 
 Every variant is also reachable as an attribute of the base (``ControlEvent.OpenRequest``),
 like the Rust enum's ``ControlEvent::OpenRequest``.
+
+Names: the events that correspond to a wire message are named ``...Received``
+(:class:`OpenRequestReceived`, :class:`PingReceived`, :class:`PongReceived`,
+:class:`StreamCloseReceived`), so they are not confused with the wire messages of
+:mod:`quic_reverse.wire` (whose fields have defaults and which are what is sent). The
+short names (``OpenRequest``, ``Ping``, ``Pong``, ``StreamClose``) stay as aliases of
+the same classes: existing code and ``match`` patterns keep working.
 """
 
 from __future__ import annotations
@@ -24,10 +31,14 @@ __all__ = [
     "CloseReceived",
     "ControlEvent",
     "OpenRequest",
+    "OpenRequestReceived",
     "OpenResponseReceived",
     "Ping",
+    "PingReceived",
     "Pong",
+    "PongReceived",
     "StreamClose",
+    "StreamCloseReceived",
 ]
 
 
@@ -35,16 +46,20 @@ __all__ = [
 class ControlEvent:
     """Base of every control event."""
 
-    OpenRequest: ClassVar[type[OpenRequest]]
+    OpenRequest: ClassVar[type[OpenRequestReceived]]
+    OpenRequestReceived: ClassVar[type[OpenRequestReceived]]
     OpenResponseReceived: ClassVar[type[OpenResponseReceived]]
     CloseReceived: ClassVar[type[CloseReceived]]
-    Ping: ClassVar[type[Ping]]
-    Pong: ClassVar[type[Pong]]
-    StreamClose: ClassVar[type[StreamClose]]
+    Ping: ClassVar[type[PingReceived]]
+    PingReceived: ClassVar[type[PingReceived]]
+    Pong: ClassVar[type[PongReceived]]
+    PongReceived: ClassVar[type[PongReceived]]
+    StreamClose: ClassVar[type[StreamCloseReceived]]
+    StreamCloseReceived: ClassVar[type[StreamCloseReceived]]
 
 
 @dataclass(frozen=True, kw_only=True)
-class OpenRequest(ControlEvent):
+class OpenRequestReceived(ControlEvent):
     """The peer asks us to open a stream for ``service``.
 
     Answer with ``accept_open(request_id)`` or ``reject_open(request_id, code)``; requests
@@ -76,21 +91,21 @@ class CloseReceived(ControlEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Ping(ControlEvent):
+class PingReceived(ControlEvent):
     """The peer pinged us; the session has already answered with a Pong."""
 
     sequence: int
 
 
 @dataclass(frozen=True, kw_only=True)
-class Pong(ControlEvent):
+class PongReceived(ControlEvent):
     """A Pong answered one of our Pings."""
 
     sequence: int
 
 
 @dataclass(frozen=True, kw_only=True)
-class StreamClose(ControlEvent):
+class StreamCloseReceived(ControlEvent):
     """The peer reports that a logical stream is done (informational)."""
 
     logical_stream_id: int
@@ -98,9 +113,15 @@ class StreamClose(ControlEvent):
     reason: str | None
 
 
-ControlEvent.OpenRequest = OpenRequest
+#: Aliases: the names these events had first (no public name is removed).
+OpenRequest = OpenRequestReceived
+Ping = PingReceived
+Pong = PongReceived
+StreamClose = StreamCloseReceived
+
+ControlEvent.OpenRequest = ControlEvent.OpenRequestReceived = OpenRequestReceived
 ControlEvent.OpenResponseReceived = OpenResponseReceived
 ControlEvent.CloseReceived = CloseReceived
-ControlEvent.Ping = Ping
-ControlEvent.Pong = Pong
-ControlEvent.StreamClose = StreamClose
+ControlEvent.Ping = ControlEvent.PingReceived = PingReceived
+ControlEvent.Pong = ControlEvent.PongReceived = PongReceived
+ControlEvent.StreamClose = ControlEvent.StreamCloseReceived = StreamCloseReceived

@@ -9,14 +9,18 @@
 
 What the driver owns, and nothing more:
 
-* one **reader** task for the control stream (the server accepts it first: it is the
-  client's first bidirectional stream), feeding bytes to the core;
-* one **writer** task draining the core's outgoing bytes to the control stream in order
-  (a lone ``open()``/``ping()``/``reject_open()`` writes its own message at once, to
-  save a loop turn; under concurrency the writer batches them);
-* one **acceptor** task taking peer-opened data streams; a StreamBind already buffered
-  is read inline, otherwise one short-lived task per stream reads it (the core bounds
-  how many such streams exist and for how long);
+* the public API (:class:`Session`, :class:`SessionHandle`, :data:`Handler`) and the
+  *pump*: after every input to the core, carry out what it produced (bytes to the
+  writer, actions to waiters, events to ``process_message()``/``serve()``, timer);
+* the **control channel** (:mod:`quic_reverse._control`): one reader task for the
+  control stream (the server accepts it first: it is the client's first
+  bidirectional stream) feeding the core, and one **writer** task, the only one that
+  writes the control stream; a caller that needs its bytes out awaits a "flushed"
+  mark, so a cancelled caller never tears a frame;
+* the **acceptor** (:mod:`quic_reverse._acceptor`): one task taking peer-opened data
+  streams; a StreamBind already buffered is read inline, otherwise one short-lived
+  task per stream reads it (the core bounds how many such streams exist and for how
+  long);
 * one timer (``loop.call_at``), armed at the earliest deadline the core reports: every
   protocol deadline (negotiation, open, bind, ping, keep-alive, close) is the core's.
   The only other bounded waits are in the final shutdown (``Config.close_timeout``).
@@ -41,6 +45,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar, cast
 
+from ._acceptor import StreamAcceptor, reset_pair
+from ._control import ControlChannel
 from ._core import (
     Negotiated,
     OpenFailed,
@@ -52,20 +58,25 @@ from ._core import (
     SessionEnded,
     StreamRefused,
 )
+from ._starting import AwaitableContext, exit_context
 from .config import Config, Role
 from .errors import (
     ConnectionClosed,
+    Disconnected,
     EncodeError,
-    IncompleteReadError,
+    NegotiationError,
     QuicReverseError,
     SessionClosed,
+    StreamReset,
+    StreamStopped,
     TransportError,
+    UsageError,
 )
-from .events import ControlEvent, OpenRequest
+from .events import ControlEvent, OpenRequestReceived
+from .flow import DEFAULT_FLOW_QUEUE, DatagramFlow, FlowHandler, FlowManager
 from .stream import Stream
-from .transport.base import Connection, RecvStream, SendStream
+from .transport.base import Connection
 from .wire import (
-    STREAM_BIND_SIZE,
     CloseCode,
     Features,
     Metadata,
@@ -92,14 +103,8 @@ MetadataLike: TypeAlias = (
     | None
 )
 
-_READ_SIZE = 65536
-#: Pause reading the control stream while this much is waiting to be written to it.
-_OUTBOX_HIGH_WATER = 1 << 20
 #: QUIC application error code used when the session ends on an error.
 _ERROR_CLOSE_CODE = 1
-
-_Pair: TypeAlias = tuple[SendStream, RecvStream]
-
 
 _E = TypeVar("_E", RejectCode, CloseCode)
 
@@ -110,12 +115,6 @@ def _enum_value(kind: type[_E], value: object) -> _E:
         return kind(cast(int, value))
     except (ValueError, TypeError):
         raise EncodeError(f"{value!r} is not a {kind.__name__}") from None
-
-
-def _reset_pair(pair: _Pair, code: int = int(CloseCode.RESET)) -> None:
-    send, recv = pair
-    send.reset(code)
-    recv.stop(code)
 
 
 def _open_flags(value: object) -> OpenFlags:
@@ -150,18 +149,38 @@ class Session:
         """The session's configuration."""
         return self._config
 
-    async def start(self) -> SessionHandle:
+    def start(self) -> AwaitableContext[SessionHandle]:
         """Negotiate (PROTOCOL-v1 §4) and return the handle of the open session.
+
+        Both forms work: ``handle = await session.start()`` (then close it yourself),
+        and ``async with session.start() as handle:`` (closed when the block ends: a
+        normal close, or CloseCode.ERROR when the block raised).
 
         Raises:
             NegotiationError: version mismatch or an unexpected message.
             OperationTimeout: (kind NEGOTIATION) the exchange took longer than
                 ``negotiation_timeout``.
             Disconnected: the connection went away during negotiation.
-            SessionClosed: ``start()`` was already called.
+            UsageError: ``start()`` was already called.
         """
+        return AwaitableContext(self._start(), exit_context)
+
+    async def _start(self) -> SessionHandle:
         if self._handle is not None:
-            raise SessionClosed("Session.start() may be called only once")
+            raise UsageError("Session.start() may be called only once")
+        dialed = self._connection.dialed
+        if dialed is not None and dialed != (self._role is Role.CLIENT):
+            # PROTOCOL-v1 §1: the side that dials is the client. A contradiction would
+            # only show as a negotiation timeout (both SERVER) or a late conflict.
+            side = "dialled" if dialed else "accepted"
+            expected = Role.CLIENT if dialed else Role.SERVER
+            error = NegotiationError(
+                f"roles conflict: this side {side} the QUIC connection, so its role "
+                f"must be {expected.name}, not {self._role.name} (PROTOCOL-v1 §1)"
+            )
+            # Tell the peer at once too, instead of leaving it to its own timeout.
+            self._connection.close(_ERROR_CLOSE_CODE, str(error).encode()[:100])
+            raise error
         self._handle = SessionHandle(self._connection, self._role, self._config)
         await self._handle._start()
         return self._handle
@@ -176,30 +195,23 @@ class SessionHandle:
         self._config = config
         self._core = SessionCore(role, config)
         self._loop = asyncio.get_running_loop()
-        self._control: _Pair | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reader_task: asyncio.Task[None] | None = None
-        self._writer_task: asyncio.Task[None] | None = None
+        self._task_prefix = f"quic-reverse {role.value} "
+        self._channel = ControlChannel(connection, role, self._core, self._pump, self._spawn)
+        self._acceptor = StreamAcceptor(connection, self._core, self._pump, self._spawn, role.value)
         self._acceptor_task: asyncio.Task[None] | None = None
-        self._header_tasks: dict[int, asyncio.Task[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._open_waiters: dict[int, tuple[asyncio.Future[Stream], str]] = {}
         self._ping_waiters: dict[int, asyncio.Future[float]] = {}
-        self._streams_by_token: dict[int, _Pair] = {}
         self._events_ready = asyncio.Event()
-        self._outbox = bytearray()
-        self._outbox_ready = asyncio.Event()
-        self._outbox_idle = asyncio.Event()
-        self._outbox_idle.set()
-        self._writing = False
         self._ended = asyncio.Event()  # the core reached CLOSED
         self._closed = asyncio.Event()  # shutdown finished: transport closed, tasks done
         self._shutdown_task: asyncio.Task[None] | None = None
-        self._refused_streams = 0
         self._serve_handlers: Mapping[str, Handler] | None = None
-        self._task_prefix = f"quic-reverse {role.value} "
+        self._flows = FlowManager(connection, self._core, self._pump)  # datagram flows
+        self._serve_flow_handlers: Mapping[str, FlowHandler] = {}
 
     # ------------------------------------------------------------------ properties
 
@@ -254,8 +266,8 @@ class SessionHandle:
         sizes.update(
             open_waiters=len(self._open_waiters),
             ping_waiters=len(self._ping_waiters),
-            held_streams=len(self._streams_by_token),
-            header_tasks=len(self._header_tasks),
+            held_streams=len(self._acceptor.held),
+            header_tasks=len(self._acceptor.header_tasks),
             tasks=len(self._tasks),
         )
         return sizes
@@ -265,7 +277,10 @@ class SessionHandle:
     async def _start(self) -> None:
         self._core.start(self._loop.time())
         self._pump()
-        self._reader_task = self._spawn(self._read_loop(), "control-reader")
+        self._spawn(self._channel.run(), "control-reader")
+        if self._role is Role.CLIENT:
+            # From the start: a peer stream during negotiation means both are clients.
+            self._start_acceptor()
         try:
             await self._ready
         except asyncio.CancelledError:
@@ -327,15 +342,13 @@ class SessionHandle:
         """
         if type(flags) is not OpenFlags:
             flags = _open_flags(flags)
-        rid = self._core.open_request(service, Metadata.of(metadata), flags, self._loop.time())
+        sent = Metadata.of(metadata)
+        rid = self._core.open_request(service, sent, flags, self._loop.time())
         fut: asyncio.Future[Stream] = self._loop.create_future()
         self._open_waiters[rid] = (fut, service)
-        self._pump(will_flush=len(self._open_waiters) == 1)
+        self._pump()
         try:
-            if len(self._open_waiters) == 1:
-                # Alone: write now. With company, the writer task batches the requests.
-                await self._flush()
-            return await fut
+            return self._describe(await fut, sent)
         except asyncio.CancelledError:
             self._open_waiters.pop(rid, None)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -346,22 +359,38 @@ class SessionHandle:
             raise
 
     async def accept_open(self, request_id: int, logical_stream_id: int | None = None) -> Stream:
-        """Accept the peer's OpenRequest: send OpenResponse(Accepted), open the data
-        stream and write its StreamBind. The logical id is chosen here (from 1) unless
-        given.
+        """Accept the peer's OpenRequest: open the data stream, send
+        OpenResponse(Accepted) and write the stream's StreamBind. The logical id is
+        chosen here (from 1) unless given.
+
+        The data stream is opened first: at the transport's stream limit this waits
+        for a slot while the request is still unanswered (the opener's wait is then
+        bounded by its ``open_timeout``, not by its shorter bind deadline). Cancelled or
+        failed before the answer went out, the request is rejected (SERVICE_UNAVAILABLE);
+        after it, the peer is told with StreamClose: either way its open fails at once.
 
         Raises:
-            EncodeError: unknown ``request_id``, or an id that is 0 or in use.
+            UsageError: unknown ``request_id``, or a ``logical_stream_id`` in use.
+            EncodeError: a ``logical_stream_id`` outside 1..2**64-1.
             SessionClosed: the session is not open.
             TransportError: the data stream could not be opened.
         """
-        service = self._core.incoming_service(request_id)
-        lsid = self._core.accept(request_id, logical_stream_id)
-        # Alone (no other request waiting for an answer): write the OpenResponse now, in
-        # this loop turn, so it shares a datagram with the StreamBind below. Otherwise
-        # the writer task batches the responses of all concurrent accepts in one write.
-        alone = not self._core.has_pending_incoming
-        self._pump(will_flush=alone)
+        core = self._core
+        service = core.incoming_service(request_id)
+        core.check_accept(request_id, logical_stream_id)
+        try:
+            pair = await self._conn.open_bi()
+        except BaseException:
+            if core.is_open and core.is_incoming(request_id):
+                core.reject(request_id, RejectCode.SERVICE_UNAVAILABLE, "accept did not complete")
+                self._pump()
+            raise
+        try:
+            lsid = core.accept(request_id, logical_stream_id)
+        except BaseException:
+            reset_pair(pair)  # another accept answered it, or the session ended
+            raise
+        self._pump()
         released = False
 
         def release() -> None:
@@ -372,22 +401,74 @@ class SessionHandle:
                 self._pump()
 
         try:
-            if alone:
-                await self._flush()
-            send, recv = await self._conn.open_bi()
-            await send.write(StreamBind(logical_stream_id=lsid).encode())
+            await pair[0].write(StreamBind(logical_stream_id=lsid).encode())
         except BaseException:
+            # The peer was told "accepted": tell it the stream will not come (its open
+            # fails at once instead of at its bind deadline).
+            reset_pair(pair)
+            self._abandon_accepted(lsid, CloseCode.RESET, "accept did not complete")
             release()
             raise
-        return Stream(send, recv, logical_stream_id=lsid, service=service, on_release=release)
+        send, recv = pair
+        stream = Stream(send, recv, logical_stream_id=lsid, service=service, on_release=release)
+        return self._describe(stream, None)
+
+    def _describe(self, stream: Stream, metadata: Metadata | None) -> Stream:
+        """Fill in what ``stream.get_extra_info()`` reports from the session."""
+        stream._extra.update(peername=self._conn.remote_address, metadata=metadata, role=self._role)
+        return stream
+
+    async def open_flow(
+        self,
+        service: str,
+        metadata: MetadataLike = None,
+        *,
+        idle_timeout: float | None = None,
+        queue_size: int = DEFAULT_FLOW_QUEUE,
+    ) -> DatagramFlow:
+        """Ask the peer for a datagram flow to ``service`` (extension, PROTOCOL.md §9):
+        requested and answered like :meth:`open` (same limits, timeouts and reject
+        codes), then whole datagrams both ways over QUIC DATAGRAM frames.
+
+        Raises:
+            DatagramsUnavailable: the peer did not negotiate ``Features.DATAGRAM_FLOWS``
+                (e.g. the Rust crate: nothing is sent) or the connection has no datagrams.
+            StreamRejected, OperationTimeout, CapacityExceeded, SessionClosed: as open().
+            ConfigError: a bad ``idle_timeout`` or ``queue_size``.
+        """
+        return await self._flows.open(
+            service, Metadata.of(metadata), idle_timeout=idle_timeout, queue_size=queue_size
+        )
+
+    def accept_flow(
+        self,
+        request_id: int,
+        *,
+        idle_timeout: float | None = None,
+        queue_size: int = DEFAULT_FLOW_QUEUE,
+    ) -> DatagramFlow:
+        """Accept the peer's flow request (an ``OpenRequestReceived`` whose flags have
+        ``OpenFlags.DATAGRAM``): answer with a flow id and return the flow.
+
+        Raises:
+            UsageError: unknown ``request_id``.
+            SessionClosed: the session is not open.
+        """
+        return self._flows.accept(request_id, idle_timeout=idle_timeout, queue_size=queue_size)
+
+    @property
+    def flows_available(self) -> bool:
+        """True when datagram flows can be opened: both sides negotiated
+        ``Features.DATAGRAM_FLOWS`` and the connection carries QUIC datagrams."""
+        return self._core.flows_available and self._conn.max_datagram_size is not None
 
     async def reject_open(
         self, request_id: int, code: RejectCode, reason: str | None = None
     ) -> None:
         """Answer the peer's OpenRequest with Rejected(``code``)."""
         self._core.reject(request_id, _enum_value(RejectCode, code), reason)
-        self._pump(will_flush=True)
-        await self._flush()
+        self._pump()
+        await self._channel.writer.flushed()
 
     async def ping(self) -> float:
         """Send a Ping and return the round-trip time in seconds.
@@ -399,9 +480,8 @@ class SessionHandle:
         seq = self._core.send_ping(self._loop.time())
         fut: asyncio.Future[float] = self._loop.create_future()
         self._ping_waiters[seq] = fut
-        self._pump(will_flush=True)
+        self._pump()
         try:
-            await self._flush()
             return await fut
         finally:
             self._ping_waiters.pop(seq, None)
@@ -412,8 +492,8 @@ class SessionHandle:
     ) -> None:
         """Send an informational StreamClose for a logical stream (not the session)."""
         self._core.send_stream_close(logical_stream_id, _enum_value(CloseCode, code), reason)
-        self._pump(will_flush=True)
-        await self._flush()
+        self._pump()
+        await self._channel.writer.flushed()
 
     async def process_message(self) -> ControlEvent | None:
         """Return the next control event; ``None`` once the session ended cleanly.
@@ -436,12 +516,18 @@ class SessionHandle:
             self._events_ready.clear()
             await self._events_ready.wait()
 
-    async def serve(self, handlers: Mapping[str, Handler]) -> None:
+    async def serve(
+        self,
+        handlers: Mapping[str, Handler],
+        flow_handlers: Mapping[str, FlowHandler] | None = None,
+    ) -> None:
         """Route incoming opens to ``handlers[service](stream)`` until the session ends.
 
         Unknown services are rejected with UNSUPPORTED_SERVICE. When a handler returns
         the stream is closed gracefully; when it raises, the stream is reset and the
         error logged; the session carries on. Returns when the session ends cleanly.
+        Datagram flow requests go to ``flow_handlers[service](flow)`` (unknown services:
+        UNSUPPORTED_SERVICE); the flow is closed when the handler returns.
         While it runs it consumes every control event (informational ones are only
         logged), so do not call :meth:`process_message` at the same time; ``open()``,
         ``ping()`` and the rest work as usual from other tasks.
@@ -450,12 +536,12 @@ class SessionHandle:
             ProtocolError, Disconnected, OperationTimeout: the session died of an error.
         """
         if self._serve_handlers is not None:
-            raise RuntimeError("serve() is already running on this session")
+            raise UsageError("serve() is already running on this session")
         self._serve_handlers = handlers
+        self._serve_flow_handlers = flow_handlers or {}
         try:
             self._route_events()  # whatever was queued before serve() started
             self._pump()
-            await self._flush()
             await self._ended.wait()
         finally:
             self._serve_handlers = None
@@ -471,8 +557,11 @@ class SessionHandle:
             return
         core = self._core
         while (event := core.next_user_event()) is not None:
-            if not isinstance(event, OpenRequest):
+            if not isinstance(event, OpenRequestReceived):
                 logger.debug("%s: serve(): %r", self._role.value, event)
+                continue
+            if core.is_flow_request(event.flags):  # datagram flow (extension)
+                self._route_flow(event)
                 continue
             handler = handlers.get(event.service)
             if handler is None:
@@ -483,19 +572,63 @@ class SessionHandle:
                         f"unknown service {event.service!r}",
                     )
                 continue
-            self._spawn(self._run_handler(event.request_id, event.service, handler), "handler")
+            run = self._run_handler(event.request_id, event.service, handler, event.metadata)
+            self._spawn(run, "handler")
 
-    async def _run_handler(self, request_id: int, service: str, handler: Handler) -> None:
+    def _route_flow(self, event: OpenRequestReceived) -> None:
+        flow_handler = self._serve_flow_handlers.get(event.service)
+        if flow_handler is None or self._conn.max_datagram_size is None:
+            code = RejectCode.UNSUPPORTED_SERVICE
+            why = f"unknown datagram service {event.service!r}"
+            if flow_handler is not None:
+                code, why = RejectCode.SERVICE_UNAVAILABLE, "no QUIC datagrams on this connection"
+            with contextlib.suppress(SessionClosed):
+                self._core.reject(event.request_id, code, why)
+            return
+        flow = self.accept_flow(event.request_id)
+        self._spawn(self._run_flow_handler(flow, flow_handler), "flow-handler")
+
+    async def _run_flow_handler(self, flow: DatagramFlow, handler: FlowHandler) -> None:
+        try:
+            await handler(flow)
+        except asyncio.CancelledError:
+            flow.close(CloseCode.RESET)
+            raise
+        except QuicReverseError as exc:
+            logger.info("%s: flow handler for %r ended: %s", self._role.value, flow.service, exc)
+            flow.close(CloseCode.ERROR, "flow lost")
+        except Exception:
+            logger.exception("%s: flow handler for %r failed", self._role.value, flow.service)
+            flow.close(CloseCode.ERROR, "service failed")
+        else:
+            flow.close()
+
+    async def _run_handler(
+        self, request_id: int, service: str, handler: Handler, metadata: Metadata | None = None
+    ) -> None:
         try:
             stream = await self.accept_open(request_id)
         except QuicReverseError as exc:
             logger.warning("%s: could not accept %r: %s", self._role.value, service, exc)
             return
+        stream._extra["metadata"] = metadata
         try:
             await handler(stream)
         except asyncio.CancelledError:
             stream.reset(CloseCode.RESET)
             raise
+        except (StreamReset, StreamStopped, ConnectionClosed, Disconnected, SessionClosed) as exc:
+            # The peer or the connection ended the stream under the handler: an outcome
+            # of the network, not a bug in the handler, so no traceback.
+            logger.info(
+                "%s: handler for %r ended: %s; resetting stream %d",
+                self._role.value,
+                service,
+                exc,
+                stream.logical_stream_id,
+            )
+            stream.reset(CloseCode.ERROR)
+            self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "stream lost")
         except Exception:
             logger.exception(
                 "%s: handler for %r failed; resetting stream %d",
@@ -504,29 +637,34 @@ class SessionHandle:
                 stream.logical_stream_id,
             )
             stream.reset(CloseCode.ERROR)
+            self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "service failed")
         else:
             await stream.aclose()
 
+    def _abandon_accepted(self, lsid: int, code: CloseCode, reason: str) -> None:
+        """Send StreamClose(``lsid``) for a stream we accepted and then gave up, so an
+        opener still waiting for its data stream fails at once (see the core)."""
+        if self._core.is_open:
+            self._core.send_stream_close(lsid, code, reason)
+            self._pump()
+
     # ------------------------------------------------------------------ the pump
 
-    def _pump(self, *, will_flush: bool = False) -> None:
+    def _pump(self) -> None:
         """Carry out what the core produced: bytes, actions, events, timer.
 
-        Called after every input to the core, so it is kept cheap. ``will_flush``: the
-        caller writes the control bytes itself right after (see :meth:`_flush`), so the
-        writer task is not woken for them.
+        Called after every input to the core, so it is kept cheap. Control bytes go to
+        the writer's outbox; only the writer task writes them.
         """
         core = self._core
-        if core.move_data_to(self._outbox):
-            self._outbox_filled(wake_writer=not will_flush)
+        self._take_output()
         if core.has_outputs:
             for output in core.outputs():
                 self._dispatch(output)
         if core.has_events:
             if self._serve_handlers is not None:
                 self._route_events()
-                if core.move_data_to(self._outbox):
-                    self._outbox_filled()
+                self._take_output()
             else:
                 self._events_ready.set()
         if core.end is not None:
@@ -534,17 +672,18 @@ class SessionHandle:
         if core.has_new_deadline:
             self._rearm_timer()
 
-    def _outbox_filled(self, *, wake_writer: bool = True) -> None:
-        if self._closed.is_set():
-            self._outbox.clear()  # nobody will write it any more
-            return
-        self._outbox_idle.clear()
-        if wake_writer:
-            self._outbox_ready.set()
+    def _take_output(self) -> None:
+        self._channel.take_output()
+
+    def _start_acceptor(self) -> None:
+        if self._acceptor_task is None:
+            self._acceptor_task = self._spawn(self._acceptor.run(), "stream-acceptor")
 
     def _dispatch(self, output: Output) -> None:
+        if self._flows.dispatch(output):  # datagram flows (extension)
+            return
         if isinstance(output, OpenResolved):
-            pair = self._streams_by_token.pop(output.token)
+            pair = self._acceptor.take(output.token)
             waiter = self._open_waiters.pop(output.request_id, None)
             lsid = output.logical_stream_id
 
@@ -554,7 +693,7 @@ class SessionHandle:
 
             if waiter is None or waiter[0].done():
                 self._core.stream_released(None)
-                _reset_pair(pair)
+                reset_pair(pair)
                 return
             fut, service = waiter
             fut.set_result(
@@ -567,13 +706,7 @@ class SessionHandle:
             if waiter is not None and not waiter[0].done():
                 waiter[0].set_exception(output.error)
         elif isinstance(output, StreamRefused):
-            refused = self._streams_by_token.pop(output.token, None)
-            logger.warning("%s: resetting data stream: %s", self._role.value, output.reason)
-            if refused is not None:
-                _reset_pair(refused)
-            task = self._header_tasks.pop(output.token, None)
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
+            self._acceptor.refuse(output.token, output.reason)
         elif isinstance(output, PongReceived):
             fut_p = self._ping_waiters.get(output.sequence)
             if fut_p is not None and not fut_p.done():
@@ -592,9 +725,8 @@ class SessionHandle:
             )
             if not self._ready.done():
                 self._ready.set_result(None)
-            if self._acceptor_task is None:
-                self._acceptor_task = self._spawn(self._accept_loop(), "stream-acceptor")
-        else:
+            self._start_acceptor()
+        elif isinstance(output, SessionEnded):
             self._on_end(output)
 
     def _rearm_timer(self) -> None:
@@ -645,128 +777,6 @@ class SessionHandle:
             self._core.abort(error)
             self._pump()
 
-    async def _read_loop(self) -> None:
-        core = self._core
-        try:
-            if self._role is Role.CLIENT:
-                self._control = await self._conn.open_bi()
-            else:
-                pair = await self._conn.accept_bi()
-                if pair is None:
-                    raise ConnectionClosed("connection closed before the control stream opened")
-                self._control = pair
-            self._writer_task = self._spawn(self._write_loop(self._control[0]), "control-writer")
-            recv = self._control[1]
-            while not core.is_closed:
-                data = await recv.read(_READ_SIZE)
-                if not data:
-                    core.receive_eof(self._loop.time())
-                    self._pump()
-                    return
-                core.receive_data(data, self._loop.time())
-                self._pump(will_flush=True)
-                await self._flush()
-                if len(self._outbox) > _OUTBOX_HIGH_WATER:
-                    await self._outbox_idle.wait()
-        except TransportError as exc:
-            core.connection_lost(exc)
-            self._pump()
-
-    async def _write_loop(self, send: SendStream) -> None:
-        """Write whatever the core produced that no caller flushed directly."""
-        try:
-            while True:
-                if not self._outbox or self._writing:
-                    if not self._writing:
-                        self._outbox_idle.set()
-                    self._outbox_ready.clear()
-                    await self._outbox_ready.wait()
-                    continue
-                await self._write_out(send)
-        except TransportError as exc:
-            self._write_failed(exc)
-
-    async def _write_out(self, send: SendStream) -> None:
-        """Write the outbox in order; only one writer at a time (``_writing``)."""
-        self._writing = True
-        try:
-            while self._outbox:
-                data = bytes(self._outbox)
-                self._outbox.clear()
-                await send.write(data)
-        finally:
-            self._writing = False
-            if self._outbox:
-                self._outbox_ready.set()
-            else:
-                self._outbox_idle.set()
-
-    async def _flush(self) -> None:
-        """Write pending control bytes now, from the calling task, unless a write is
-        already in progress (then the writer task carries them).
-
-        Writing in the caller's turn of the event loop lets the transport put, e.g., an
-        OpenResponse and the new stream's StreamBind into one datagram, and applies the
-        control stream's backpressure to the caller.
-        """
-        if self._writing or not self._outbox or self._writer_task is None:
-            return
-        assert self._control is not None
-        try:
-            await self._write_out(self._control[0])
-        except TransportError as exc:
-            self._write_failed(exc)
-
-    def _write_failed(self, exc: TransportError) -> None:
-        self._outbox.clear()
-        self._outbox_idle.set()
-        self._core.connection_lost(exc)
-        self._pump()
-
-    async def _accept_loop(self) -> None:
-        while True:
-            pair = await self._conn.accept_bi()
-            if pair is None:
-                return
-            header_ready = pair[1].buffered_bytes >= STREAM_BIND_SIZE
-            token = self._core.stream_arrived(self._loop.time(), header_ready=header_ready)
-            if token is None:
-                self._refused_streams += 1
-                if self._refused_streams & (self._refused_streams - 1) == 0:  # 1, 2, 4...
-                    logger.warning(
-                        "%s: resetting unexpected data stream %d (nothing awaits it; %d so far)",
-                        self._role.value,
-                        pair[0].stream_id,
-                        self._refused_streams,
-                    )
-                _reset_pair(pair)
-                continue
-            self._streams_by_token[token] = pair
-            if header_ready:
-                # The header is already here: read it without a task (cannot block).
-                await self._read_header(token, pair[1])
-                continue
-            self._header_tasks[token] = self._spawn(
-                self._read_header(token, pair[1]), f"stream-header {token}"
-            )
-            self._pump()
-
-    async def _read_header(self, token: int, recv: RecvStream) -> None:
-        try:
-            header = await recv.read_exactly(STREAM_BIND_SIZE)
-        except (TransportError, IncompleteReadError) as exc:
-            logger.warning("%s: data stream lost before its StreamBind: %s", self._role.value, exc)
-            self._header_tasks.pop(token, None)
-            self._core.stream_lost(token)
-            pair = self._streams_by_token.pop(token, None)
-            if pair is not None:
-                _reset_pair(pair)
-            self._pump()
-            return
-        self._header_tasks.pop(token, None)
-        self._core.stream_header(token, header, self._loop.time())
-        self._pump()
-
     # ------------------------------------------------------------------ ending
 
     def _on_end(self, end: SessionEnded) -> None:
@@ -812,25 +822,17 @@ class SessionHandle:
             self._timer = None
         current = asyncio.current_task()
         try:
-            for pair in self._streams_by_token.values():
-                _reset_pair(pair)
-            self._streams_by_token.clear()
-            for task in list(self._header_tasks.values()):
-                task.cancel()
-            self._header_tasks.clear()
+            self._acceptor.close()
             if self._acceptor_task is not None:
                 self._acceptor_task.cancel()
             # Bounded linger: let the last control bytes (our close, or our answer to the
             # peer's close) leave before the connection goes.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._config.close_timeout):
-                    if self._control is not None and self._conn.is_open:
-                        await self._outbox_idle.wait()
-                        with contextlib.suppress(QuicReverseError):
-                            await self._control[0].finish()
-                        if end.by_peer and end.clean:
-                            # The closing peer drops the connection once it has our answer.
-                            await self._conn.wait_closed()
+                    await self._channel.linger()
+                    if self._conn.is_open and end.by_peer and end.clean:
+                        # The closing peer drops the connection once it has our answer.
+                        await self._conn.wait_closed()
             code = 0 if end.clean else _ERROR_CLOSE_CODE
             self._conn.close(code, str(end.error).encode()[:100])
             for task in list(self._tasks):
@@ -844,4 +846,5 @@ class SessionHandle:
                 async with asyncio.timeout(self._config.close_timeout):
                     await self._conn.wait_closed()
         finally:
+            self._channel.writer.stop()
             self._closed.set()

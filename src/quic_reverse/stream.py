@@ -2,10 +2,15 @@
 
 :class:`Stream` wraps one QUIC bidirectional stream (a transport ``SendStream`` and
 ``RecvStream`` pair) after its StreamBind header has been exchanged. It reads and writes
-like ``asyncio.StreamReader``/``StreamWriter``: ``read(n)``, ``readexactly(n)``, async
-iteration over chunks, ``write()`` + ``drain()`` (or ``send()``), ``write_eof()`` for
-FIN, ``reset(code)`` to abort both directions, ``close()``/``wait_closed()`` and
-``async with``.
+like ``asyncio.StreamReader``/``StreamWriter``: ``read(n)``, ``readexactly(n)``,
+``readline()``, ``readuntil(separator)``, ``at_eof()``, async iteration over chunks,
+``write()``/``writelines()`` + ``drain()`` (or ``send()``), ``write_eof()`` for FIN,
+``reset(code)`` to abort both directions, ``close()``/``wait_closed()``,
+``get_extra_info(name)`` and ``async with``. The errors are asyncio's too: a short
+``readexactly`` raises an :class:`asyncio.IncompleteReadError`, a peer reset a
+:class:`ConnectionResetError` (see :mod:`quic_reverse.errors`). To hand a stream to code
+that wants a real ``StreamReader``/``StreamWriter`` pair or an :class:`asyncio.Protocol`,
+see :mod:`quic_reverse.adapters`.
 
 Closing a stream does **not** send an informational ``StreamClose`` control message:
 QUIC's FIN and RESET_STREAM already end the stream at the peer, the Rust crate does not
@@ -17,10 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
+from typing import Any
 
-from .errors import ConnectionClosed, QuicReverseError, StreamReset, TransportError
+from .errors import (
+    ConnectionClosed,
+    IncompleteReadError,
+    LimitOverrunError,
+    QuicReverseError,
+    StreamReset,
+    UsageError,
+)
 from .transport.base import RecvStream, SendStream
 from .wire import CloseCode
 
@@ -29,6 +42,9 @@ __all__ = ["Stream"]
 logger = logging.getLogger("quic_reverse.stream")
 
 _CHUNK = 65536
+
+#: Default ``limit`` of :meth:`Stream.readline`/:meth:`Stream.readuntil` (asyncio's too).
+DEFAULT_LIMIT = 2**16
 
 
 class Stream:
@@ -51,12 +67,15 @@ class Stream:
         self._lsid = logical_stream_id
         self._service = service
         self._on_release = on_release
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # written, not yet drained
+        self._rbuf = bytearray()  # read from the transport, not yet returned
         self._write_done = False  # FIN sent or reset
         self._read_done = False  # EOF/reset received, or stopped
         self._released = False
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
+        #: get_extra_info() values the session knows (peername, metadata, role).
+        self._extra: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return (
@@ -82,12 +101,33 @@ class Stream:
         return self._send.stream_id
 
     def at_eof(self) -> bool:
-        """True once the peer's FIN (or reset) was read."""
-        return self._read_done
+        """True once the peer's FIN (or reset) was read and every byte returned."""
+        return self._read_done and not self._rbuf
 
     def is_closing(self) -> bool:
         """True once ``close()``/``reset()`` was called or both directions are done."""
         return self._closing or self._released
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Information about the stream, like ``asyncio.StreamWriter.get_extra_info``.
+
+        Names: ``"peername"`` (the peer's ``(host, port)``), ``"service"``,
+        ``"metadata"`` (the OpenRequest's :class:`~quic_reverse.wire.Metadata`: what was
+        sent, on the side that called ``open()``; what was received, in a
+        :meth:`~quic_reverse.SessionHandle.serve` handler; ``None`` after a bare
+        ``accept_open()``, whose caller holds the request event), ``"logical_stream_id"``,
+        ``"quic_stream_id"``, ``"role"`` (this side's :class:`~quic_reverse.Role`),
+        ``"stream"`` (this object). Any other name returns ``default``.
+        """
+        if name == "service":
+            return self._service
+        if name == "logical_stream_id":
+            return self._lsid
+        if name == "quic_stream_id":
+            return self._send.stream_id
+        if name == "stream":
+            return self
+        return self._extra.get(name, default)
 
     # ------------------------------------------------------------------ reading
 
@@ -98,14 +138,21 @@ class Stream:
             StreamReset: the peer reset the stream.
             ConnectionClosed: the connection closed before EOF.
         """
-        if n == 0 or self._read_done:
+        if n == 0:
             return b""
+        rbuf = self._rbuf
         if n > 0:
+            if rbuf:  # left by a cancelled read()/readexactly() or one that hit EOF
+                data = bytes(rbuf[:n])
+                del rbuf[:n]
+                return data
             return await self._read_chunk(n)
-        parts: list[bytes] = []
+        # Until EOF: what arrives is kept in the stream, so a cancelled call loses nothing.
         while chunk := await self._read_chunk(_CHUNK):
-            parts.append(chunk)
-        return b"".join(parts)
+            rbuf += chunk
+        data = bytes(rbuf)
+        rbuf.clear()
+        return data
 
     async def _read_chunk(self, n: int) -> bytes:
         if self._read_done:
@@ -128,11 +175,87 @@ class Stream:
         """
         if n < 0:
             raise ValueError("readexactly size can not be less than zero")
+        # Bytes read so far live in the stream, not in this call: a cancelled
+        # readexactly() loses nothing (the next read returns them).
+        buf = self._rbuf
+        while len(buf) < n:
+            if self._read_done:
+                partial = bytes(buf)
+                buf.clear()
+                raise IncompleteReadError(partial, n)
+            chunk = await self._read_chunk(n - len(buf))
+            if not chunk:
+                partial = bytes(buf)
+                buf.clear()
+                raise IncompleteReadError(partial, n)
+            buf += chunk
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
+
+    async def readuntil(self, separator: bytes = b"\n", *, limit: int = DEFAULT_LIMIT) -> bytes:
+        """Read up to and including ``separator`` (as ``asyncio.StreamReader.readuntil``).
+
+        At most ``limit`` bytes are held while looking for it; a cancelled call loses
+        nothing (the bytes stay in the stream for the next read).
+
+        Raises:
+            IncompleteReadError: EOF came before the separator (``.partial`` holds the
+                rest of the stream, ``.expected`` is ``None``); the bytes are consumed.
+            LimitOverrunError: no separator within ``limit`` bytes (``.consumed``); the
+                bytes stay in the stream.
+            ValueError: an empty separator.
+            StreamReset, ConnectionClosed: as for :meth:`read`.
+        """
+        if not separator:
+            raise ValueError("separator should be at least one-byte string")
+        seplen = len(separator)
+        buf = self._rbuf
+        offset = 0
+        while True:
+            idx = buf.find(separator, offset)
+            if idx != -1:
+                end = idx + seplen
+                if end > limit:
+                    raise LimitOverrunError(
+                        "separator is found, but chunk is longer than limit", idx
+                    )
+                data = bytes(buf[:end])
+                del buf[:end]
+                return data
+            offset = max(0, len(buf) + 1 - seplen)
+            if offset > limit:
+                raise LimitOverrunError(
+                    "separator is not found, and chunk exceeds the limit", offset
+                )
+            chunk = await self._read_chunk(_CHUNK)
+            if not chunk:
+                partial = bytes(buf)
+                buf.clear()
+                raise IncompleteReadError(partial, None)
+            buf += chunk
+
+    async def readline(self, *, limit: int = DEFAULT_LIMIT) -> bytes:
+        """Read one line, ``\\n`` included (as ``asyncio.StreamReader.readline``).
+
+        At EOF the rest of the stream is returned without ``\\n`` (``b""`` at EOF).
+
+        Raises:
+            ValueError: no ``\\n`` within ``limit`` bytes (the over-long data is dropped,
+                as asyncio does).
+            StreamReset, ConnectionClosed: as for :meth:`read`.
+        """
         try:
-            return await self._recv.read_exactly(n)
-        except (StreamReset, ConnectionClosed, EOFError):
-            self._read_finished()
-            raise
+            return await self.readuntil(b"\n", limit=limit)
+        except IncompleteReadError as exc:
+            return exc.partial
+        except LimitOverrunError as exc:
+            buf = self._rbuf
+            if buf.startswith(b"\n", exc.consumed):
+                del buf[: exc.consumed + 1]
+            else:
+                buf.clear()
+            raise ValueError(str(exc)) from None
 
     def __aiter__(self) -> Stream:
         return self
@@ -146,9 +269,13 @@ class Stream:
     # ------------------------------------------------------------------ writing
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Buffer ``data``; call :meth:`drain` to send it (with backpressure)."""
+        """Buffer ``data``; call :meth:`drain` to send it (with backpressure).
+
+        Raises:
+            UsageError: the stream is closed for writing (``write_eof``, ``reset``...).
+        """
         if self._write_done or self._closing:
-            raise TransportError(f"stream {self._lsid} is closed for writing")
+            raise UsageError(f"stream {self._lsid} is closed for writing")
         self._buffer += data
 
     async def drain(self) -> None:
@@ -161,15 +288,33 @@ class Stream:
         if self._buffer:
             data = bytes(self._buffer)
             self._buffer.clear()
-            await self._send.write(data)
+            await self._write(data)
+
+    def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """:meth:`write` each buffer of ``data`` (as ``asyncio.StreamWriter.writelines``)."""
+        for item in data:
+            self.write(item)
+
+    def can_write_eof(self) -> bool:
+        """Always True: a QUIC stream can send FIN and keep reading."""
+        return True
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` and drain (the one-call form)."""
+        """Write ``data`` and drain (the one-call form). Raises as :meth:`write`."""
         if self._write_done or self._closing:
-            raise TransportError(f"stream {self._lsid} is closed for writing")
+            raise UsageError(f"stream {self._lsid} is closed for writing")
         if self._buffer:
             await self.drain()
-        await self._send.write(data)
+        await self._write(data)
+
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
+        """One transport write. Cancelled half-way, it may have sent a prefix: the peer
+        must not take the rest for complete data, so the sending direction is reset."""
+        try:
+            await self._send.write(data)
+        except asyncio.CancelledError:
+            self._abort_write()
+            raise
 
     async def write_eof(self) -> None:
         """Send buffered data, then FIN: the peer reads EOF. Reading stays possible."""
@@ -181,6 +326,13 @@ class Stream:
         self._maybe_release()
 
     # ------------------------------------------------------------------ closing
+
+    def _abort_write(self) -> None:
+        self._buffer.clear()
+        if not self._write_done:
+            self._send.reset(int(CloseCode.RESET))
+            self._write_done = True
+            self._maybe_release()
 
     def reset(self, code: int = CloseCode.RESET) -> None:
         """Abort both directions: RESET_STREAM and STOP_SENDING with ``code``. Never raises."""

@@ -47,7 +47,7 @@ def lost(closed: ConnectionClosed) -> Disconnected:
         (lost(ConnectionClosed("connection closed by peer (code 0x0)", error_code=0)), True),
         (ConnectionClosed("connection closed by peer (code 0x0)", error_code=0), True),
         (lost(ConnectionClosed("closed (code 0x7)", error_code=7)), False),
-        (lost(ConnectionClosed("closed", error_code=0, reason="Idle timeout")), False),
+        (lost(ConnectionClosed("closed", error_code=0, reason="Idle timeout", lost=True)), False),
         (Disconnected("keep-alive failed"), False),
     ],
 )
@@ -68,16 +68,14 @@ def test_describe_says_why_the_peer_closed(common: ModuleType) -> None:
 
 
 def test_ca_file_takes_pem_and_der_and_refuses_the_rest(common: ModuleType, tmp_path: Path) -> None:
-    """One loader for every ``--ca``: PEM as is, DER converted to PEM, anything else a
-    status-2 error naming the option."""
+    """One loader for every ``--ca``: PEM or DER used as they are (the library reads
+    both), anything else a status-2 error naming the option."""
     cert, key = write_self_signed(tmp_path / "pem")
-    assert common.ca_file(cert, tmp_path / "scratch") == cert
+    assert common.ca_file(cert) == cert
 
     der = tmp_path / "relay.der"
     der.write_bytes(ssl.PEM_cert_to_DER_cert(cert.read_text("ascii")))
-    converted = common.ca_file(der, tmp_path / "scratch")
-    assert converted.parent == tmp_path / "scratch"
-    assert ssl.PEM_cert_to_DER_cert(converted.read_text("ascii")) == der.read_bytes()
+    assert common.ca_file(der) == der
 
     for bad, words in [
         (key, "not a PEM or DER certificate"),  # a key is not a certificate
@@ -85,6 +83,6 @@ def test_ca_file_takes_pem_and_der_and_refuses_the_rest(common: ModuleType, tmp_
         (tmp_path, "cannot read it"),
     ]:
         with pytest.raises(common.ExampleError) as info:
-            common.ca_file(bad, tmp_path / "scratch")
+            common.ca_file(bad)
         assert info.value.status == common.EXIT_USAGE
         assert str(info.value).startswith(f"--ca {bad}: {words}")

@@ -407,11 +407,6 @@ def test_edge_fails_when_the_relay_closes_with_an_error_code(tmp_path: Path) -> 
     assert "Traceback" not in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: the session logs its own refusal of an open at WARNING "
-    "(_core.SessionCore.reject); an expected refusal is not a problem",
-)
 def test_expected_refusal_is_not_a_warning(tmp_path: Path) -> None:
     """The edge refuses the relay's ``foobar`` probe by design: nothing at WARNING on
     either side of a demo run where everything behaved as expected."""

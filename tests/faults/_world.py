@@ -19,9 +19,7 @@ import asyncio
 import os
 import re
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from pathlab import Lab, Namespace
 
 from quic_reverse.tunnel.auth import generate_token, write_token_file
 from tests.support.timing import MS
-from tests.tunnel._procs import ROOT, Proc, RelayProc, Services
+from tests.tunnel._procs import Proc, RelayProc, Services
 
 #: The console script of this checkout's venv (the "real CLI").
 QUIC_REVERSE = str(Path(sys.executable).with_name("quic-reverse"))
@@ -72,27 +70,8 @@ class NsProc(Proc):
     """A :class:`tests.tunnel._procs.Proc` whose command runs inside a namespace."""
 
     def __init__(self, name: str, lab: Lab, ns: Namespace, argv: Sequence[str]) -> None:
-        self.name = name
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.popen = subprocess.Popen(
-            lab.command(ns, argv),  # `ip netns exec` execs: popen.pid is the process itself
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-        )
-        self._threads = [
-            threading.Thread(target=self._pump, args=(s,), daemon=True)
-            for s in (self.popen.stdout, self.popen.stderr)
-        ]
-        for t in self._threads:
-            t.start()
+        # `ip netns exec` execs: popen.pid is the process itself.
+        self._start(name, lab.command(ns, argv))
 
     @property
     def pid(self) -> int:

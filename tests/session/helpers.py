@@ -12,9 +12,10 @@ from quic_reverse.transport.base import Connection
 from quic_reverse.transport.memory import connection_pair
 
 from ..support.quic import quic_pair
+from ..support.timing import LONG
 
-#: Every wait in these tests is bounded by this (seconds); generous for a loaded CI box.
-WAIT = 10.0
+#: Every wait in these tests is bounded by this; generous for a loaded CI box.
+WAIT = LONG
 
 
 async def start_pair(

@@ -27,6 +27,7 @@ from quic_reverse.errors import (
     SessionClosed,
     StreamRejected,
     TimeoutKind,
+    UsageError,
 )
 from quic_reverse.wire import (
     CloseCode,
@@ -104,7 +105,7 @@ def test_negotiation_both_roles(byte_at_a_time: bool) -> None:
     )
     pair.client.start(0.0)
     sent = messages(pair.client.data_to_send())
-    assert sent == [Hello(protocol_version=1, features=Features(3), agent="edge/1")]
+    assert sent == [Hello(protocol_version=1, features=Features(0x10003), agent="edge/1")]
 
     pair = Pair(
         Config(agent="edge/1", features=Features.STRUCTURED_METADATA | Features.PING_PONG),
@@ -114,10 +115,10 @@ def test_negotiation_both_roles(byte_at_a_time: bool) -> None:
     for core, agent in ((pair.client, "relay/1"), (pair.server, "edge/1")):
         assert core.state is CoreState.OPEN
         assert core.negotiated_version == 1
-        assert core.negotiated_features == Features.STRUCTURED_METADATA | Features.PING_PONG
+        assert core.negotiated_features == Features(0x10003)  # + DATAGRAM_FLOWS (default)
         assert core.remote_agent == agent
-    assert pair.client_out == [Negotiated(1, Features(3), "relay/1")]
-    assert pair.server_out == [Negotiated(1, Features(3), "edge/1")]
+    assert pair.client_out == [Negotiated(1, Features(0x10003), "relay/1")]
+    assert pair.server_out == [Negotiated(1, Features(0x10003), "edge/1")]
 
 
 def test_server_waits_for_hello_and_sends_nothing_first() -> None:
@@ -344,19 +345,19 @@ def test_logical_ids() -> None:
     pair.flush()
     assert pair.client.accept(rids[0]) == 1
     assert pair.client.accept(rids[1], 5) == 5
-    with pytest.raises(EncodeError, match="in use"):
+    with pytest.raises(UsageError, match="in use"):
         pair.client.accept(rids[2], 5)
     with pytest.raises(EncodeError):
         pair.client.accept(rids[2], 0)
-    with pytest.raises(EncodeError, match="no pending"):
+    with pytest.raises(UsageError, match="no pending"):
         pair.client.accept(999)
     assert pair.client.accept(rids[2]) == 2
     pair.client.stream_released(1)
     assert pair.client.accept(rids[3], 1) == 1
 
 
-def test_limit_exceeded_is_automatic() -> None:
-    pair = open_pair(client=Config(max_concurrent_streams=2))
+def test_limit_exceeded_is_automatic_when_nothing_may_wait() -> None:
+    pair = open_pair(client=Config(max_concurrent_streams=2, max_queued_opens=0))
     rids = [pair.server.open_request("s", Metadata.EMPTY, NO_FLAGS, 0.0) for _ in range(3)]
     pair.flush()
     failed = [o for o in pair.server_out if isinstance(o, OpenFailed)]
@@ -364,6 +365,40 @@ def test_limit_exceeded_is_automatic() -> None:
     assert isinstance(failed[0].error, StreamRejected)
     assert failed[0].error.code is RejectCode.LIMIT_EXCEEDED
     assert pair.client.table_sizes()["incoming"] == 2
+
+
+def test_requests_past_the_stream_limit_wait_for_a_slot() -> None:
+    """Issue 10 item 2: a burst past max_concurrent_streams queues, then succeeds."""
+    pair = open_pair(client=Config(max_concurrent_streams=2, max_queued_opens=1, open_timeout=5))
+    rids = [pair.server.open_request("s", Metadata.EMPTY, NO_FLAGS, 0.0) for _ in range(4)]
+    pair.flush()
+    # Two handed out, one waits, the fourth is past max_queued_opens: rejected.
+    assert pair.client.table_sizes()["incoming"] == 2
+    assert pair.client.table_sizes()["waiting_incoming"] == 1
+    failed = [o for o in pair.server_out if isinstance(o, OpenFailed)]
+    assert [f.request_id for f in failed] == [rids[3]]
+    first = pair.client.next_user_event()
+    assert isinstance(first, ev.OpenRequest)
+    pair.client.accept(first.request_id)
+    second = pair.client.next_user_event()
+    assert isinstance(second, ev.OpenRequest)
+    pair.client.reject(second.request_id, RejectCode.UNAUTHORIZED, None)  # frees a slot
+    third = pair.client.next_user_event()
+    assert isinstance(third, ev.OpenRequest) and third.request_id == rids[2]
+    assert pair.client.table_sizes()["waiting_incoming"] == 0
+    # A waiting request that gets no slot within open_timeout is rejected then.
+    more = pair.server.open_request("s", Metadata.EMPTY, NO_FLAGS, 1.0)
+    pair.now = 1.0
+    pair.flush()
+    assert pair.client.table_sizes()["waiting_incoming"] == 1
+    assert pair.client.next_deadline() == 6.0
+    pair.client.handle_timer(6.0)
+    pair.server_out.clear()
+    pair.flush()
+    failed = [o for o in pair.server_out if isinstance(o, OpenFailed)]
+    assert [f.request_id for f in failed] == [more]
+    assert isinstance(failed[0].error, StreamRejected)
+    assert failed[0].error.code is RejectCode.LIMIT_EXCEEDED
 
 
 def test_ping_pong_and_ping_timeout() -> None:
@@ -468,7 +503,7 @@ def test_stream_close_event() -> None:
     assert pair.client.next_user_event() == ev.StreamClose(
         logical_stream_id=4, code=CloseCode.TIMEOUT, reason="idle"
     )
-    with pytest.raises(EncodeError):
+    with pytest.raises(UsageError):
         pair.server.send_stream_close(0, CloseCode.NORMAL, None)
 
 
@@ -501,8 +536,9 @@ def test_config_defaults_and_ping_feature() -> None:
     assert (cfg.max_inflight_opens, cfg.max_concurrent_streams) == (100, 1000)
     assert cfg.max_queued_opens == 10_000
     assert cfg.supported_versions == (1,) and cfg.features == Features(0)
-    assert cfg.advertised_features == Features(0)
-    assert Config(ping_interval=15).advertised_features == Features.PING_PONG
+    assert cfg.advertised_features == Features.DATAGRAM_FLOWS  # our extension, default on
+    assert Config(datagram_flows=False).advertised_features == Features(0)
+    assert Config(ping_interval=15, datagram_flows=False).advertised_features == Features.PING_PONG
     with pytest.raises(AttributeError):
         cfg.open_timeout = 3  # type: ignore[misc]
 

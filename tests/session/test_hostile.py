@@ -42,6 +42,7 @@ from quic_reverse.wire import (
     encode_message_frame,
 )
 
+from ..support.timing import MS
 from .helpers import WAIT
 
 
@@ -96,7 +97,7 @@ async def hostile(config: Config | None = None) -> AsyncIterator[tuple[SessionHa
     """A real server session and a raw client peer, negotiated."""
     c, s = connection_pair()
     # The raw peer never answers our session close: do not linger for it.
-    config = dataclasses.replace(config or Config(), close_timeout=0.1)
+    config = dataclasses.replace(config or Config(), close_timeout=100 * MS)
     async with asyncio.timeout(WAIT):
         handle, peer = await asyncio.gather(Session(s, Role.SERVER, config).start(), raw_hello(c))
     try:
@@ -153,7 +154,7 @@ async def test_slow_loris_negotiation_times_out() -> None:
     send, _recv = await c.open_bi()
     frame = encode_message_frame(Hello(protocol_version=1))
     await send.write(frame[:3])  # a few bytes, then silence
-    session = Session(s, Role.SERVER, Config(negotiation_timeout=0.3))
+    session = Session(s, Role.SERVER, Config(negotiation_timeout=300 * MS))
     async with asyncio.timeout(WAIT):
         with pytest.raises(OperationTimeout) as info:
             await session.start()
@@ -165,11 +166,11 @@ async def test_silent_connection_negotiation_times_out() -> None:
     _c, s = connection_pair()  # the client never even opens the control stream
     async with asyncio.timeout(WAIT):
         with pytest.raises(OperationTimeout):
-            await Session(s, Role.SERVER, Config(negotiation_timeout=0.2)).start()
+            await Session(s, Role.SERVER, Config(negotiation_timeout=200 * MS)).start()
 
 
 async def test_bad_data_streams_are_reset_and_session_carries_on() -> None:
-    async with hostile(Config(stream_bind_timeout=0.3)) as (handle, peer):
+    async with hostile(Config(stream_bind_timeout=300 * MS)) as (handle, peer):
         unknown = await peer.data_stream(StreamBind(logical_stream_id=99).encode())
         bad_magic = await peer.data_stream(b"XXXX\x01" + bytes(8))
         zero = await peer.data_stream(StreamBind(logical_stream_id=0).encode())
@@ -186,7 +187,7 @@ async def test_bad_data_streams_are_reset_and_session_carries_on() -> None:
 
 
 async def test_stream_flood_stays_bounded() -> None:
-    async with hostile(Config(stream_bind_timeout=0.3)) as (handle, peer):
+    async with hostile(Config(stream_bind_timeout=300 * MS)) as (handle, peer):
         streams = [await peer.data_stream(b"QR") for _ in range(200)]
         assert handle.table_sizes()["held_streams"] <= 8
         assert handle.table_sizes()["header_tasks"] <= 8
@@ -198,7 +199,7 @@ async def test_stream_flood_stays_bounded() -> None:
 
 
 async def test_bind_timeout_when_stream_never_comes() -> None:
-    async with hostile(Config(stream_bind_timeout=0.2)) as (handle, peer):
+    async with hostile(Config(stream_bind_timeout=200 * MS)) as (handle, peer):
         opener = asyncio.create_task(handle.open("x"))
         req = await peer.next()
         assert isinstance(req, OpenRequest)
@@ -247,7 +248,7 @@ async def test_streams_and_responses_in_any_order() -> None:
 
 
 async def test_open_flood_beyond_limits_is_rejected_and_bounded() -> None:
-    cfg = Config(max_concurrent_streams=50, max_buffered_events=16)
+    cfg = Config(max_concurrent_streams=50, max_queued_opens=100, max_buffered_events=16)
     async with hostile(cfg) as (handle, peer):
         flood = [
             OpenRequest(request_id=i, service="x", metadata=Metadata.EMPTY) for i in range(1, 3001)
@@ -258,7 +259,7 @@ async def test_open_flood_beyond_limits_is_rejected_and_bounded() -> None:
             await peer.write(Ping(sequence=i))
         rejected = 0
         async with asyncio.timeout(WAIT):
-            while rejected < 3000 - 50:
+            while rejected < 3000 - 50 - 100:  # 50 handed out, 100 wait for a slot
                 msg = await peer.next()
                 if isinstance(msg, OpenResponse):
                     assert msg.status == OpenStatus.rejected(RejectCode.LIMIT_EXCEEDED)
@@ -271,12 +272,13 @@ async def test_open_flood_beyond_limits_is_rejected_and_bounded() -> None:
             raise AssertionError("no Pong for the last Ping")
         sizes = handle.table_sizes()
         assert sizes["incoming"] == 50
+        assert sizes["waiting_incoming"] == 100
         assert sizes["events"] <= 50 + 16
         assert not handle.is_closed
 
 
 async def test_keepalive_detects_silent_peer() -> None:
-    cfg = Config(ping_interval=0.1, ping_timeout=0.2)
+    cfg = Config(ping_interval=100 * MS, ping_timeout=200 * MS)
     async with hostile(cfg) as (handle, peer):
         assert handle.negotiated_features == Features(0)  # the raw peer offers nothing
         opener = asyncio.create_task(handle.open("x"))
@@ -292,7 +294,7 @@ async def test_keepalive_detects_silent_peer() -> None:
 
 
 async def test_keepalive_stays_up_with_an_answering_peer() -> None:
-    cfg = Config(ping_interval=0.05, ping_timeout=5)
+    cfg = Config(ping_interval=50 * MS, ping_timeout=5000 * MS)
     async with hostile(cfg) as (handle, peer):
         for expected in range(1, 4):
             ping = await peer.next_of(Ping)

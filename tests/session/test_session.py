@@ -36,9 +36,11 @@ from quic_reverse.errors import (
     SessionClosed,
     StreamRejected,
     StreamReset,
+    UsageError,
 )
 from quic_reverse.transport.memory import connection_pair
 
+from ..support.timing import MS
 from .helpers import WAIT, echo, session_pair, start_pair
 
 TRANSPORTS = ["memory", "qh3"]
@@ -74,7 +76,8 @@ async def test_negotiation_and_both_directions(transport: str) -> None:
         assert client.role is Role.CLIENT and server.role is Role.SERVER
         assert client.remote_agent == "relay/1" and server.remote_agent == "edge/1"
         assert client.negotiated_version == server.negotiated_version == 1
-        assert client.negotiated_features == server.negotiated_features == Features.PING_PONG
+        both = Features.PING_PONG | Features.DATAGRAM_FLOWS  # (datagram flows: default on)
+        assert client.negotiated_features == server.negotiated_features == both
         serve_c = asyncio.create_task(client.serve({"echo": echo, "upper": upper}))
         serve_s = asyncio.create_task(server.serve({"echo": echo}))
         # The reverse open (server -> client) and the ordinary direction.
@@ -149,11 +152,13 @@ async def test_low_level_event_loop_and_metadata() -> None:
             seen = await task
         assert isinstance(seen[-1], ControlEvent.CloseReceived)
         assert seen[-1].reason == "done"
-        assert [type(e).__name__ for e in seen if isinstance(e, OpenRequest)] == ["OpenRequest"] * 2
+        assert [type(e).__name__ for e in seen if isinstance(e, OpenRequest)] == [
+            "OpenRequestReceived"
+        ] * 2
 
 
 async def test_open_timeout_when_peer_never_answers() -> None:
-    async with session_pair(server_config=Config(open_timeout=0.3)) as (client, server):
+    async with session_pair(server_config=Config(open_timeout=300 * MS)) as (client, server):
         with pytest.raises(OperationTimeout) as info:
             await server.open("ignored")
         assert info.value.kind is TimeoutKind.OPEN_REQUEST
@@ -191,7 +196,7 @@ async def test_cancelled_open_leaves_no_residue_and_late_stream_is_reset() -> No
         # Cancellation with asyncio.timeout, many at once.
         for _ in range(20):
             with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.001):
+                async with asyncio.timeout(MS):
                     await server.open("never")
         assert server.table_sizes()["local_opens"] == 0
         assert server.table_sizes()["open_waiters"] == 0
@@ -222,7 +227,7 @@ async def test_inflight_limit_waits_for_a_slot() -> None:
 
 
 async def test_queued_open_times_out() -> None:
-    cfg = Config(max_inflight_opens=1, open_timeout=0.3)
+    cfg = Config(max_inflight_opens=1, open_timeout=300 * MS)
     async with session_pair(server_config=cfg) as (_client, server):
         results = await asyncio.gather(server.open("a"), server.open("b"), return_exceptions=True)
         for r in results:
@@ -232,8 +237,9 @@ async def test_queued_open_times_out() -> None:
         assert_no_residue(server, "orphan_requests")
 
 
-async def test_limit_exceeded_when_too_many_streams() -> None:
-    async with session_pair(client_config=Config(max_concurrent_streams=2)) as (client, server):
+async def test_limit_exceeded_when_too_many_streams_and_nothing_may_wait() -> None:
+    config = Config(max_concurrent_streams=2, max_queued_opens=0)
+    async with session_pair(client_config=config) as (client, server):
         released = asyncio.Event()
 
         async def hold(stream: Stream) -> None:
@@ -268,14 +274,14 @@ async def test_accept_open_ids() -> None:
         with pytest.raises(EncodeError):
             await client.accept_open(rids[0], 0)
         a = await client.accept_open(rids[0], 42)
-        with pytest.raises(EncodeError, match="in use"):
+        with pytest.raises(UsageError, match="in use"):
             await client.accept_open(rids[1], 42)
         b = await client.accept_open(rids[1])
         c = await client.accept_open(rids[2])
         assert (a.logical_stream_id, b.logical_stream_id, c.logical_stream_id) == (42, 1, 2)
         opened = await asyncio.gather(*openers)
         assert sorted(s.logical_stream_id for s in opened) == [1, 2, 42]
-        with pytest.raises(EncodeError, match="no pending"):
+        with pytest.raises(UsageError, match="no pending"):
             await client.accept_open(999)
         with pytest.raises(EncodeError, match="RejectCode"):
             await client.reject_open(rids[0], 77)  # type: ignore[arg-type]

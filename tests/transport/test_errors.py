@@ -89,3 +89,16 @@ def test_certificate_alerts_and_codes() -> None:
     assert valid_code((1 << 62) - 1, "reset") == (1 << 62) - 1
     for bad in (-1, 1 << 62, True):
         assert valid_code(bad, "reset") == 0
+
+
+def test_an_idle_timeout_is_a_lost_connection_not_a_close() -> None:
+    """Both stacks end an idle connection with reason "Idle timeout": no close frame was
+    exchanged, so the error is marked ``lost`` and the session never takes it for a
+    peer's graceful close (a stateless reset is marked the same way in _client)."""
+    from quic_reverse._control import graceful_close
+    from quic_reverse.transport._errors import connection_closed
+
+    idle = connection_closed("connection closed by peer", 0, "Idle timeout")
+    assert idle.lost and not graceful_close(idle)
+    closed = connection_closed("connection closed by peer", 0, "bye")
+    assert not closed.lost and graceful_close(closed)

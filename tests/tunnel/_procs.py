@@ -30,12 +30,17 @@ class Proc:
     """A child process whose stdout+stderr lines are collected by reader threads."""
 
     def __init__(self, name: str, args: Sequence[str], *, module: str = "quic_reverse") -> None:
+        self._start(name, [sys.executable, "-m", module, *args])
+
+    def _start(self, name: str, command: Sequence[str]) -> None:
+        """Run ``command`` with reader threads collecting its lines (subclasses call this
+        with a command of their own, e.g. wrapped in ``ip netns exec``)."""
         self.name = name
         self.lines: list[str] = []
         self._cond = threading.Condition()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            list(command),
             cwd=ROOT,
             env=env,
             stdin=subprocess.PIPE,

@@ -209,7 +209,7 @@ async def test_edge_not_connected_client_closed_promptly(tunnel: Tunnel) -> None
     assert await _closed_within(tunnel.port("ghost/echo"), PROMPT) in ("eof", "reset")
     assert time.monotonic() - started < PROMPT
     await asyncio.to_thread(
-        tunnel.relay.proc.wait_for, r"ghost/echo: edge 'ghost' is not connected", after=mark
+        tunnel.relay.proc.wait_for, r"ghost/echo: edge 'ghost' has never connected", after=mark
     )
 
 

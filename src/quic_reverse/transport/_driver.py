@@ -26,7 +26,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from ..errors import CertificateError, ConnectionClosed, TransportError
+from ..errors import (
+    CertificateError,
+    ConnectionClosed,
+    DatagramsUnavailable,
+    DatagramTooLarge,
+    TransportError,
+)
 from ._errors import StackCall, connection_closed, is_certificate_alert, stack_call, valid_code
 from ._gate import ReceiveGate
 from ._options import TransportOptions
@@ -52,6 +58,13 @@ logger = logging.getLogger("quic_reverse.transport")
 _CLOCK_RESOLUTION = time.get_clock_info("monotonic").resolution
 # Stack deadlines closer than this are polled rather than slept on (see _arm_timer).
 _SPIN_WINDOW = 200e-6
+# Datagram budget (RFC 9221) inside one packet of the configured size: the largest
+# 1-RTT header (1 + 20-byte connection id + 4-byte packet number), the AEAD tag, and
+# the DATAGRAM frame's type and a length of up to 4 bytes.
+_DATAGRAM_PACKET_OVERHEAD = 1 + 20 + 4 + 16 + 1 + 4
+# Datagrams queued in a stack (not yet in a packet) past which new ones are dropped:
+# datagrams wait for congestion window like everything else, but must not pile up.
+_DATAGRAM_BACKLOG = 1024
 
 
 class _SendToMany(Protocol):
@@ -161,6 +174,11 @@ class StackConnection(Connection):
             spec.events.handshake_completed: self._on_handshake_completed,
             spec.events.connection_terminated: self._on_connection_terminated,
         }
+        self._datagram_handler: Callable[[bytes], None] | None = None
+        #: Datagrams dropped locally: backlog full at send, or no handler at receive.
+        self.datagrams_dropped = 0
+        if spec.events.datagram_frame_received is not None:
+            self._dispatch[spec.events.datagram_frame_received] = self._on_datagram
 
     def _unread(self) -> int:
         return self._gate.unread
@@ -538,6 +556,52 @@ class StackConnection(Connection):
         if self._table.forget_if_done(state):
             self._quic.qr_forget(state.stream_id)
 
+    # ------------------------------------------------------------- datagrams
+
+    def _on_datagram(self, event: Any) -> None:
+        handler = self._datagram_handler
+        if handler is None:
+            self.datagrams_dropped += 1
+            return
+        try:
+            handler(bytes(event.data))
+        except Exception:
+            logger.exception("%s: datagram handler failed; datagram dropped", self.stack_name)
+
+    @property
+    def max_datagram_size(self) -> int | None:
+        quic: Any = self._quic
+        remote = getattr(quic, "_remote_max_datagram_frame_size", None)
+        configuration = getattr(quic, "_configuration", None)
+        local = getattr(configuration, "max_datagram_frame_size", None)
+        if self._spec.events.datagram_frame_received is None or not remote or not local:
+            return None
+        packet = int(getattr(configuration, "max_datagram_size", 1200))
+        limit = min(packet - _DATAGRAM_PACKET_OVERHEAD, int(remote) - 5)
+        return limit if limit > 0 else None
+
+    def send_datagram(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._is_open:
+            raise self._error()
+        limit = self.max_datagram_size
+        if limit is None:
+            raise DatagramsUnavailable(
+                f"{self.stack_name}: the peer accepts no QUIC datagrams (RFC 9221)"
+            )
+        if len(data) > limit:
+            raise DatagramTooLarge(len(data), limit)
+        quic: Any = self._quic
+        pending = getattr(quic, "_datagrams_pending", None)  # aioquic's queue
+        if pending is not None and len(pending) >= _DATAGRAM_BACKLOG:
+            self.datagrams_dropped += 1
+            return
+        with stack_call(f"{self.stack_name}: send_datagram"):
+            quic.send_datagram_frame(bytes(data))
+        self._transmit_soon()
+
+    def set_datagram_handler(self, handler: Callable[[bytes], None] | None) -> None:
+        self._datagram_handler = handler
+
     # -------------------------------------------------------- Connection API
 
     async def open_bi(self) -> tuple[SendStream, RecvStream]:
@@ -617,6 +681,10 @@ class StackConnection(Connection):
         with StackCall("reading the peer certificate", on_error="log"):
             der = self._quic.qr_peer_certificate()
         return der
+
+    @property
+    def dialed(self) -> bool:
+        return self._is_client
 
     def abort(self) -> None:
         """Drop the connection without waiting for the close handshake (cleanup path)."""

@@ -131,13 +131,20 @@ def is_certificate_alert(error_code: int) -> bool:
     return 0x100 <= error_code <= 0x1FF and (error_code - 0x100) in _CERT_ALERTS
 
 
+#: The reason both stacks give when the idle timeout ended a connection (code 0, but
+#: no close frame was exchanged: the connection was lost).
+IDLE_TIMEOUT_REASON = "idle timeout"
+
+
 def connection_closed(what: str, code: int, reason: str) -> ConnectionClosed:
     """The error for a closed connection; ``reason`` may be the peer's text, so it is
-    shown escaped (it ends up in logs and CLI output)."""
+    shown escaped (it ends up in logs and CLI output). An idle timeout is marked
+    ``lost``: nobody closed the connection."""
     return ConnectionClosed(
         f"{what} (code {code:#x})" + (f": {reason!r}" if reason else ""),
         error_code=code,
         reason=reason,
+        lost=reason.strip().lower() == IDLE_TIMEOUT_REASON,
     )
 
 

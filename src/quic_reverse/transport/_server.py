@@ -1,9 +1,23 @@
 """The server side of the QUIC adapters: one UDP socket, many connections.
 
 :class:`StackServer` routes datagram batches by destination connection id to
-:class:`~._driver.StackConnection` objects it creates for new Initials (bounded by
-``max_handshakes``), runs each connection's handler once its handshake completed,
-and closes everything on :meth:`StackServer.close`.
+:class:`~._driver.StackConnection` objects it creates for new Initials, runs each
+connection's handler once its handshake completed, and closes everything on
+:meth:`StackServer.close`.
+
+Hostile traffic is handled without state (:mod:`._retry`, :mod:`._reset`):
+
+* an Initial that does not decrypt with its destination connection id's keys is
+  dropped before anything is allocated;
+* while ``retry_threshold`` or more handshakes are in progress, a new client is
+  first sent a Retry; only an Initial with a valid token (bound to its address)
+  gets a handshake slot, at most ``max_handshakes`` at once;
+* a short-header packet for a connection id the server does not know (it was
+  restarted, or the connection is gone) is answered with a stateless reset
+  (rate-limited), so the peer ends its connection at once instead of at its
+  idle timeout.
+
+Log lines a peer can trigger are throttled (:class:`~._throttle.PeerLog`).
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -19,6 +34,15 @@ from ..errors import ConfigError, TransportError
 from ._driver import StackConnection
 from ._errors import StackCall
 from ._options import TransportOptions
+from ._reset import RateLimit, encode_stateless_reset, static_keys
+from ._retry import (
+    DEFAULT_RETRY_THRESHOLD,
+    RetryTokens,
+    encode_retry,
+    initial_decrypts,
+    parse_initial,
+)
+from ._throttle import PeerLog
 from ._udp import open_udp_endpoint
 
 if TYPE_CHECKING:
@@ -27,6 +51,11 @@ if TYPE_CHECKING:
 __all__ = ["StackServer", "stack_serve"]
 
 logger = logging.getLogger("quic_reverse.transport")
+
+#: Stateless resets sent per second at most (each costs one HMAC and one datagram
+#: smaller than the packet that triggered it), and the burst allowed.
+RESET_RATE = 1000.0
+RESET_BURST = 1000.0
 
 
 class StackServer:
@@ -49,8 +78,22 @@ class StackServer:
         self._options = options
         #: Connections allowed in their handshake at once (see DEFAULT_MAX_HANDSHAKES).
         self.max_handshakes = options.max_handshakes
+        #: Handshakes in progress from which new clients are validated with Retry.
+        self.retry_threshold = min(DEFAULT_RETRY_THRESHOLD, options.max_handshakes)
         self._handshaking = 0
-        self._handshake_limit_warned = False
+        keys = static_keys(configuration)
+        self._reset_token = keys.reset_token
+        self._retry_tokens = RetryTokens(keys.retry_key)
+        self._reset_limit = RateLimit(RESET_RATE, RESET_BURST)
+        #: Counters of stateless decisions (diagnostics, tests).
+        self.initials_dropped = 0
+        self.retries_sent = 0
+        self.resets_sent = 0
+        self._log_limit = PeerLog(logger, logging.WARNING)
+        self._log_undecryptable = PeerLog(logger, logging.INFO)
+        self._log_bad_token = PeerLog(logger, logging.INFO)
+        self._log_retry = PeerLog(logger, logging.INFO)
+        self._log_failed = PeerLog(logger, logging.INFO)
         self._on_connection = on_connection
         #: Seconds a new connection may take to complete its handshake.
         self.handshake_timeout = options.handshake_timeout
@@ -81,9 +124,14 @@ class StackServer:
             )
         )
 
-    def _new_connection(self, original_dcid: bytes) -> StackConnection:
+    def _new_connection(
+        self, original_dcid: bytes, retry_source_cid: bytes | None = None
+    ) -> StackConnection:
         spec = self._spec
         quic = spec.create(self._configuration, self._options.max_streams, original_dcid)
+        if retry_source_cid is not None:
+            quic.qr_retried(retry_source_cid)
+        quic.qr_set_reset_token(self._reset_token(quic.host_cid))
         return spec.connection_class(
             spec,
             quic,
@@ -109,6 +157,8 @@ class StackServer:
             # destination connection id follows the first byte, no parsing needed.
             if data and not data[0] & 0x80:
                 conn = connections.get(data[1:cid_end])
+                if conn is None and len(data) > cid_end:
+                    self._stateless_reset(data, addr, cid_end)
             else:
                 conn = self._route(data, addr)
             if conn is not target:
@@ -132,27 +182,81 @@ class StackServer:
             return None
         version, is_initial, dcid, scid = header
         if version is not None and version not in self._supported_versions:
-            if self._transport is not None:
+            # RFC 9000 §5.2.2: only for datagrams of 1200+ bytes (no amplification).
+            if self._transport is not None and len(data) >= 1200:
                 self._transport.sendto(self._version_negotiation(dcid, scid), addr)
             return None
         conn = self._connections.get(dcid)
         if conn is None and is_initial and len(data) >= 1200:
-            if self._handshaking >= self.max_handshakes:
-                level = logging.DEBUG if self._handshake_limit_warned else logging.WARNING
-                self._handshake_limit_warned = True
-                logger.log(
-                    level,
-                    "server: %d handshakes in progress (max_handshakes); dropping Initial from %s",
-                    self._handshaking,
-                    addr,
+            conn = self._admit(data, addr, dcid)
+        return conn
+
+    def _admit(self, data: bytes, addr: Any, dcid: bytes) -> StackConnection | None:
+        """A new connection for a client's first Initial, or None (see the module
+        docstring: decryption check, Retry under load, handshake limit)."""
+        initial = parse_initial(data)
+        if initial is None or not initial_decrypts(data, initial):
+            self.initials_dropped += 1
+            self._log_undecryptable(
+                "server: dropping Initials that do not decrypt (from %s)", _where(addr)
+            )
+            return None
+        original_dcid = dcid
+        retry_source_cid: bytes | None = None
+        if RetryTokens.is_ours(initial.token):
+            validated = self._retry_tokens.validate(addr, initial.token, dcid)
+            if validated is None:
+                self.initials_dropped += 1
+                self._log_bad_token(
+                    "server: dropping Initials with an invalid or expired Retry token (from %s)",
+                    _where(addr),
                 )
                 return None
-            with self._guard_create:
-                conn = self._new_connection(dcid)
-            if conn is None:
-                return None
-            self._register(conn, dcid, addr)
+            original_dcid, retry_source_cid = validated, dcid
+        elif self._handshaking >= self.retry_threshold:
+            self._send_retry(initial.version, initial.scid, dcid, addr)
+            return None
+        if self._handshaking >= self.max_handshakes:
+            self.initials_dropped += 1
+            self._log_limit(
+                "server: %d handshakes in progress (max_handshakes); dropping Initial from %s",
+                self._handshaking,
+                _where(addr),
+            )
+            return None
+        conn = None
+        with self._guard_create:
+            conn = self._new_connection(original_dcid, retry_source_cid)
+        if conn is None:
+            return None
+        self._register(conn, dcid, addr)
         return conn
+
+    def _send_retry(self, version: int, client_cid: bytes, dcid: bytes, addr: Any) -> None:
+        if self._transport is None:
+            return
+        source_cid = os.urandom(self._cid_length)
+        token = self._retry_tokens.create(addr, dcid, source_cid)
+        packet = encode_retry(version, dcid=client_cid, scid=source_cid, odcid=dcid, token=token)
+        self._transport.sendto(packet, addr)
+        self.retries_sent += 1
+        self._log_retry(
+            "server: %d handshakes in progress: validating new clients' addresses with "
+            "Retry (retry_threshold %d)",
+            self._handshaking,
+            self.retry_threshold,
+        )
+
+    def _stateless_reset(self, data: bytes, addr: Any, cid_end: int) -> None:
+        """Answer a short-header packet for an unknown connection id (RFC 9000 §10.3)."""
+        if self._transport is None or not self._reset_limit.allow():
+            return
+        packet = encode_stateless_reset(self._reset_token(data[1:cid_end]), len(data))
+        if packet is None:
+            return
+        self._transport.sendto(packet, addr)
+        self.resets_sent += 1
+        logger.debug("server: stateless reset to %s", _where(addr))
 
     def _register(self, conn: StackConnection, dcid: bytes, addr: Any) -> None:
         assert self._transport is not None
@@ -186,8 +290,11 @@ class StackServer:
             async with asyncio.timeout(self.handshake_timeout):
                 await conn.wait_handshake()
         except TransportError as exc:
-            logger.info(
-                "%s server: handshake failed from %s: %s", conn.stack_name, conn.remote_address, exc
+            self._log_failed(
+                "%s server: handshake failed from %s: %s",
+                conn.stack_name,
+                _where(conn.remote_address),
+                exc,
             )
             conn.abort()
             return
@@ -251,6 +358,14 @@ class StackServer:
         if self._transport is not None:
             self._transport.close()
         self._closed.set()
+
+
+def _where(addr: Any) -> str:
+    """``host:port`` of a socket address, for logs."""
+    try:
+        return _address(str(addr[0]), int(addr[1]))
+    except (TypeError, IndexError, ValueError):
+        return repr(addr)
 
 
 def _address(host: str, port: int) -> str:

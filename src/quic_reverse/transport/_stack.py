@@ -32,6 +32,7 @@ from ._options import (
     DEFAULT_STREAM_WINDOW,
     TransportOptions,
 )
+from ._reset import remember_static_key
 from ._udp import DEFAULT_SOCKET_BUFFER
 from .tls import ServerCredentials, load_certificates, load_server_credentials
 
@@ -47,6 +48,10 @@ __all__ = [
     "StackHooks",
     "StackSpec",
 ]
+
+#: The ``max_datagram_frame_size`` transport parameter our configurations announce
+#: (RFC 9221: we accept DATAGRAM frames up to this size; a peer may send them).
+DATAGRAM_FRAME_LIMIT = 65535
 
 #: ``(version, is_initial, destination_cid, source_cid)`` of a packet header.
 Header = tuple[int | None, bool, bytes, bytes]
@@ -83,6 +88,9 @@ class QuicStack(Protocol):
     def qr_consumed(self, stream_id: int, nbytes: int) -> bool: ...
     def qr_forget(self, stream_id: int) -> None: ...
     def qr_flush_needed(self) -> bool: ...
+    def qr_set_reset_token(self, token: bytes) -> None: ...
+    def qr_retried(self, retry_source_cid: bytes) -> None: ...
+    def qr_peer_reset_token(self) -> bytes | None: ...
 
 
 class StackHooks:
@@ -109,6 +117,23 @@ class StackHooks:
     def qr_flush_needed(self) -> bool:
         """After a transmit: True if building packets produced more to send at once."""
         return False
+
+    # -- address validation and stateless resets (see ._retry, ._reset) ----------
+
+    def qr_set_reset_token(self, token: bytes) -> None:
+        """Server, before the first datagram: the stateless reset token to announce
+        for the handshake connection id (``host_cid``)."""
+
+    def qr_retried(self, retry_source_cid: bytes) -> None:
+        """Server, before the first datagram: the client's address was validated with
+        a Retry whose source connection id was ``retry_source_cid`` (to announce in
+        the transport parameters). A stack that cannot must not be run with Retry."""
+        raise NotImplementedError("this stack does not support Retry")
+
+    def qr_peer_reset_token(self) -> bytes | None:
+        """Client, after the handshake: the server's stateless reset token for the
+        connection id in use (None if unknown)."""
+        return None
 
 
 def _zero() -> int:
@@ -146,6 +171,8 @@ class StackEvents:
     connection_id_retired: type
     handshake_completed: type
     connection_terminated: type
+    #: RFC 9221 DATAGRAM frame received (None: the stack has no datagrams).
+    datagram_frame_received: type | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -211,6 +238,7 @@ class StackSpec(Generic[C]):
             idle_timeout=idle_timeout,
             max_data=connection_window,
             max_stream_data=stream_window,
+            max_datagram_frame_size=DATAGRAM_FRAME_LIMIT,
             **extra,
         )
 
@@ -237,12 +265,14 @@ class StackSpec(Generic[C]):
             idle_timeout=idle_timeout,
             max_data=connection_window,
             max_stream_data=stream_window,
+            max_datagram_frame_size=DATAGRAM_FRAME_LIMIT,
         )
         try:
             with stack_call(f"{self.name} cannot use certificate {os.fspath(certfile)}"):
                 self.load_credentials(config, credentials)
         except TransportError as exc:
             raise ConfigError(str(exc)) from exc
+        remember_static_key(config, credentials.key)  # stateless resets survive restarts
         return config
 
     # -- entry points --------------------------------------------------------

@@ -115,6 +115,19 @@ class _CreditQuicConnection(StackHooks, QuicConnection):
         cert = self.tls._peer_certificate
         return None if cert is None else bytes(cert.public_bytes(Encoding.DER))
 
+    def qr_retried(self, retry_source_cid: bytes) -> None:
+        # Read when the first datagram creates the TLS state (transport parameters).
+        self._retry_source_connection_id = retry_source_cid
+
+    def qr_set_reset_token(self, token: bytes) -> None:
+        # Announced in the transport parameters for the handshake connection id.
+        self._host_cids[0].stateless_reset_token = token
+
+    def qr_peer_reset_token(self) -> bytes | None:
+        # aioquic stores the server's token but never checks datagrams against it.
+        token = self._peer_cid.stateless_reset_token
+        return bytes(token) if token else None
+
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data
         # Everything the peer used counts as consumed except what sits unread in the
@@ -204,6 +217,7 @@ SPEC: StackSpec[QuicConfiguration] = StackSpec(
         connection_id_retired=aioquic_events.ConnectionIdRetired,
         handshake_completed=aioquic_events.HandshakeCompleted,
         connection_terminated=aioquic_events.ConnectionTerminated,
+        datagram_frame_received=aioquic_events.DatagramFrameReceived,
     ),
     configuration_class=QuicConfiguration,
     create=_create,

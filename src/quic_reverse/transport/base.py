@@ -23,6 +23,11 @@ Semantics shared by all implementations:
   causes stays in the :class:`~quic_reverse.errors.TransportError` family; a closed
   connection is always :class:`~quic_reverse.errors.ConnectionClosed`, whoever
   closed it, because a close can race with any pending operation.
+* Datagrams (RFC 9221, optional): :attr:`Connection.max_datagram_size` is ``None``
+  when the connection carries none; otherwise :meth:`Connection.send_datagram` sends
+  one whole datagram of at most that size, unreliably (it may be lost, duplicated
+  never, reordered possibly), and each datagram received is passed to the handler
+  set with :meth:`Connection.set_datagram_handler` (dropped while none is set).
 * Closing the connection (either side) wakes every pending ``accept_bi``/``read``/
   ``write`` with :class:`~quic_reverse.errors.ConnectionClosed` (``accept_bi``
   returns ``None`` instead).
@@ -31,8 +36,9 @@ Semantics shared by all implementations:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
-from ..errors import IncompleteReadError
+from ..errors import DatagramsUnavailable, IncompleteReadError
 
 __all__ = ["Connection", "RecvStream", "SendStream"]
 
@@ -186,4 +192,43 @@ class Connection(abc.ABC):
     @property
     def peer_certificate(self) -> bytes | None:
         """The peer's end-entity certificate (DER), if the stack exposes one."""
+        return None
+
+    @property
+    def dialed(self) -> bool | None:
+        """True if this side dialled the connection (QUIC client), False if it accepted
+        it, None if the transport cannot tell (in-memory pairs, third-party transports).
+
+        The session uses it to refuse a role that contradicts the connection at once
+        (PROTOCOL-v1 §1: the side that dials is the client) instead of after a timeout.
+        """
+        return None
+
+    # ------------------------------------------------------------ datagrams (optional)
+
+    @property
+    def max_datagram_size(self) -> int | None:
+        """The largest payload :meth:`send_datagram` takes now, or ``None`` when this
+        connection carries no datagrams (the transport has none, or the peer did not
+        announce ``max_datagram_frame_size``). Conservative: a datagram of this size
+        fits a packet of the connection's configured size with the largest headers.
+        """
+        return None
+
+    def send_datagram(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue one unreliable datagram (RFC 9221): delivered whole or not at all.
+
+        Never blocks; datagrams are not flow controlled and may be lost.
+
+        Raises:
+            DatagramsUnavailable: :attr:`max_datagram_size` is ``None``.
+            DatagramTooLarge: ``len(data)`` exceeds :attr:`max_datagram_size`.
+            ConnectionClosed: the connection is closed.
+        """
+        raise DatagramsUnavailable(f"{type(self).__name__} carries no datagrams")
+
+    def set_datagram_handler(self, handler: Callable[[bytes], None] | None) -> None:
+        """Call ``handler(data)`` in the event loop for every datagram received (it must
+        not block; an exception it raises is logged and the datagram dropped); ``None``
+        drops them. Transports without datagrams ignore this."""
         return None

@@ -23,6 +23,10 @@ suite (``tests/transport/test_conformance.py``) runs over all transports:
   ``None``. Bytes already delivered stay readable; bytes still in flight (see
   ``delay``) are lost, as on a real network.
 
+Datagrams: ``max_datagram_size`` (default 1200; ``None`` for a pair without
+datagrams) bounds :meth:`MemoryConnection.send_datagram`; each datagram reaches the
+peer's handler in a later event-loop step (after ``delay``), never lost.
+
 Two knobs exist only here, to shake out parser and timing assumptions:
 ``trickle=True`` makes every ``read`` return at most one byte, and ``delay > 0``
 delivers each write (and FIN) that many seconds later, preserving order.
@@ -34,9 +38,17 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Final
 
-from ..errors import ConnectionClosed, StreamReset, StreamStopped, UsageError
+from ..errors import (
+    ConnectionClosed,
+    DatagramsUnavailable,
+    DatagramTooLarge,
+    StreamReset,
+    StreamStopped,
+    UsageError,
+)
 from .base import Connection, RecvStream, SendStream
 
 __all__ = [
@@ -50,6 +62,7 @@ logger = logging.getLogger("quic_reverse.transport.memory")
 
 _DEFAULT_BUFFER_SIZE: Final = 256 * 1024
 _DEFAULT_MAX_STREAMS: Final = 1000
+_DEFAULT_MAX_DATAGRAM: Final = 1200
 
 _FIN: Final = None  # marker of a FIN in a pipe's in-flight queue
 
@@ -99,6 +112,7 @@ class _Link:
         self.closed_event = asyncio.Event()
         self.streams: set[_Stream] = set()
         self.ends: list[MemoryConnection] = []
+        self.max_datagram_size: int | None = _DEFAULT_MAX_DATAGRAM
 
     def error(self) -> ConnectionClosed:
         """The exception every operation raises once the link is closed."""
@@ -442,6 +456,7 @@ class MemoryConnection(Connection):
             collections.deque()
         )
         self._accept_signal = _Signal()
+        self._datagram_handler: Callable[[bytes], None] | None = None
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else "closed"
@@ -500,7 +515,40 @@ class MemoryConnection(Connection):
     def remote_address(self) -> tuple[str, int]:
         return ("memory", 0)
 
+    @property
+    def max_datagram_size(self) -> int | None:
+        return self._link.max_datagram_size
+
+    def send_datagram(self, data: bytes | bytearray | memoryview) -> None:
+        limit = self._link.max_datagram_size
+        if limit is None:
+            raise DatagramsUnavailable("this memory connection pair carries no datagrams")
+        if self._link.closed:
+            raise self._link.error()
+        if len(data) > limit:
+            raise DatagramTooLarge(len(data), limit)
+        peer = self._peer
+        if peer is None:
+            raise UsageError("memory connection is not paired (use connection_pair())")
+        loop = asyncio.get_running_loop()
+        if self._link.delay:
+            loop.call_later(self._link.delay, peer._deliver_datagram, bytes(data))
+        else:
+            loop.call_soon(peer._deliver_datagram, bytes(data))
+
+    def set_datagram_handler(self, handler: Callable[[bytes], None] | None) -> None:
+        self._datagram_handler = handler
+
     # -- internal --------------------------------------------------------------
+
+    def _deliver_datagram(self, data: bytes) -> None:
+        handler = self._datagram_handler
+        if handler is None or self._link.closed:
+            return
+        try:
+            handler(data)
+        except Exception:
+            logger.exception("%s: datagram handler failed; datagram dropped", self._name)
 
     def _release_slot(self) -> None:
         self._open_streams -= 1
@@ -518,6 +566,7 @@ def connection_pair(
     max_streams: int = _DEFAULT_MAX_STREAMS,
     trickle: bool = False,
     delay: float = 0.0,
+    max_datagram_size: int | None = _DEFAULT_MAX_DATAGRAM,
 ) -> tuple[MemoryConnection, MemoryConnection]:
     """Create a connected (client, server) pair inside the running event loop.
 
@@ -526,6 +575,7 @@ def connection_pair(
         max_streams: concurrent bidirectional streams each side may open.
         trickle: every ``read`` returns at most one byte.
         delay: seconds before each write/FIN reaches the peer (order preserved).
+        max_datagram_size: largest datagram either side may send; ``None``: no datagrams.
 
     Raises:
         ValueError: a knob is out of range.
@@ -536,7 +586,10 @@ def connection_pair(
         raise ValueError("max_streams must be >= 1")
     if delay < 0:
         raise ValueError("delay must be >= 0")
+    if max_datagram_size is not None and max_datagram_size < 1:
+        raise ValueError("max_datagram_size must be >= 1 or None")
     link = _Link(buffer_size=buffer_size, max_streams=max_streams, trickle=trickle, delay=delay)
+    link.max_datagram_size = max_datagram_size
     client = MemoryConnection(link, is_client=True)
     server = MemoryConnection(link, is_client=False)
     client._peer = server

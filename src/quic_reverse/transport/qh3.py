@@ -22,18 +22,21 @@ qh3 traps handled here (see ``QUIC-STACKS.md``):
   high-water mark;
 * qh3 logs every CONNECTION_CLOSE it receives, including the graceful close that
   ends every session, as a *warning* on its ``quic`` logger: :class:`_PeerCloseIsDebug`
-  demotes that one message to debug (protocol errors stay warnings).
+  demotes that one message to debug; its "Native protocol error" warning (a peer
+  can trigger one per connection) is throttled by :class:`_PeerErrorsThrottled`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import qh3.quic.connection as _qh3_connection_module
 import qh3.quic.tls_bridge as _qh3_tls_bridge_module
+import qh3.tls as _qh3_tls_module
 from qh3._hazmat import pull_quic_header as _pull_quic_header
 from qh3.quic import events as qh3_events
 from qh3.quic.configuration import QuicConfiguration
@@ -80,9 +83,42 @@ class _PeerCloseIsDebug(logging.Filter):
         return True
 
 
+class _PeerErrorsThrottled(logging.Filter):
+    """Throttle qh3's "Native protocol error" warning (one per connection a peer
+    breaks, so any peer can trigger it at will): one warning per minute, saying how
+    many were demoted to debug in between."""
+
+    INTERVAL = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0.0
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or record.msg != "Native protocol error: %r":
+            return True
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.INTERVAL
+            if self._suppressed:
+                record.msg += " (%d more in the last %.0f s, logged at debug)"
+                record.args = (*(record.args or ()), self._suppressed, self.INTERVAL)
+                self._suppressed = 0
+            return True
+        self._suppressed += 1
+        if not _qh3_logger.isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno = logging.DEBUG
+        record.levelname = logging.getLevelName(logging.DEBUG)
+        return True
+
+
 _qh3_logger = logging.getLogger("quic")
 if not any(isinstance(f, _PeerCloseIsDebug) for f in _qh3_logger.filters):
     _qh3_logger.addFilter(_PeerCloseIsDebug())
+if not any(isinstance(f, _PeerErrorsThrottled) for f in _qh3_logger.filters):
+    _qh3_logger.addFilter(_PeerErrorsThrottled())
 
 
 # qh3 2.1 hard-codes the concurrent-stream limits it advertises (100 bidi, 103 uni)
@@ -90,6 +126,7 @@ if not any(isinstance(f, _PeerCloseIsDebug) for f in _qh3_logger.filters):
 # Both are patched consistently, for the duration of the call that uses them.
 _CORE_LOCAL_MAX_STREAMS_BIDI_ARG = 21
 _CORE_MAX_DATAGRAM_SIZE_ARG = 8
+_QUIC_TRANSPORT_PARAMETERS = _qh3_tls_module.ExtensionType.QUIC_TRANSPORT_PARAMETERS
 
 #: Cap on the datagram size a qh3 client may discover (path MTU discovery probes up
 #: to min(route limit, this)). Bigger packets mean fewer per-packet costs (header
@@ -119,6 +156,8 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         self._qr_max_streams = max_streams
         #: Upper bound for path MTU discovery replacing the configuration's, if set.
         self._qr_max_datagram_size: int | None = None
+        #: Server: the stateless reset token to announce (see qr_set_reset_token).
+        self._qr_reset_token: bytes | None = None
         super().__init__(**kwargs)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
@@ -174,6 +213,12 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
                 return bytes(original_serialize())
 
         bridge.serialize_transport_parameters = serialize  # type: ignore[method-assign]
+        if self._qr_reset_token is not None:
+            # The bridge serialises its transport parameters when it is created.
+            bridge.stateless_reset_token = self._qr_reset_token
+            bridge.tls.handshake_extensions = [
+                (_QUIC_TRANSPORT_PARAMETERS, serialize()),
+            ]
         return bridge
 
     # -- driver hooks ------------------------------------------------------------
@@ -227,6 +272,19 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         cert = self.get_peercert()
         return None if cert is None else bytes(cert.public_bytes())
 
+    def qr_retried(self, retry_source_cid: bytes) -> None:
+        # Read when the first datagram creates the TLS state (transport parameters).
+        self._retry_source_connection_id = retry_source_cid
+
+    def qr_set_reset_token(self, token: bytes) -> None:
+        # qh3 draws the token at random when it creates the TLS bridge (first datagram).
+        self._qr_reset_token = token
+
+    def qr_peer_reset_token(self) -> bytes | None:
+        parameters = self._applied_transport_parameters
+        token = None if parameters is None else parameters.stateless_reset_token
+        return None if token is None else bytes(token)
+
 
 class Qh3Connection(StackConnection):
     """A qh3 :class:`QuicConnection` behind the transport contract."""
@@ -273,6 +331,7 @@ SPEC: StackSpec[QuicConfiguration] = StackSpec(
         connection_id_retired=qh3_events.ConnectionIdRetired,
         handshake_completed=qh3_events.HandshakeCompleted,
         connection_terminated=qh3_events.ConnectionTerminated,
+        datagram_frame_received=qh3_events.DatagramFrameReceived,
     ),
     configuration_class=QuicConfiguration,
     create=_create,

@@ -21,6 +21,7 @@ raises :class:`~quic_reverse.errors.CertificateError`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -33,6 +34,7 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from .._starting import AwaitableContext, exit_context
 from ..errors import CertificateError, ConfigError
 from ._client import stack_connect
 from ._driver import StackConnection
@@ -115,7 +117,7 @@ def _check_port(port: object, *, allow_zero: bool) -> None:
         raise ConfigError(f"port must be an int in {low}..65535, got {port!r}")
 
 
-async def connect(
+def connect(
     host: str,
     port: int,
     *,
@@ -123,8 +125,12 @@ async def connect(
     stack: Stack = "qh3",
     idle_timeout: float = 60.0,
     options: TransportOptions | None = None,
-) -> Connection:
+) -> AwaitableContext[Connection]:
     """Connect over QUIC and return the connection once the handshake (and pin) passed.
+
+    ``conn = await connect(...)`` (close it yourself: ``conn.close()``, then ``await
+    conn.wait_closed()``), or ``async with connect(...) as conn:``, which closes it
+    when the block ends.
 
     Raises:
         ConfigError: unknown stack, port outside 1..65535 or invalid options.
@@ -132,6 +138,31 @@ async def connect(
         ConnectionClosed: the server closed the connection during the handshake.
         TransportError: no route, no answer within the handshake timeout, socket errors.
     """
+    coro = _connect(host, port, tls=tls, stack=stack, idle_timeout=idle_timeout, options=options)
+    return AwaitableContext(coro, _close_connection)
+
+
+async def _close_connection(
+    conn: Connection,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    """End of ``async with connect(...)``: close (code 1 when the block raised), wait."""
+    failed = exc is not None and not isinstance(exc, asyncio.CancelledError)
+    conn.close(1 if failed else 0, type(exc).__name__.encode() if failed else b"")
+    await conn.wait_closed()
+
+
+async def _connect(
+    host: str,
+    port: int,
+    *,
+    tls: ClientTLS,
+    stack: Stack,
+    idle_timeout: float,
+    options: TransportOptions | None,
+) -> Connection:
     _check_stack(stack)
     _check_port(port, allow_zero=False)
     opts = options or TransportOptions(idle_timeout=idle_timeout)
@@ -227,9 +258,11 @@ class QuicServer:
 
     def __init__(self, impl: StackServer) -> None:
         self._impl = impl
+        self._closing = asyncio.Event()
 
     @property
     def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)``."""
         return self._impl.address
 
     @property
@@ -239,11 +272,27 @@ class QuicServer:
 
     def close(self) -> None:
         """Stop accepting, close every connection (handlers see them close)."""
+        self._closing.set()
         self._impl.close()
+
+    def is_serving(self) -> bool:
+        """True until :meth:`close` is called."""
+        return not self._closing.is_set()
 
     async def wait_closed(self) -> None:
         """Wait (bounded) for handlers and connections to finish, then release the socket."""
         await self._impl.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`close` is called (from another task or a signal handler),
+        or until this call is cancelled; either way the server is closed and waited for
+        before it returns (or re-raises the cancellation), like
+        :meth:`asyncio.Server.serve_forever`."""
+        try:
+            await self._closing.wait()
+        finally:
+            self.close()
+            await self.wait_closed()
 
     async def __aenter__(self) -> QuicServer:
         return self
@@ -258,7 +307,7 @@ class QuicServer:
         await self.wait_closed()
 
 
-async def serve(
+def serve(
     host: str,
     port: int,
     *,
@@ -267,17 +316,43 @@ async def serve(
     stack: Stack = "qh3",
     idle_timeout: float = 60.0,
     options: TransportOptions | None = None,
-) -> QuicServer:
+) -> AwaitableContext[QuicServer]:
     """Listen for QUIC connections on ``(host, port)``.
 
     ``on_connection(conn)`` runs as a task per connection after the handshake;
     when it returns, the server closes that connection if still open.
+
+    ``server = await serve(...)``, or ``async with serve(...) as server:`` (closed, and
+    waited for, when the block ends); :meth:`QuicServer.serve_forever` runs until the
+    server is closed or the task cancelled.
 
     Raises:
         ConfigError: unknown stack, port outside 0..65535, invalid options, unreadable
             certificate/key.
         TransportError: the address cannot be bound.
     """
+    coro = _serve(
+        host,
+        port,
+        tls=tls,
+        on_connection=on_connection,
+        stack=stack,
+        idle_timeout=idle_timeout,
+        options=options,
+    )
+    return AwaitableContext(coro, exit_context)
+
+
+async def _serve(
+    host: str,
+    port: int,
+    *,
+    tls: ServerTLS,
+    on_connection: Callable[[Connection], Awaitable[None]],
+    stack: Stack,
+    idle_timeout: float,
+    options: TransportOptions | None,
+) -> QuicServer:
     _check_stack(stack)
     _check_port(port, allow_zero=True)
     opts = options or TransportOptions(idle_timeout=idle_timeout)

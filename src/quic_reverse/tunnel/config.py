@@ -19,11 +19,14 @@ Config file format (one file may hold both tables; each command reads its own)::
     grace = 10.0
 
     [edge]
-    relay = "relay.example.com:4433"
+    relay = ["relay1.example.com:4433", "relay2.example.com:4433"]   # or one string
     name = "edgeA"
     token_file = "edgeA.token"
     ca = "relay.crt"                   # or: fingerprint = "ab12..."; or insecure = true
     expose = { ssh = "127.0.0.1:22", web = "127.0.0.1:80" }          # edge host
+
+UDP (datagram flows, docs/TUNNEL.md): ``forward = ["udp:127.0.0.1:5353=edgeA/dns"]`` on
+the relay, ``expose = { dns = "udp:127.0.0.1:53" }`` on the edge.
     ping_interval = 5.0
     backoff_cap = 10.0
 
@@ -48,6 +51,7 @@ from .._validate import check_choice, check_count, check_duration, fingerprint, 
 from ..errors import ConfigError
 
 __all__ = [
+    "BALANCE_POLICIES",
     "DEFAULT_ALPN",
     "AUTH_SERVICE",
     "EDGE_SETTINGS",
@@ -130,9 +134,16 @@ class Forward:
     port: int
     edge: str
     service: str
+    #: How new TCP clients are spread over the edge's replicas (``None``: the relay's
+    #: ``balance`` setting): ``least-streams`` or ``sticky`` (by client IP).
+    balance: str | None = None
+    #: "tcp" (default) or "udp" (``udp:HOST:PORT=EDGE/SERVICE``: datagram flows).
+    protocol: str = "tcp"
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}={self.edge}/{self.service}"
+        prefix = "udp:" if self.protocol == "udp" else ""
+        suffix = f",balance={self.balance}" if self.balance is not None else ""
+        return f"{prefix}{self.host}:{self.port}={self.edge}/{self.service}{suffix}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,32 +153,61 @@ class Exposed:
     service: str
     host: str
     port: int
+    #: "tcp" (default) or "udp" (``SERVICE=udp:HOST:PORT``: served as datagram flows).
+    protocol: str = "tcp"
+
+
+def _protocol_prefix(text: str) -> tuple[str, str]:
+    """Split an optional ``udp:``/``tcp:`` prefix off ``text``."""
+    for proto in ("udp", "tcp"):
+        if text[:4].lower() == proto + ":":
+            return proto, text[4:]
+    return "tcp", text
+
+
+#: Balancing policies of a forward (``balance``): fewest active streams, or sticky by
+#: client IP (rendezvous hashing over the live replicas).
+BALANCE_POLICIES = ("least-streams", "sticky")
 
 
 def parse_forward(text: str) -> Forward:
-    """Parse ``[HOST:]PORT=EDGE/SERVICE``; the host defaults to 127.0.0.1 (secure default)."""
+    """Parse ``[udp:][HOST:]PORT=EDGE/SERVICE[,balance=POLICY]``; the host defaults to
+    127.0.0.1 (secure default); ``udp:`` forwards UDP datagrams over datagram flows."""
     if not isinstance(text, str) or "=" not in text:
-        raise ConfigError(f"forward {text!r}: expected [HOST:]PORT=EDGE/SERVICE")
-    left, _, right = text.partition("=")
+        raise ConfigError(f"forward {text!r}: expected [udp:][HOST:]PORT=EDGE/SERVICE")
+    spec, *options = text.split(",")
+    balance: str | None = None
+    for option in options:
+        key, eq, value = option.strip().partition("=")
+        if key != "balance" or not eq:
+            raise ConfigError(
+                f"forward {text!r}: unknown option {option.strip()!r} (expected balance=POLICY)"
+            )
+        balance = check_choice(f"forward {text!r}: balance", value.strip(), BALANCE_POLICIES)
+    left, _, right = spec.partition("=")
+    protocol, left = _protocol_prefix(left.strip())
     host, port = parse_hostport(f"forward {text!r}", left.strip(), default_host="127.0.0.1")
     edge, slash, service = right.strip().partition("/")
     if not slash:
         raise ConfigError(f"forward {text!r}: expected EDGE/SERVICE after '='")
     validate_service_name(f"forward {text!r}: edge name", edge)
     validate_service_name(f"forward {text!r}: service", service)
-    return Forward(host=host, port=port, edge=edge, service=service)
+    return Forward(
+        host=host, port=port, edge=edge, service=service, balance=balance, protocol=protocol
+    )
 
 
 def parse_expose(text: str) -> Exposed:
-    """Parse ``SERVICE=HOST:PORT``."""
+    """Parse ``SERVICE=[udp:]HOST:PORT`` (``udp:``: a UDP service, served as datagram flows)."""
     if not isinstance(text, str) or "=" not in text:
-        raise ConfigError(f"expose {text!r}: expected SERVICE=HOST:PORT")
+        raise ConfigError(f"expose {text!r}: expected SERVICE=[udp:]HOST:PORT")
     service, _, target = text.partition("=")
     validate_service_name(f"expose {text!r}: service", service.strip())
+    protocol, target = _protocol_prefix(target.strip())
     host, port = parse_hostport(f"expose {text!r}", target.strip())
     if port == 0:
         raise ConfigError(f"expose {text!r}: port 0 is not a service")
-    return Exposed(service=service.strip(), host=host, port=port)
+    return Exposed(service=service.strip(), host=host, port=port, protocol=protocol)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -268,16 +308,32 @@ RELAY_TABLE: tuple[Setting, ...] = (
         name="forward",
         kind="forwards",
         field="forwards",
-        metavar="[HOST:]PORT=EDGE/SERVICE",
+        metavar="[udp:][HOST:]PORT=EDGE/SERVICE[,balance=POLICY]",
         help="TCP listener mapped to an edge's service; HOST defaults to 127.0.0.1 "
-        "(repeatable; port 0 picks a free port, logged at start)",
+        "(repeatable; port 0 picks a free port, logged at start; balance= overrides "
+        "--balance for this forward); udp: a UDP listener whose clients each get a "
+        "datagram flow",
+    ),
+    Setting(
+        name="udp_idle_timeout",
+        kind="seconds",
+        default="60",
+        help="a UDP client's flow closes after this long without a datagram",
+    ),
+    Setting(
+        name="max_udp_flows",
+        kind="count",
+        default="1024",
+        help="UDP client addresses with a flow at once, per udp forward; datagrams of "
+        "more clients are dropped",
     ),
     Setting(name="auth_timeout", kind="seconds", default="10", help="close unauthenticated edges"),
     Setting(
         name="open_timeout",
         kind="seconds",
         default="10",
-        help="deadline for a TCP client to get a stream (queueing + the edge's answer)",
+        help="deadline for a TCP client to get a stream (queueing, waiting for a replica to "
+        "(re)connect, the edge's answer)",
     ),
     Setting(name="grace", kind="seconds", allow_zero=True, default="10", help="shutdown grace"),
     Setting(name="ping_interval", kind="seconds", default="10", help="keep-alive ping"),
@@ -315,12 +371,40 @@ RELAY_TABLE: tuple[Setting, ...] = (
         default="3",
         help="after the burst, one more such connection per this many seconds",
     ),
+    Setting(
+        name="balance",
+        kind="choice",
+        choices=BALANCE_POLICIES,
+        default="least-streams",
+        help="how new TCP clients are spread over an edge name's replicas: fewest active "
+        "streams, or sticky by client IP",
+    ),
+    Setting(
+        name="answer_timeout",
+        kind="seconds",
+        default="1",
+        help="an open the edge has not answered by then makes the relay ping that edge "
+        "(within the same time) and drop it if silent; new clients avoid it meanwhile",
+    ),
+    Setting(
+        name="backlog",
+        kind="count",
+        default="4096",
+        help="listen backlog of each TCP forward (bursts of connects; capped by the "
+        "kernel's net.core.somaxconn)",
+    ),
     *_COMMON,
 )
 
 #: The edge's settings, in ``--help`` order.
 EDGE_TABLE: tuple[Setting, ...] = (
-    Setting(name="relay", kind="hostport", metavar="HOST:PORT", help="the relay's QUIC address"),
+    Setting(
+        name="relay",
+        kind="hostports",
+        field="relays",
+        metavar="HOST:PORT",
+        help="a relay's QUIC address (repeatable: one session to each, for high availability)",
+    ),
     Setting(name="name", kind="str", help="this edge's name (as in the relay's tokens file)"),
     Setting(
         name="token_file",
@@ -331,8 +415,8 @@ EDGE_TABLE: tuple[Setting, ...] = (
     Setting(
         name="expose",
         kind="expose",
-        metavar="SERVICE=HOST:PORT",
-        help="allow-listed local service (repeatable)",
+        metavar="SERVICE=[udp:]HOST:PORT",
+        help="allow-listed local service (repeatable); udp: a UDP service",
     ),
     Setting(
         name="ca", kind="path", metavar="FILE", help="CA/certificate (PEM) to verify the relay"
@@ -363,6 +447,13 @@ EDGE_TABLE: tuple[Setting, ...] = (
     ),
     Setting(name="backoff_cap", kind="seconds", default="10", help="max reconnect delay"),
     Setting(
+        name="probe_interval",
+        kind="seconds",
+        default="1",
+        help="while a relay does not answer, a new handshake is tried this often (a path "
+        "that comes back is noticed within it)",
+    ),
+    Setting(
         name="auth_retry",
         kind="bool",
         help="on a rejected token keep retrying every 60 s instead of exiting with status 1",
@@ -378,6 +469,18 @@ EDGE_TABLE: tuple[Setting, ...] = (
         kind="seconds",
         default="5",
         help="deadline for connecting to an exposed local service",
+    ),
+    Setting(
+        name="udp_idle_timeout",
+        kind="seconds",
+        default="60",
+        help="a UDP flow closes after this long without a datagram",
+    ),
+    Setting(
+        name="max_udp_flows",
+        kind="count",
+        default="1024",
+        help="UDP flows served at once per session; more are refused LIMIT_EXCEEDED",
     ),
     Setting(name="grace", kind="seconds", allow_zero=True, default="5", help="shutdown grace"),
     Setting(
@@ -410,8 +513,9 @@ _KIND_WORDS = {
     "path": "a string (a file path)",
     "choice": "a string",
     "hostport": "a string (HOST:PORT)",
-    "forwards": "a string or an array of strings ([HOST:]PORT=EDGE/SERVICE)",
-    "expose": 'a table (service = "HOST:PORT") or an array of "SERVICE=HOST:PORT"',
+    "hostports": "a string or an array of strings (HOST:PORT)",
+    "forwards": "a string or an array of strings ([udp:][HOST:]PORT=EDGE/SERVICE)",
+    "expose": 'a table (service = "[udp:]HOST:PORT") or an array of "SERVICE=[udp:]HOST:PORT"',
     "fingerprint": "a string (64 hex digits)",
     "services": "a string or an array of strings (service names)",
 }
@@ -464,6 +568,11 @@ def convert(setting: Setting, value: Any, where: str, base: Path | None, *, from
         return tuple(parse_forward(v) for v in _strings(where, setting, value))
     if kind == "services":
         return tuple(validate_service_name(where, v) for v in _strings(where, setting, value))
+    if kind == "hostports":
+        return tuple(
+            parse_hostport(where, v, default_host=setting.default_host)
+            for v in _strings(where, setting, value)
+        )
     if kind == "expose":
         if isinstance(value, dict) and not from_cli:
             items = []
@@ -527,6 +636,8 @@ def build_edge_config(
 ) -> EdgeConfig:
     """Merge an ``[edge]`` table and CLI flags (``None`` = not given) into an EdgeConfig."""
     kw = merge_settings("edge", file_table, base, flags)
+    if kw.get("relays"):
+        kw["relay"] = kw["relays"][0]
     if "token_file" not in kw and os.environ.get(TOKEN_ENV):
         kw["token_file"] = None  # the token comes from the environment (auth.read_edge_token)
     for required in ("relay", "name", "token_file"):
@@ -589,6 +700,9 @@ class RelayConfig:
     max_streams: int = 10_000
     max_queued_opens: int = 10_000
     linger: float = 5.0
+    balance: str = "least-streams"
+    answer_timeout: float = 1.0
+    backlog: int = 4096
     log_level: str = "info"
     alpn: str = DEFAULT_ALPN
     stack: str = "qh3"
@@ -596,6 +710,8 @@ class RelayConfig:
     metrics: tuple[str, int] | None = None
     auth_failure_burst: int = 20
     auth_failure_interval: float = 3.0
+    udp_idle_timeout: float = 60.0
+    max_udp_flows: int = 1024
 
     def __post_init__(self) -> None:
         if self.self_signed and (self.cert or self.key):
@@ -612,13 +728,25 @@ class RelayConfig:
                 raise ConfigError("relay: --key needs --cert FILE (the certificate)")
         if self.tokens is None:
             raise ConfigError("relay: --tokens FILE is required (edge name -> token)")
-        seen: set[tuple[str, int]] = set()
+        seen: set[tuple[str, str, int]] = set()
         for fwd in self.forwards:
-            if fwd.port != 0 and (fwd.host, fwd.port) in seen:
-                raise ConfigError(f"relay: two forwards listen on {fwd.host}:{fwd.port}")
-            seen.add((fwd.host, fwd.port))
-        for name in ("auth_timeout", "open_timeout", "ping_interval", "ping_timeout", "linger"):
+            if fwd.port != 0 and (fwd.protocol, fwd.host, fwd.port) in seen:
+                kind = " (udp)" if fwd.protocol == "udp" else ""
+                raise ConfigError(f"relay: two forwards listen on {fwd.host}:{fwd.port}{kind}")
+            seen.add((fwd.protocol, fwd.host, fwd.port))
+        for name in (
+            "auth_timeout",
+            "open_timeout",
+            "ping_interval",
+            "ping_timeout",
+            "linger",
+            "answer_timeout",
+            "udp_idle_timeout",
+        ):
             check_duration(name, getattr(self, name))
+        check_count("max_udp_flows", self.max_udp_flows)
+        check_choice("balance", self.balance, BALANCE_POLICIES)
+        check_count("backlog", self.backlog)
         check_duration("grace", self.grace, allow_zero=True)
         check_count("max_streams", self.max_streams)
         check_count("max_queued_opens", self.max_queued_opens, minimum=0)
@@ -632,6 +760,7 @@ class RelayConfig:
 class EdgeConfig:
     """Validated settings of ``quic-reverse edge`` (see :data:`EDGE_TABLE`)."""
 
+    #: The first relay (``relays[0]``; kept for callers that know one relay).
     relay: tuple[str, int]
     name: str
     #: ``None``: the token is in the environment variable :data:`TOKEN_ENV`.
@@ -647,6 +776,9 @@ class EdgeConfig:
     connect_timeout: float = 10.0
     backoff_initial: float = 0.5
     backoff_cap: float = 10.0
+    probe_interval: float = 1.0
+    #: Every relay this edge keeps a session to (default: ``(relay,)``).
+    relays: tuple[tuple[str, int], ...] = ()
     auth_retry: bool = False
     max_streams: int = 10_000
     service_timeout: float = 5.0
@@ -658,6 +790,8 @@ class EdgeConfig:
     log_format: str = "text"
     metrics: tuple[str, int] | None = None
     proxy_protocol: tuple[str, ...] = ()
+    udp_idle_timeout: float = 60.0
+    max_udp_flows: int = 1024
 
     def __post_init__(self) -> None:
         validate_service_name("edge name", self.name)
@@ -691,16 +825,26 @@ class EdgeConfig:
             "connect_timeout",
             "backoff_initial",
             "backoff_cap",
+            "probe_interval",
             "service_timeout",
             "linger",
+            "udp_idle_timeout",
         ):
             check_duration(name, getattr(self, name))
         check_duration("grace", self.grace, allow_zero=True)
         check_count("max_streams", self.max_streams)
+        check_count("max_udp_flows", self.max_udp_flows)
         if self.backoff_cap < self.backoff_initial:
             raise ConfigError("backoff_cap must be >= backoff_initial")
-        if self.relay[1] == 0:
-            raise ConfigError("relay: port 0 cannot be dialled")
+        if not self.relays:
+            object.__setattr__(self, "relays", (self.relay,))
+        elif self.relay != self.relays[0]:
+            raise ConfigError("relay: relay must be the first of relays")
+        for address in self.relays:
+            if address[1] == 0:
+                raise ConfigError("relay: port 0 cannot be dialled")
+        if len(set(self.relays)) != len(self.relays):
+            raise ConfigError("relay: the same relay is given twice")
         check_choice("stack", self.stack, STACKS)
         check_choice("log_level", self.log_level, LOG_LEVELS)
         if not self.alpn:

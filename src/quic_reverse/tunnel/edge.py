@@ -19,6 +19,13 @@ so one client connection costs one extra stream, not an unbounded chain.
 Keep-alive: the session pings every ``ping_interval`` seconds (default 5 s, below
 common NAT UDP timeouts of 30 s+) and declares the relay dead after ``ping_timeout``
 without a Pong; the QUIC idle timeout is a second line of defence.
+
+High availability: ``relays`` (``--relay`` repeated) lists every relay; the edge keeps
+one session to each, each with its own keep-alive, reconnect loop and backoff, so
+losing one relay never disturbs the others. After a session that had authenticated
+ends, the edge reconnects at once (:meth:`Backoff.after_session`); while a relay does
+not answer at all, a fresh handshake is tried every ``probe_interval`` (jittered), so a
+path that comes back is noticed within about one interval, not after a long timeout.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
 from collections.abc import Coroutine
@@ -34,8 +42,8 @@ from typing import Any, TypeVar, cast
 
 from .. import __version__
 from ..config import Config, Role
-from ..errors import CertificateError, ConfigError, QuicReverseError
-from ..events import CloseReceived, OpenRequest
+from ..errors import CertificateError, ConfigError, QuicReverseError, TransportError
+from ..events import CloseReceived, OpenRequest, OpenRequestReceived
 from ..session import Session, SessionHandle
 from ..transport import quic
 from ..transport.base import Connection
@@ -46,6 +54,7 @@ from .metrics import Observer
 from .pipe import TcpLeg, pipe
 from .proxyproto import build_v2_header
 from .supervisor import Backoff
+from .udp import UdpExpose, is_flow_request
 
 __all__ = ["Edge", "EdgeExit"]
 
@@ -67,6 +76,11 @@ class EdgeExit(Enum):
     CERTIFICATE_FAILED = 2
 
 
+class _NoAnswer(TransportError):
+    """The relay did not answer any handshake within ``connect_timeout`` (path down or
+    relay not running): keep probing, no backoff needed (a probe is one datagram)."""
+
+
 class Edge:
     """A running edge; :meth:`run` loops (connect, authenticate, serve) until ``stop``."""
 
@@ -78,12 +92,15 @@ class Edge:
         self.instance = new_instance_id()
         self._backoff = Backoff(config.backoff_initial, config.backoff_cap)
         self._stop = asyncio.Event()
+        #: Forwards of every session (each session also tracks its own).
         self._forwards: set[asyncio.Task[None]] = set()
         #: (our end, service end) of our connections to exposed services, as
         #: "host:port" pairs (forwarding-loop detection).
         self._local_ends: set[tuple[str, str]] = set()
         #: Metrics hooks (a no-op unless ``--metrics``: :mod:`.metrics`).
         self.observer = Observer()
+        #: Flow requests for ``udp:`` services (tunnel/udp.py).
+        self.udp = UdpExpose(idle_timeout=config.udp_idle_timeout, max_flows=config.max_udp_flows)
         if config.insecure:
             log.warning(
                 "!!! --insecure: the relay's certificate is NOT verified; anyone on the path "
@@ -105,24 +122,55 @@ class Edge:
         )
 
     async def run(self) -> EdgeExit:
-        """Connect/serve/reconnect until stopped or authentication fails for good.
+        """Keep one session to every relay (connect/serve/reconnect) until stopped.
+
+        Returns when stopped, or when every relay's loop gave up (authentication or
+        certificate rejected): the first such reason, else ``STOPPED``.
 
         Raises:
             ConfigError: a setting the transport rejects (not worth retrying).
         """
+        loops = [
+            asyncio.create_task(self._relay_loop(host, port), name=f"relay {host}:{port}")
+            for host, port in self.config.relays
+        ]
+        try:
+            outcomes = await asyncio.gather(*loops)
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+        log.info("edge stopped")
+        failed = [o for o in outcomes if o is not EdgeExit.STOPPED]
+        return failed[0] if failed and len(failed) == len(outcomes) else EdgeExit.STOPPED
+
+    async def _relay_loop(self, host: str, port: int) -> EdgeExit:
+        """Connect/serve/reconnect to one relay until stopped or it rejects us for good
+        (its own backoff: the other relays' sessions are not affected)."""
         cfg = self.config
-        host, port = cfg.relay
+        backoff = (
+            self._backoff if len(cfg.relays) == 1 else Backoff(cfg.backoff_initial, cfg.backoff_cap)
+        )
         while not self._stop.is_set():
+            authenticated = False
+            no_answer = False
             try:
-                await self._session_once(host, port)
+                authenticated = await self._session_once(host, port, backoff)
             except AuthRejected:
                 self.observer.auth_failure()
                 if not cfg.auth_retry:
-                    log.error("authentication as %r rejected by the relay; giving up", cfg.name)
+                    log.error(
+                        "authentication as %r rejected by relay %s:%d; giving up on it",
+                        cfg.name,
+                        host,
+                        port,
+                    )
                     return EdgeExit.AUTH_FAILED
                 log.error(
-                    "authentication as %r rejected by the relay; retrying in %.0fs",
+                    "authentication as %r rejected by relay %s:%d; retrying in %.0fs",
                     cfg.name,
+                    host,
+                    port,
                     AUTH_RETRY_DELAY,
                 )
                 if await self._sleep(AUTH_RETRY_DELAY):
@@ -133,16 +181,23 @@ class Edge:
                 return EdgeExit.CERTIFICATE_FAILED
             except ConfigError:
                 raise
+            except _NoAnswer as exc:
+                no_answer = True
+                log.warning("relay %s:%d: %s; still trying", host, port, exc)
             except (QuicReverseError, OSError) as exc:
                 log.warning("relay %s:%d: %s", host, port, str(exc) or type(exc).__name__)
             if self._stop.is_set():
                 break
             self.observer.reconnect()
-            delay = self._backoff.next_delay()
+            if no_answer:
+                continue  # probing paces itself (one handshake per probe_interval)
+            if authenticated:
+                delay = backoff.after_session(time.monotonic())
+            else:
+                delay = backoff.next_delay()
             log.info("reconnecting to %s:%d in %.2fs", host, port, delay)
-            if await self._sleep(delay):
+            if delay > 0 and await self._sleep(delay):
                 break
-        log.info("edge stopped")
         return EdgeExit.STOPPED
 
     async def _sleep(self, delay: float) -> bool:
@@ -168,18 +223,43 @@ class Edge:
         return task.result()
 
     async def _connect(self, host: str, port: int) -> Connection:
+        """Handshake with the relay: fresh attempts of about ``probe_interval`` each
+        (jittered, so a fleet of edges does not probe in lock-step) until one is
+        answered or ``connect_timeout`` has passed. A long single attempt would back its
+        retransmissions off and notice a healed path late; a fresh one starts anew.
+
+        Raises:
+            _NoAnswer: no attempt was answered within ``connect_timeout``.
+            CertificateError, TransportError: as :func:`quic.connect`.
+        """
         cfg = self.config
-        # The handshake is bounded by the transport's handshake_timeout.
-        options = quic.TransportOptions(
-            idle_timeout=cfg.idle_timeout, handshake_timeout=cfg.connect_timeout
-        )
-        return await quic.connect(
-            host,
-            port,
-            tls=self._client_tls(),
-            stack=cast(quic.Stack, cfg.stack),
-            options=options,
-        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.connect_timeout
+        while True:
+            remaining = deadline - loop.time()
+            attempt = min(remaining, cfg.probe_interval * random.uniform(0.5, 1.0))
+            if attempt <= 0:
+                raise _NoAnswer(f"no answer within {cfg.connect_timeout:g}s")
+            options = quic.TransportOptions(
+                idle_timeout=cfg.idle_timeout, handshake_timeout=attempt
+            )
+            started = loop.time()
+            try:
+                return await quic.connect(
+                    host,
+                    port,
+                    tls=self._client_tls(),
+                    stack=cast(quic.Stack, cfg.stack),
+                    options=options,
+                )
+            except CertificateError:
+                raise
+            except TransportError:
+                # Timed out (the attempt ran its whole time): probe again. Anything
+                # quicker (resolution, socket errors) is a real failure.
+                if loop.time() - started < attempt * 0.9:
+                    raise
+                log.debug("relay %s:%d: no answer within %.2fs; probing again", host, port, attempt)
 
     def session_config(self) -> Config:
         """The session settings: negotiation and the auth open are bounded by
@@ -194,58 +274,78 @@ class Edge:
             max_concurrent_streams=cfg.max_streams,
         )
 
-    async def _session_once(self, host: str, port: int) -> None:
+    async def _session_once(self, host: str, port: int, backoff: Backoff) -> bool:
+        """One connection to one relay; True if it authenticated."""
         cfg = self.config
         log.info("connecting to relay %s:%d as %r", host, port, cfg.name)
         conn = await self._unless_stopped(self._connect(host, port))
         if conn is None:
-            return
+            return False
         try:
-            await self.serve_connection(conn)
+            return await self.serve_connection(conn, relay=(host, port), backoff=backoff)
         finally:
             conn.close(0, b"")
 
-    async def serve_connection(self, conn: Connection) -> None:
-        """Negotiate, authenticate and serve one connection to the relay until it ends
-        or the edge is stopped (also usable over any transport, e.g. in tests)."""
+    async def serve_connection(
+        self,
+        conn: Connection,
+        *,
+        relay: tuple[str, int] | None = None,
+        backoff: Backoff | None = None,
+    ) -> bool:
+        """Negotiate, authenticate and serve one connection to the relay (``relay``,
+        default the first one: for logs) until it ends or the edge is stopped (also
+        usable over any transport, e.g. in tests). Returns True if it authenticated
+        (``backoff``, default the edge's, is then reset)."""
         cfg = self.config
+        host, port = relay if relay is not None else cfg.relay
         session = Session(conn, Role.CLIENT, self.session_config())
         handle = await self._unless_stopped(session.start())
         if handle is None:
-            return
+            return False
         events: asyncio.Task[None] | None = None
+        forwards: set[asyncio.Task[None]] = set()
+        authenticated = False
         try:
             await self._unless_stopped(
                 authenticate_to_relay(handle, cfg.name, self._token, self.instance)
             )
             if self._stop.is_set():
-                return
-            self._backoff.reset()
-            self.observer.session_up(handle, "{}:{}".format(*cfg.relay))
-            exposed = ", ".join(f"{e.service}={e.host}:{e.port}" for e in cfg.expose)
+                return False
+            authenticated = True
+            (backoff or self._backoff).reset()
+            self.observer.session_up(handle, f"{host}:{port}")
+            exposed = ", ".join(
+                f"{e.service}={'udp:' if e.protocol == 'udp' else ''}{e.host}:{e.port}"
+                for e in cfg.expose
+            )
             log.info(
                 "authenticated to relay %s:%d as %r; exposing %s",
-                *cfg.relay,
+                host,
+                port,
                 cfg.name,
                 exposed,
             )
-            events = asyncio.create_task(self._serve_events(handle), name="edge events")
+            events = asyncio.create_task(
+                self._serve_events(handle, forwards), name=f"edge events {host}:{port}"
+            )
             await self._unless_stopped(asyncio.shield(events))
-            if self._stop.is_set() and not events.done() and self._forwards:
+            if self._stop.is_set() and not events.done() and forwards:
                 # Stopping: new opens are answered SERVICE_UNAVAILABLE (the relay tries
                 # another replica at once) while running streams get the grace period.
-                log.info(
-                    "stopping: %d stream(s) get %.1fs to finish", len(self._forwards), cfg.grace
-                )
-                await asyncio.wait(set(self._forwards), timeout=cfg.grace)
+                log.info("stopping: %d stream(s) get %.1fs to finish", len(forwards), cfg.grace)
+                await asyncio.wait(set(forwards), timeout=cfg.grace)
         finally:
             self.observer.session_down(handle)
             if events is not None:
                 events.cancel()
                 await asyncio.gather(events, return_exceptions=True)
-            await self._finish(handle)
+            await self._finish(handle, forwards)
+        return authenticated
 
-    async def _serve_events(self, handle: SessionHandle) -> None:
+    async def _serve_events(
+        self, handle: SessionHandle, forwards: set[asyncio.Task[None]] | None = None
+    ) -> None:
         """The event loop of :meth:`_serve` (one task for the whole session, not one
         per event: a relay open costs no extra task switch)."""
         while True:
@@ -261,15 +361,36 @@ class Edge:
                 log.info("relay closed the session: %s %r", event.code.name, event.reason or "")
                 return
             if isinstance(event, OpenRequest):
-                task = asyncio.create_task(
-                    self._forward(handle, event), name=f"forward {event.service}"
-                )
-                self._forwards.add(task)
-                task.add_done_callback(self._forwards.discard)
+                if is_flow_request(event, handle.negotiated_features):
+                    work = self._udp_flow(handle, event)
+                else:
+                    work = self._forward(handle, event)
+                task = asyncio.create_task(work, name=f"forward {event.service}")
+                for tracked in (self._forwards, forwards):
+                    if tracked is not None:
+                        tracked.add(task)
+                        task.add_done_callback(tracked.discard)
 
     async def _reject(self, handle: SessionHandle, rid: int, code: RejectCode, reason: str) -> None:
         with contextlib.suppress(QuicReverseError):
             await handle.reject_open(rid, code, reason)
+
+    async def _udp_flow(self, handle: SessionHandle, request: OpenRequestReceived) -> None:
+        """A datagram flow request: served only for a ``udp:`` service on the allow-list."""
+        rid, service = request.request_id, request.service
+        client = request.metadata.get("client")
+        shown = client if isinstance(client, str) and _CLIENT_RE.match(client) else None
+        asked = f" for {shown}" if shown else ""
+        entry = self.config.exposed(service)
+        if entry is None or entry.protocol != "udp":
+            why = "not exposed" if entry is None else "not a UDP service"
+            log.info("relay asked for a UDP flow to %r%s: %s; rejected", service, asked, why)
+            await self._reject(handle, rid, RejectCode.UNSUPPORTED_SERVICE, why)
+            return
+        if self._stop.is_set():
+            await self._reject(handle, rid, RejectCode.SERVICE_UNAVAILABLE, "stopping")
+            return
+        await self.udp.serve_flow(handle, request, (entry.host, entry.port), asked)
 
     async def _forward(self, handle: SessionHandle, request: OpenRequest) -> None:
         cfg = self.config
@@ -282,6 +403,10 @@ class Edge:
         if entry is None:
             log.info("relay asked for service %r%s: not exposed; rejected", service, asked)
             await self._reject(handle, rid, RejectCode.UNSUPPORTED_SERVICE, "not exposed")
+            return
+        if entry.protocol == "udp":
+            log.info("relay asked for a stream to UDP service %r%s; rejected", service, asked)
+            await self._reject(handle, rid, RejectCode.UNSUPPORTED_SERVICE, "a UDP service")
             return
         if self._stop.is_set():
             log.info("relay asked for %r%s while stopping; rejected", service, asked)
@@ -371,10 +496,12 @@ class Edge:
             if ends is not None:
                 self._local_ends.discard(ends)
 
-    async def _finish(self, handle: SessionHandle) -> None:
-        """Abort what still runs, then close the session (bounded by the session's
-        ``close_timeout``)."""
-        pending = set(self._forwards)
+    async def _finish(
+        self, handle: SessionHandle, forwards: set[asyncio.Task[None]] | None = None
+    ) -> None:
+        """Abort what still runs on this session (``forwards``; default: every
+        session's), then close the session (bounded by the session's ``close_timeout``)."""
+        pending = set(self._forwards if forwards is None else forwards)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -16,14 +16,23 @@ carries at most ``max_streams`` streams; clients beyond that wait (at most
 retries an open that failed on one replica on another (:meth:`Pool.acquire` with the
 replicas already tried excluded).
 
-This is the shape issue 12 (HA) builds on: per-forward balancing policies plug into
-:meth:`Pool.pick`, and bridging a gap with no live replica is a wait in
-:meth:`Pool.acquire` (today it fails at once).
+High availability (issue 12):
+
+* **Balancing** per forward (:meth:`Pool.pick`): ``least-streams`` (above) or
+  ``sticky``: the client IP is hashed with each live replica's identity (rendezvous
+  hashing), so one client keeps its replica and only the clients of a replica that
+  leaves move.
+* **Bridging**: a client arriving while its name has no live replica waits (until its
+  deadline) for one to (re)connect, if that name has been seen since the relay
+  started; a name that never connected fails at once.
+* **Suspects**: a replica that left an open unanswered is *suspect* while the relay
+  checks it (:mod:`.relay`); new clients go to the other replicas meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,13 +62,25 @@ class Replica:
     active: int = 0
     #: Streams ever given to this replica (tie-breaker: spreads sequential clients).
     assigned: int = 0
+    #: An open went unanswered and the relay is checking whether the edge is alive.
+    suspect: bool = False
+    #: The running liveness check (at most one per replica).
+    check: asyncio.Task[bool] | None = None
+    #: The edge said it is stopping (``SERVICE_UNAVAILABLE`` "stopping"): no new streams.
+    draining: bool = False
 
     @property
     def live(self) -> bool:
-        return not self.retired and not self.handle.is_closed
+        return not self.retired and not self.draining and not self.handle.is_closed
 
     def describe(self) -> str:
         return f"{self.address}" + (f" instance {self.instance}" if self.instance else "")
+
+    def weight(self, key: str) -> int:
+        """Rendezvous-hash weight of this replica for the client ``key`` (sticky)."""
+        ident = self.instance or self.address
+        digest = hashlib.blake2b(f"{key}|{ident}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
 
 
 class Unavailable(Exception):
@@ -69,12 +90,15 @@ class Unavailable(Exception):
 class Pool:
     """The replicas of one edge name, and the TCP clients waiting for a free stream."""
 
-    def __init__(self, name: str, *, max_streams: int, max_queued: int) -> None:
+    def __init__(self, name: str, *, max_streams: int, max_queued: int, seen: bool = False) -> None:
         self.name = name
         self.max_streams = max_streams
         self.max_queued = max_queued
         self.replicas: list[Replica] = []
         self.waiting = 0
+        #: A replica of this name has authenticated since the relay started: clients
+        #: arriving while none is live wait for one (bridging) instead of failing.
+        self.seen = seen
         self._changed = asyncio.Event()
 
     async def wait_changed(self) -> None:
@@ -88,40 +112,59 @@ class Pool:
     def live(self, exclude: set[Replica] | frozenset[Replica] = frozenset()) -> list[Replica]:
         return [r for r in self.replicas if r.live and r not in exclude]
 
-    def pick(self, exclude: set[Replica] | frozenset[Replica] = frozenset()) -> Replica | None:
-        """The live replica with a free stream and the fewest active streams."""
-        best: Replica | None = None
-        for r in self.live(exclude):
-            if r.active >= self.max_streams:
-                continue
-            if best is None or (r.active, r.assigned) < (best.active, best.assigned):
-                best = r
-        return best
+    def pick(
+        self,
+        exclude: set[Replica] | frozenset[Replica] = frozenset(),
+        *,
+        balance: str = "least-streams",
+        client: str | None = None,
+    ) -> Replica | None:
+        """The live replica with a free stream that ``balance`` prefers: the fewest
+        active streams (``least-streams``), or the highest rendezvous weight for the
+        ``client`` key (``sticky``). Suspect replicas are used only when no other
+        replica can take the stream."""
+        free = [r for r in self.live(exclude) if r.active < self.max_streams]
+        healthy = [r for r in free if not r.suspect] or free
+        if not healthy:
+            return None
+        if balance == "sticky" and client is not None:
+            return max(healthy, key=lambda r: r.weight(client))
+        return min(healthy, key=lambda r: (r.active, r.assigned))
 
-    async def acquire(self, exclude: set[Replica], deadline: float) -> Replica:
-        """Reserve a stream on the best replica not in ``exclude``; wait (until the
-        loop time ``deadline``) while every candidate is at ``max_streams``.
+    async def acquire(
+        self,
+        exclude: set[Replica],
+        deadline: float,
+        *,
+        balance: str = "least-streams",
+        client: str | None = None,
+    ) -> Replica:
+        """Reserve a stream on the best replica not in ``exclude`` (:meth:`pick`); wait
+        (until the loop time ``deadline``) while every candidate is at ``max_streams``,
+        or while there is none but the name has been seen (a replica may reconnect).
 
         Raises:
-            Unavailable: no live replica left to try, too many clients waiting, or the
+            Unavailable: the name never connected, too many clients waiting, or the
                 deadline passed.
         """
         while True:
-            replica = self.pick(exclude)
+            replica = self.pick(exclude, balance=balance, client=client)
             if replica is not None:
                 replica.active += 1
                 replica.assigned += 1
                 return replica
-            if not self.live(exclude):
-                raise Unavailable(
-                    f"edge {self.name!r} is not connected"
-                    if not exclude
-                    else f"no other replica of edge {self.name!r} to try"
-                )
+            live = self.live(exclude)
+            if not live and self.live():
+                raise Unavailable(f"no other replica of edge {self.name!r} to try")
+            if not live and not self.seen:
+                raise Unavailable(f"edge {self.name!r} has never connected")
             if self.waiting >= self.max_queued:
                 raise Unavailable(
                     f"edge {self.name!r}: all {self.max_streams} streams of every replica in "
                     f"use and {self.waiting} clients already waiting (max_queued_opens)"
+                    if live
+                    else f"edge {self.name!r}: no live replica and {self.waiting} clients "
+                    "already waiting for one (max_queued_opens)"
                 )
             self.waiting += 1
             changed = self._changed
@@ -131,6 +174,8 @@ class Pool:
             except TimeoutError:
                 raise Unavailable(
                     f"edge {self.name!r}: no stream became free in time (open_timeout)"
+                    if live
+                    else f"edge {self.name!r}: no replica (re)connected in time (open_timeout)"
                 ) from None
             finally:
                 self.waiting -= 1
@@ -151,12 +196,18 @@ class Pool:
             old.retired = True
         else:
             self.replicas.append(replica)
+        self.seen = True
         self._notify()
         return old
 
     def remove(self, replica: Replica) -> None:
         if replica in self.replicas:
             self.replicas.remove(replica)
+        self._notify()
+
+    def suspected(self, replica: Replica, suspect: bool) -> None:
+        """Mark ``replica`` suspect (new clients avoid it) or clear the mark."""
+        replica.suspect = suspect
         self._notify()
 
 
@@ -166,6 +217,8 @@ class EdgeRegistry:
     def __init__(self, *, max_streams: int, max_queued: int) -> None:
         self.max_streams = max_streams
         self.max_queued = max_queued
+        #: Pools are kept when they empty: clients waiting in one (bridging) must see
+        #: the replica that joins next. Names are bounded by the tokens file.
         self._pools: dict[str, Pool] = {}
 
     def pool(self, name: str) -> Pool:
@@ -183,8 +236,6 @@ class EdgeRegistry:
         pool = self._pools.get(replica.name)
         if pool is not None:
             pool.remove(replica)
-            if not pool.replicas and not pool.waiting:
-                del self._pools[replica.name]
 
     def __iter__(self) -> Iterator[Replica]:
         for pool in list(self._pools.values()):

@@ -3,13 +3,19 @@ TCP listeners whose connections become reverse opens to an edge's service.
 
 Life of a TCP connection on a forward ``127.0.0.1:2222=edgeA/ssh``: the connection
 is owned by a :class:`~quic_reverse.tunnel.pipe.TcpLeg` from accept. The relay reserves
-a stream on the best live replica of ``edgeA`` (:mod:`.registry`: fewest active
-streams; waiting, bounded by ``open_timeout``, while every replica is at
-``max_streams``); if ``edgeA`` has no live session the TCP client is closed at once
+a stream on the best live replica of ``edgeA`` (:mod:`.registry`: the forward's
+``balance`` policy; waiting, bounded by ``open_timeout``, while every replica is at
+``max_streams`` or while ``edgeA`` has no live replica but has been connected before:
+bridging a restart); if ``edgeA`` never connected the TCP client is closed at once
 (reason logged). Then ``handle.open("ssh")``: a failure that another replica may not
 have (session lost, timeout, ``SERVICE_UNAVAILABLE``, ``LIMIT_EXCEEDED``) is retried on
 another replica before the client notices; any other rejection closes the client;
 success pipes bytes both ways (:func:`~quic_reverse.tunnel.pipe.pipe`).
+
+Dead edges: an open that gets no answer within ``answer_timeout`` marks its replica
+*suspect* (new clients avoid it) and pings it; no Pong within ``answer_timeout`` either
+and the replica is dropped at once, its pending opens retried elsewhere. An idle dead
+edge is found by keep-alive (``ping_interval`` + ``ping_timeout``).
 
 Security rules enforced here:
 
@@ -49,6 +55,7 @@ from .metrics import Observer
 from .pipe import TcpLeg, pipe
 from .ratelimit import AuthLimiter
 from .registry import EdgeRegistry, Pool, Replica, Unavailable
+from .udp import UdpForward
 
 __all__ = ["EdgeSession", "Relay", "ensure_self_signed"]
 
@@ -101,6 +108,9 @@ class Relay:
         self.auth_limiter = AuthLimiter(config.auth_failure_burst, config.auth_failure_interval)
         #: The TCP listener of each forward (a reload adds and removes forwards).
         self.servers: dict[Forward, asyncio.Server] = {}
+        #: The ``udp:`` forwards (tunnel/udp.py), by forward.
+        self.udp_forwards: dict[Forward, UdpForward] = {}
+        self._udp_closing: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -167,13 +177,29 @@ class Relay:
         Raises:
             OSError: naming the forward, if its address cannot be listened on.
         """
+        cfg = self.config
+        if fwd.protocol == "udp":
+            udp = UdpForward(
+                host=fwd.host,
+                port=fwd.port,
+                edge=fwd.edge,
+                service=fwd.service,
+                pool=lambda: self.registry.pool(fwd.edge),
+                open_timeout=cfg.open_timeout,
+                idle_timeout=cfg.udp_idle_timeout,
+                max_flows=cfg.max_udp_flows,
+            )
+            self.forward_addresses[fwd] = await udp.start()
+            self.udp_forwards[fwd] = udp
+            return
         try:
             server = await asyncio.get_running_loop().create_server(
                 lambda: TcpLeg(
-                    linger=self.config.linger, on_connected=lambda leg: self._accepted(fwd, leg)
+                    linger=cfg.linger, on_connected=lambda leg: self._accepted(fwd, leg)
                 ),
                 fwd.host,
                 fwd.port,
+                backlog=cfg.backlog,
             )
         except OSError as exc:
             raise OSError(
@@ -187,7 +213,16 @@ class Relay:
         log.info("forward %s:%d -> %s/%s", sockname[0], sockname[1], fwd.edge, fwd.service)
 
     def stop_forward(self, fwd: Forward) -> None:
-        """Stop listening on ``fwd`` (a reload removed it); its live connections finish."""
+        """Stop listening on ``fwd`` (a reload removed it); its live connections finish
+        (a ``udp:`` forward's flows are closed)."""
+        udp = self.udp_forwards.pop(fwd, None)
+        if udp is not None:
+            closing = asyncio.get_running_loop().create_task(udp.close())
+            self._udp_closing.add(closing)
+            closing.add_done_callback(self._udp_closing.discard)
+            host, port = self.forward_addresses.pop(fwd, (fwd.host, fwd.port))
+            log.info("forward udp:%s:%d -> %s/%s removed", host, port, fwd.edge, fwd.service)
+            return
         server = self.servers.pop(fwd, None)
         if server is not None:
             server.close()
@@ -203,6 +238,7 @@ class Relay:
         self._stopping = True
         for server in self._tcp:
             server.close()
+        await asyncio.gather(*(u.close() for u in self.udp_forwards.values()))
         log.info(
             "shutting down: no new connections, %.1fs grace for open streams", self.config.grace
         )
@@ -422,9 +458,11 @@ class Relay:
         # "client" is shown in the edge's logs; with "via" (the forward's address it
         # came in on) the edge recognises its own connections: a forwarding loop.
         metadata = Metadata.structured({"client": client, "via": leg.local})
+        balance = fwd.balance or self.config.balance
+        client_ip = client.rpartition(":")[0] or client
         while True:
             try:
-                replica = await pool.acquire(tried, deadline)
+                replica = await pool.acquire(tried, deadline, balance=balance, client=client_ip)
             except Unavailable as exc:
                 if why:
                     log.warning(
@@ -433,14 +471,17 @@ class Relay:
                 else:
                     log.warning("tcp %s -> %s: %s; closing the client", client, target, exc)
                 return None
-            replica.forwards.add(task)
             try:
-                stream = await replica.handle.open(fwd.service, metadata)
+                stream = await self._open_on(pool, replica, fwd.service, metadata)
             except StreamRejected as exc:
                 self._release(pool, replica, task)
                 if exc.code not in RETRY_ON_ANOTHER:
                     log.warning("tcp %s -> %s: edge rejected the open: %s", client, target, exc)
                     return None
+                if exc.code == RejectCode.SERVICE_UNAVAILABLE and exc.reason == "stopping":
+                    # The edge is shutting down: no new streams for it (clients wait for
+                    # another replica, e.g. its restarted process).
+                    replica.draining = True
                 why = f"replica {replica.describe()} rejected the open: {exc}"
             except QuicReverseError as exc:
                 self._release(pool, replica, task)
@@ -449,10 +490,68 @@ class Relay:
                 self._release(pool, replica, task)
                 raise
             else:
+                # Only now is the client bound to this replica: a session replaced or
+                # dropped while the open was pending fails the open (retried on another
+                # replica) instead of cancelling the client.
+                replica.forwards.add(task)
                 return replica, stream
             tried.add(replica)
             if pool.live(tried):
                 log.info("tcp %s -> %s: %s; trying another replica", client, target, why)
+
+    async def _open_on(
+        self, pool: Pool, replica: Replica, service: str, metadata: Metadata
+    ) -> Stream:
+        """``replica.handle.open``; with no answer within ``answer_timeout`` the replica
+        is checked (:meth:`_check`), and dropped if dead (the open then fails)."""
+        opening = asyncio.ensure_future(replica.handle.open(service, metadata))
+        try:
+            done, _ = await asyncio.wait({opening}, timeout=self.config.answer_timeout)
+            if not done:
+                await self._check(pool, replica)
+            return await opening
+        finally:
+            if not opening.done():
+                opening.cancel()
+                await asyncio.gather(opening, return_exceptions=True)
+
+    async def _check(self, pool: Pool, replica: Replica) -> None:
+        """Wait for the liveness check of ``replica`` (one at a time per replica)."""
+        if replica.check is None or replica.check.done():
+            replica.check = asyncio.create_task(
+                self._liveness(pool, replica), name=f"check {replica.name}"
+            )
+        await asyncio.shield(replica.check)
+
+    async def _liveness(self, pool: Pool, replica: Replica) -> bool:
+        """An open went unanswered: mark the replica suspect and ping it. No Pong
+        within ``answer_timeout``: the edge is dead, its session is dropped now (its
+        pending opens fail and are retried on another replica)."""
+        timeout = self.config.answer_timeout
+        pool.suspected(replica, True)
+        log.info(
+            "edge %r (%s): an open got no answer within %.1fs; checking it",
+            replica.name,
+            replica.describe(),
+            timeout,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                await replica.handle.ping()
+        except (TimeoutError, QuicReverseError) as exc:
+            if replica.live:
+                log.warning(
+                    "edge %r (%s): no answer to an open nor to a ping (%s); dropping its session",
+                    replica.name,
+                    replica.describe(),
+                    str(exc) or f"{timeout:g}s",
+                )
+                replica.retired = True
+                self.registry.remove(replica)
+                replica.connection.close(0, b"edge not answering")
+            return False
+        pool.suspected(replica, False)
+        return True
 
     @staticmethod
     def _release(pool: Pool, replica: Replica, task: asyncio.Task[None]) -> None:

@@ -32,6 +32,7 @@ class Backoff:
         self.initial = initial
         self.cap = cap
         self.attempt = 0
+        self._last_immediate: float | None = None
         self._uniform = uniform if uniform is not None else random.SystemRandom().uniform
 
     def ceiling(self) -> float:
@@ -49,3 +50,18 @@ class Backoff:
     def reset(self) -> None:
         """Forget past failures (call once a session has been up and healthy)."""
         self.attempt = 0
+
+    def after_session(self, now: float) -> float:
+        """The delay before reconnecting after a session that had authenticated ended.
+
+        0 (reconnect at once: the relay restarted, or the path broke, and an edge that
+        learns it should be back within one round trip), unless the previous immediate
+        reconnect was less than ``cap`` seconds ago: a session that keeps ending right
+        after it starts then gets the ordinary backoff, never a tight loop.
+        ``now`` is a monotonic clock reading (injected, so this stays pure).
+        """
+        if self._last_immediate is None or now - self._last_immediate >= self.cap:
+            self._last_immediate = now
+            self.attempt = 0
+            return 0.0
+        return self.next_delay()

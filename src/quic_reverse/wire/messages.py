@@ -65,6 +65,8 @@ class Features(enum.IntFlag, boundary=enum.KEEP):
     STRUCTURED_METADATA = 0x01
     PING_PONG = 0x02
     STREAM_PRIORITY = 0x04
+    #: Extension (not in the Rust crate): datagram flows, see docs/PROTOCOL.md §9.
+    DATAGRAM_FLOWS = 0x0001_0000
 
 
 class OpenFlags(enum.IntFlag, boundary=enum.KEEP):
@@ -72,6 +74,9 @@ class OpenFlags(enum.IntFlag, boundary=enum.KEEP):
 
     UNIDIRECTIONAL = 0x01
     HIGH_PRIORITY = 0x02
+    #: Extension (not in the Rust crate): the request asks for a datagram flow, sent
+    #: only when both sides negotiated ``Features.DATAGRAM_FLOWS`` (PROTOCOL.md §9).
+    DATAGRAM = 0x80
 
 
 _NO_FEATURES = Features(0)

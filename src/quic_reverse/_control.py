@@ -1,0 +1,213 @@
+"""The control channel: the control stream's read loop and its only writer.
+
+:class:`ControlChannel` opens (client) or accepts (server) the control stream, feeds
+what it reads to the core, and runs the writer task. A transport failure ends the
+session through the core; a peer that closes the connection with code 0 (no error)
+without a session close first ends it gracefully (``peer_closed_connection``).
+
+The writer: an ordered outbox drained by one task.
+
+Bytes for the control stream come from the sans-IO core (:meth:`SessionCore.move_data_to`)
+in whatever task fed it an input. They are appended to :class:`ControlWriter`'s outbox
+and written **only** by the writer task (:meth:`ControlWriter.run`), in order. A caller
+that needs to know its bytes left (``close_stream``, ``reject_open``, ``accept_open``)
+awaits :meth:`ControlWriter.flushed`: a cancelled caller abandons the wait, never the
+bytes, so the peer never reads a torn frame.
+
+Why one writer: a transport ``write()`` cancelled while it waits for room may have
+queued a prefix of its data (see ``transport/base.py``). Only the writer task writes,
+and it is cancelled only when the session is over, so no frame is ever cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ._core import SessionCore
+from .config import Role
+from .errors import ConnectionClosed, QuicReverseError, TransportError
+from .transport.base import Connection, RecvStream, SendStream
+
+__all__ = ["ControlChannel", "ControlWriter"]
+
+_READ_SIZE = 65536
+#: Pause reading the control stream while this much is waiting to be written to it.
+_OUTBOX_HIGH_WATER = 1 << 20
+
+
+class ControlWriter:
+    """The outbox of one control stream and the state of its writer task.
+
+    ``queued``/``written`` count bytes since the start: a caller's bytes are out once
+    ``written`` reaches the ``queued`` value seen right after they were appended.
+    """
+
+    __slots__ = ("_idle", "_ready", "_waiters", "buffer", "discarding", "queued", "written")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.queued = 0
+        self.written = 0
+        #: Once the session's shutdown is done nothing is written any more.
+        self.discarding = False
+        self._ready = asyncio.Event()  # the buffer has bytes for the writer
+        self._idle = asyncio.Event()  # everything queued was written (or dropped)
+        self._idle.set()
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+    def filled(self, added: int) -> None:
+        """``added`` bytes were appended to :attr:`buffer`: wake the writer."""
+        if self.discarding:
+            self.buffer.clear()
+            return
+        self.queued += added
+        self._idle.clear()
+        self._ready.set()
+
+    async def flushed(self) -> None:
+        """Return once every byte queued so far was handed to the transport (or the
+        writer stopped). Cancelling this wait leaves the bytes queued."""
+        mark = self.queued
+        if self.written >= mark or self.discarding:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((mark, fut))
+        await fut
+
+    async def wait_idle(self) -> None:
+        """Return once the outbox is empty and no write is in progress."""
+        await self._idle.wait()
+
+    async def run(self, send: SendStream) -> None:
+        """The writer task: write the outbox in order until cancelled.
+
+        Raises the transport's error when a write fails (the caller ends the session).
+        """
+        ready = self._ready
+        buffer = self.buffer
+        try:
+            while True:
+                if not buffer:
+                    self._idle.set()
+                    ready.clear()
+                    await ready.wait()
+                    continue
+                data = bytes(buffer)
+                buffer.clear()
+                await send.write(data)
+                self.written += len(data)
+                self._wake(self.written)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """No more writes: drop what is queued and release every waiter."""
+        self.discarding = True
+        self.buffer.clear()
+        self._wake(None)
+        self._idle.set()
+
+    def _wake(self, upto: int | None) -> None:
+        waiters = self._waiters
+        while waiters and (upto is None or waiters[0][0] <= upto):
+            _, fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+
+def graceful_close(exc: TransportError) -> bool:
+    """Did the peer close the connection on purpose with application code 0?
+
+    An idle timeout or a stateless reset also comes with code 0, but it is a lost
+    connection (``ConnectionClosed.lost``), not a close.
+    """
+    return isinstance(exc, ConnectionClosed) and exc.error_code == 0 and not exc.lost
+
+
+class ControlChannel:
+    """The control stream of one session: read loop and the only writer."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        role: Role,
+        core: SessionCore,
+        pump: Callable[[], None],
+        spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
+    ) -> None:
+        self._conn = conn
+        self._role = role
+        self._core = core
+        self._pump = pump
+        self._spawn = spawn
+        self._loop = asyncio.get_running_loop()
+        self.writer = ControlWriter()
+        self._send: SendStream | None = None
+
+    def take_output(self) -> None:
+        """Move the core's control bytes to the outbox (wakes the writer)."""
+        writer = self.writer
+        before = len(writer.buffer)
+        if self._core.move_data_to(writer.buffer):
+            writer.filled(len(writer.buffer) - before)
+
+    async def run(self) -> None:
+        """The reader task: open or accept the control stream, start the writer, feed
+        the core until EOF or failure."""
+        try:
+            if self._role is Role.CLIENT:
+                send, recv = await self._conn.open_bi()
+            else:
+                pair = await self._conn.accept_bi()
+                if pair is None:
+                    raise ConnectionClosed("connection closed before the control stream opened")
+                send, recv = pair
+            self._send = send
+            self._spawn(self._write(send), "control-writer")
+            await self._read(recv)
+        except TransportError as exc:
+            self._lost(exc)
+
+    async def _read(self, recv: RecvStream) -> None:
+        core = self._core
+        writer = self.writer
+        while not core.is_closed:
+            data = await recv.read(_READ_SIZE)
+            if not data:
+                core.receive_eof(self._loop.time())
+                self._pump()
+                return
+            core.receive_data(data, self._loop.time())
+            self._pump()
+            if len(writer) > _OUTBOX_HIGH_WATER:
+                await writer.wait_idle()
+
+    async def _write(self, send: SendStream) -> None:
+        try:
+            await self.writer.run(send)
+        except TransportError as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: TransportError) -> None:
+        if graceful_close(exc):
+            self._core.peer_closed_connection(exc)
+        else:
+            self._core.connection_lost(exc)
+        self._pump()
+
+    async def linger(self) -> None:
+        """Shutdown: wait until the last control bytes are written, then FIN.
+
+        Unbounded here; the caller bounds it (``close_timeout``)."""
+        if self._send is None or not self._conn.is_open:
+            return
+        await self.writer.wait_idle()
+        with contextlib.suppress(QuicReverseError):
+            await self._send.finish()
