@@ -53,6 +53,8 @@ from .logfmt import set_level
 __all__ = [
     "EDGE_RESTART_ONLY",
     "RELAY_RESTART_ONLY",
+    "checked_edge",
+    "checked_relay",
     "load_edge",
     "load_relay",
     "reload_edge",
@@ -108,6 +110,18 @@ def load_relay(config: Path | None, flags: dict[str, Any]) -> tuple[RelayConfig,
     """
     table, base = _file(config, "relay")
     cfg = build_relay_config(table, base, {k: flags.get(k) for k in RELAY_SETTINGS})
+    return cfg, checked_relay(cfg)
+
+
+def checked_relay(cfg: RelayConfig) -> TokenStore:
+    """Check everything a relay with ``cfg`` needs before it serves (the stack is
+    installed, the tokens file loads, every forward's edge has a token, certificate and
+    key match) and return its tokens. The one check behind the CLI, ``--check``, a
+    reload and :class:`quic_reverse.tunnel.api.Relay`.
+
+    Raises:
+        ConfigError: naming the setting or file at fault.
+    """
     check_stack_installed("--stack", cfg.stack)
     assert cfg.tokens is not None  # checked by RelayConfig
     tokens = TokenStore.from_file(cfg.tokens)
@@ -120,7 +134,7 @@ def load_relay(config: Path | None, flags: dict[str, Any]) -> tuple[RelayConfig,
     if not cfg.self_signed:
         assert cfg.cert is not None and cfg.key is not None  # checked by RelayConfig
         load_server_certificate(cfg.cert, cfg.key)
-    return cfg, tokens
+    return tokens
 
 
 def load_edge(config: Path | None, flags: dict[str, Any]) -> tuple[EdgeConfig, str]:
@@ -131,10 +145,20 @@ def load_edge(config: Path | None, flags: dict[str, Any]) -> tuple[EdgeConfig, s
     """
     table, base = _file(config, "edge")
     cfg = build_edge_config(table, base, {k: flags.get(k) for k in EDGE_SETTINGS})
+    return cfg, checked_edge(cfg)
+
+
+def checked_edge(cfg: EdgeConfig) -> str:
+    """Check everything an edge with ``cfg`` needs before it dials (the stack is
+    installed, the CA file loads, the token is readable) and return its token.
+
+    Raises:
+        ConfigError: naming the setting or file at fault.
+    """
     check_stack_installed("--stack", cfg.stack)
     if cfg.ca is not None:
         check_ca_file(cfg.ca)
-    return cfg, read_edge_token(cfg.token_file)
+    return read_edge_token(cfg.token_file)
 
 
 def _keep(old: Any, new: Any, names: tuple[str, ...], who: str) -> Any:
