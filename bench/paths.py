@@ -430,7 +430,9 @@ def _congestion_control() -> str:
         return "?"
 
 
-def run(quick: bool, only: list[str] | None = None) -> list[Row]:
+def run(
+    quick: bool, only: list[str] | None = None, only_stacks: list[str] | None = None
+) -> list[Row]:
     """Measure the tunnel (each stack) and ``ssh -N -R`` on each path; return rows."""
     reason = pathlab.available()
     sshd = sshd_path()
@@ -441,6 +443,8 @@ def run(quick: bool, only: list[str] | None = None) -> list[Row]:
     cap = 4.0 if quick else 15.0
     runs = 1 if quick else 2
     stacks = ("qh3",) if quick else ("qh3", "aioquic")
+    if only_stacks:
+        stacks = tuple(only_stacks)
     cc = _congestion_control()
     rows: list[Row] = []
     for spec in _paths(quick):
@@ -526,13 +530,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="tunnel vs ssh -N -R over emulated paths")
     parser.add_argument("--quick", action="store_true", help="two small paths, qh3 only")
     parser.add_argument("--path", action="append", help="only these paths (veth, rtt50, ...)")
+    parser.add_argument("--stack", action="append", help="only these stacks (qh3, aioquic)")
     parser.add_argument("--services", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.services:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve())
         return 0
-    print_table(run(args.quick, args.path))
+    print_table(run(args.quick, args.path, args.stack))
     return 0
 
 
