@@ -442,7 +442,7 @@ def run(
         return [_skip_row(reason or "sshd not installed")]
     cap = 4.0 if quick else 15.0
     runs = 1 if quick else 2
-    stacks = ("qh3",) if quick else ("qh3", "aioquic")
+    stacks: tuple[str, ...] = ("qh3",) if quick else ("qh3", "aioquic")
     if only_stacks:
         stacks = tuple(only_stacks)
     cc = _congestion_control()
