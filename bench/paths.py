@@ -438,15 +438,15 @@ def run(
     sshd = sshd_path()
     if reason is None and sshd is None:
         reason = "sshd not installed (Debian package openssh-server)"
+    rows: list[Row] = [] if only else loopback_rows(quick)
     if reason is not None or sshd is None:
-        return [_skip_row(reason or "sshd not installed")]
+        return [*rows, _skip_row(reason or "sshd not installed")]
     cap = 4.0 if quick else 15.0
     runs = 1 if quick else 2
     stacks: tuple[str, ...] = ("qh3",) if quick else ("qh3", "aioquic")
     if only_stacks:
         stacks = tuple(only_stacks)
     cc = _congestion_control()
-    rows: list[Row] = []
     for spec in _paths(quick):
         if only and spec.name not in only:
             continue
@@ -475,6 +475,81 @@ def run(
                     results[stack] = _measure(lab, ports, spec.size, cap, runs)
         rows += _rows(spec, results, cc, stacks)
     return rows
+
+
+async def _loopback_upload(size: int, algorithm: str, cert: Path, key: Path) -> float:
+    """One aioquic connection on 127.0.0.1 (both ends in this process), ``algorithm``
+    as congestion control on both ends; one stream uploads ``size`` bytes; MB/s."""
+    from quic_reverse.transport import aioquic as aioquic_stack
+    from quic_reverse.transport.quic import ClientTLS, ServerTLS, connect, serve
+
+    aioquic_stack.DEFAULT_CONGESTION_CONTROL = algorithm
+    done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    async def on_connection(conn: Any) -> None:
+        send, recv = await conn.accept_bi()
+        total = 0
+        while data := await recv.read(1 << 20):
+            total += len(data)
+        done.set_result(time.perf_counter())
+        await send.finish()
+        await conn.wait_closed()  # the client closes once it has its figure
+
+    server = await serve(
+        "127.0.0.1", 0, tls=ServerTLS(certfile=cert, keyfile=key),
+        on_connection=on_connection, stack="aioquic",
+    )  # fmt: skip
+    async with server:
+        conn = await connect(
+            "127.0.0.1", server.address[1], tls=ClientTLS(cafile=cert), stack="aioquic"
+        )
+        try:
+            send, _ = await conn.open_bi()
+            block = memoryview(b"\x5a" * (1 << 20))
+            t0 = time.perf_counter()
+            left = size
+            while left > 0:
+                n = min(left, len(block))
+                await send.write(block[:n])
+                left -= n
+            await send.finish()
+            t1 = await asyncio.wait_for(done, STARTUP * 4)
+        finally:
+            conn.close()
+    return size / (t1 - t0) / 1e6
+
+
+def loopback_rows(quick: bool) -> list[Row]:
+    """aioquic on loopback: this library's congestion control vs aioquic's NewReno
+    (the cost of the loss-tolerant controller where nothing is lost)."""
+    from quic_reverse.transport import congestion
+    from quic_reverse.transport.tls import write_self_signed
+
+    size = (16 if quick else 64) << 20
+    runs = 1 if quick else 5
+    samples: dict[str, list[float]] = {congestion.NAME: [], "reno": []}
+    with tempfile.TemporaryDirectory(prefix="qr-bench-cc-") as tmp:
+        cert, key = write_self_signed(tmp)
+        for _ in range(runs):  # interleaved, so machine noise hits both alike
+            for algorithm, out in samples.items():
+                out.append(asyncio.run(_loopback_upload(size, algorithm, cert, key)))
+    mib = size >> 20
+    return [
+        make_row(
+            f"loopback aioquic {mib} MiB upload, {congestion.NAME} congestion control",
+            "MB/s",
+            samples[congestion.NAME],
+            baseline="aioquic NewReno (its default), same run",
+            baseline_value=_median(samples["reno"]),
+            goal=">= 0.95x NewReno (loss tolerance costs <= 5 % on a clean path)",
+        ),
+        make_row(
+            f"loopback aioquic {mib} MiB upload, NewReno",
+            "MB/s",
+            samples["reno"],
+            goal="reference (baseline)",
+        ),
+    ]
 
 
 def _skip_row(reason: str) -> Row:

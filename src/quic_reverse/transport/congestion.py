@@ -14,8 +14,8 @@ congestion signal; it measures the path instead:
   seconds;
 * **startup**: the window grows by the bytes acknowledged (doubling per round trip)
   until the bandwidth estimate stops growing by 25 % for three round trips;
-* then the window is :data:`CWND_GAIN` x bandwidth x min RTT (at least
-  :data:`MIN_WINDOW_PACKETS` packets). aioquic paces at ``cwnd / smoothed RTT``, so
+* then the window is :data:`CWND_GAIN` x bandwidth x max(min RTT, :data:`RTT_FLOOR`)
+  (at least :data:`MIN_WINDOW_PACKETS` packets). aioquic paces at ``cwnd / smoothed RTT``, so
   the gain also leaves room for the bandwidth estimate to grow when the path allows.
 
 Losses still cause retransmission (aioquic's loss detection is untouched) and reduce
@@ -47,6 +47,12 @@ CWND_GAIN = 2.0
 BW_WINDOW_ROUNDS = 10
 #: Seconds over which the propagation RTT is the minimum sample.
 MIN_RTT_WINDOW = 10.0
+#: The RTT used for the window is at least this (seconds): the peer may delay its ACKs
+#: up to its max_ack_delay (25 ms by default), so on a path whose RTT is far shorter
+#: (loopback, a LAN: well under 1 ms) a window of bandwidth x min RTT would stall the
+#: sender between ACKs and the bandwidth samples would shrink with it (2 MiB/s over a
+#: veth pair before this floor).
+RTT_FLOOR = 0.025
 #: Smallest window, in packets.
 MIN_WINDOW_PACKETS = 4
 #: Startup ends after this many rounds without the bandwidth growing by STARTUP_GROWTH.
@@ -90,7 +96,8 @@ class DeliveryRateCongestionControl(QuicCongestionControl):
     def _target_window(self) -> int:
         if self._min_rtt is None:
             return self.congestion_window
-        return max(int(CWND_GAIN * self.bandwidth * self._min_rtt), self._min_window)
+        rtt = max(self._min_rtt, RTT_FLOOR)
+        return max(int(CWND_GAIN * self.bandwidth * rtt), self._min_window)
 
     def _add_rate_sample(self, rate: float) -> None:
         samples = self._bw_samples
