@@ -178,14 +178,16 @@ async def _echo_through(
     return bytes(got)
 
 
-#: qh3 2.1 (native core) promotes the new address at once but, under the 3x
-#: anti-amplification limit of the still-unvalidated path, its relay->edge data can stall
-#: for good (seen in about one run of three: the relay keeps receiving from the new
-#: address, the edge never gets another packet; both sides time out on keep-alive).
+#: qh3 2.1 (native core), server side, in about one run of three: after the change its
+#: active path stays on the old address (``core.active_path``), the path's received-bytes
+#: counter keeps growing with the packets from the new address (they are processed:
+#: the relay answers the edge's keep-alive pings) but the core sends nothing at all any
+#: more (its sent-bytes counter stays flat), to either address, until both sides give up
+#: on keep-alive. There is no hook to migrate or re-validate a path from Python.
 #: aioquic validates the new path and continues every time.
 QH3_REBINDING = pytest.mark.xfail(
-    reason="qh3 2.1 native core: migration to the new address can stall (path "
-    "validation under the anti-amplification limit); intermittent",
+    reason="qh3 2.1 native core: after a NAT rebinding the server may never migrate "
+    "and stops sending (intermittent, about one run in three)",
     strict=False,
 )
 
