@@ -541,7 +541,7 @@ def loopback_rows(quick: bool) -> list[Row]:
             samples[congestion.NAME],
             baseline="aioquic NewReno (its default), same run",
             baseline_value=_median(samples["reno"]),
-            goal=">= 0.95x NewReno (loss tolerance costs <= 5 % on a clean path)",
+            goal=">= 0.95x NewReno (the loss-tolerant controller costs 5 % here, or less)",
         ),
         make_row(
             f"loopback aioquic {mib} MiB upload, NewReno",
