@@ -75,6 +75,7 @@ class DeliveryRateCongestionControl(QuicCongestionControl):
         self._round = 0
         self._next_round_delivered = 0
         self._bw_samples: deque[tuple[int, float]] = deque()  # (round, max rate in it)
+        self._bw = 0.0  # max of _bw_samples (kept up to date; read on every ack)
         self._min_rtt: float | None = None
         self._min_rtt_time = 0.0
         self._full_bw = 0.0
@@ -87,7 +88,7 @@ class DeliveryRateCongestionControl(QuicCongestionControl):
     @property
     def bandwidth(self) -> float:
         """Bottleneck bandwidth estimate (bytes/s); 0 before the first sample."""
-        return max((rate for _, rate in self._bw_samples), default=0.0)
+        return self._bw
 
     @property
     def min_rtt(self) -> float | None:
@@ -106,8 +107,14 @@ class DeliveryRateCongestionControl(QuicCongestionControl):
                 samples[-1] = (self._round, rate)
         else:
             samples.append((self._round, rate))
-        while samples and samples[0][0] <= self._round - BW_WINDOW_ROUNDS:
-            samples.popleft()
+            expired = False
+            while samples[0][0] <= self._round - BW_WINDOW_ROUNDS:
+                samples.popleft()
+                expired = True
+            if expired:
+                self._bw = max(r for _, r in samples)
+        if rate > self._bw:
+            self._bw = rate
 
     def _check_full_bandwidth(self) -> None:
         bw = self.bandwidth
@@ -165,6 +172,7 @@ class DeliveryRateCongestionControl(QuicCongestionControl):
     def on_persistent_congestion(self) -> None:
         self.congestion_window = self._min_window
         self._bw_samples.clear()
+        self._bw = 0.0
         self._full_bw = 0.0
         self._full_bw_rounds = 0
         self._full_bw_reached = True  # regrow from measured rates (2x per round)
