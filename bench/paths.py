@@ -178,7 +178,7 @@ def _connect(lab: Lab, port: int, timeout: float) -> socket.socket:
     return sock
 
 
-def _upload(lab: Lab, port: int, size: int, cap: float, seed: int) -> Transfer:
+def upload(lab: Lab, port: int, size: int, cap: float, seed: int) -> Transfer:
     """Send up to ``size`` bytes (or for ``cap`` seconds), half-close, check the sink's
     count and sha256; seconds = until the sink's answer."""
     block = _block(seed)
@@ -205,7 +205,7 @@ def _upload(lab: Lab, port: int, size: int, cap: float, seed: int) -> Transfer:
     return Transfer(sent, elapsed)
 
 
-def _download(lab: Lab, port: int, size: int, cap: float, seed: int) -> Transfer:
+def download(lab: Lab, port: int, size: int, cap: float, seed: int) -> Transfer:
     """Ask the source for ``size`` bytes; read until all arrived or ``cap`` passed;
     check the sha256 of what arrived."""
     sock = _connect(lab, port, STARTUP)
@@ -267,8 +267,24 @@ def _popen_logged(lab: Lab, ns: Namespace, argv: list[str], log: Path) -> subpro
         return lab.popen(ns, argv, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
+def start_services(lab: Lab) -> subprocess.Popen[Any]:
+    """The sink and source services in ``edge_ns`` (stopped with the lab)."""
+    services = lab.popen(
+        lab.edge_ns,
+        [sys.executable, "-m", "bench.paths", "--services"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert services.stdout is not None
+    if services.stdout.readline().strip() != "ready":
+        raise RuntimeError("path services did not start")
+    return services
+
+
 @contextlib.contextmanager
-def _tunnel(lab: Lab, tmp: Path, stack: str) -> Iterator[tuple[int, int]]:
+def tunnel(lab: Lab, tmp: Path, stack: str) -> Iterator[tuple[int, int]]:
     """The real relay (relay_ns) and edge (edge_ns) CLIs; yields the forward ports."""
     from quic_reverse.tunnel.auth import generate_token, write_token_file
 
@@ -418,8 +434,8 @@ def _measure(lab: Lab, ports: tuple[int, int], size: int, cap: float, runs: int)
     sink, source = ports
     figures = Figures()
     for i in range(runs):
-        figures.up.append(_upload(lab, sink, size, cap, seed=2 * i + 1).mib_per_s)
-        figures.down.append(_download(lab, source, size, cap, seed=2 * i + 2).mib_per_s)
+        figures.up.append(upload(lab, sink, size, cap, seed=2 * i + 1).mib_per_s)
+        figures.down.append(download(lab, source, size, cap, seed=2 * i + 2).mib_per_s)
     return figures
 
 
@@ -457,21 +473,11 @@ def run(
             pathlab.Lab(seed=7, **spec.lab) as lab,
         ):
             tmp = Path(tmpname)
-            services = lab.popen(
-                lab.edge_ns,
-                [sys.executable, "-m", "bench.paths", "--services"],
-                stdout=subprocess.PIPE,
-                text=True,
-                cwd=ROOT,
-                env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            )
-            assert services.stdout is not None
-            if services.stdout.readline().strip() != "ready":
-                raise RuntimeError("path services did not start")
+            start_services(lab)
             with _ssh(lab, tmp, sshd) as ports:
                 results["ssh"] = _measure(lab, ports, spec.size, cap, runs)
             for stack in stacks:
-                with _tunnel(lab, tmp, stack) as ports:
+                with tunnel(lab, tmp, stack) as ports:
                     results[stack] = _measure(lab, ports, spec.size, cap, runs)
         rows += _rows(spec, results, cc, stacks)
     return rows
