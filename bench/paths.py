@@ -459,7 +459,7 @@ def run(
         return [*rows, _skip_row(reason or "sshd not installed")]
     cap = 4.0 if quick else 15.0
     runs = 1 if quick else 2
-    stacks: tuple[str, ...] = ("qh3",) if quick else ("qh3", "aioquic")
+    stacks: tuple[str, ...] = ("qh3", "aioquic")
     if only_stacks:
         stacks = tuple(only_stacks)
     cc = _congestion_control()
@@ -609,7 +609,7 @@ def _rows(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="tunnel vs ssh -N -R over emulated paths")
-    parser.add_argument("--quick", action="store_true", help="two small paths, qh3 only")
+    parser.add_argument("--quick", action="store_true", help="two small paths, small sizes")
     parser.add_argument("--path", action="append", help="only these paths (veth, rtt50, ...)")
     parser.add_argument("--stack", action="append", help="only these stacks (qh3, aioquic)")
     parser.add_argument("--services", action="store_true", help=argparse.SUPPRESS)
