@@ -7,6 +7,9 @@ real aioquic connection made with this library's configuration is checked to use
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from aioquic.quic.congestion.base import QuicCongestionControl, create_congestion_control
 from aioquic.quic.packet import QuicPacketType
 from aioquic.quic.packet_builder import QuicSentPacket
@@ -15,6 +18,7 @@ from aioquic.tls import Epoch
 from quic_reverse.transport import aioquic as aioquic_stack
 from quic_reverse.transport import congestion
 from quic_reverse.transport.congestion import CWND_GAIN, MIN_WINDOW_PACKETS
+from quic_reverse.transport.tls import write_self_signed
 
 MSS = 1200
 RTT = 0.05
@@ -102,3 +106,36 @@ def test_library_configurations_use_it_and_explicit_choices_are_kept() -> None:
     assert isinstance(conn._loss._cc, congestion.DeliveryRateCongestionControl)  # type: ignore[attr-defined]
     explicit = aioquic_stack._configuration(is_client=True, congestion_control_algorithm="cubic")
     assert explicit.congestion_control_algorithm == "cubic"
+
+
+def test_aioquic_send_queue_counts_unsent_bytes_only(tmp_path: Path) -> None:
+    """Backpressure must not count bytes already sent and waiting for their ACK: on a
+    long lossy path those include everything behind a lost packet for an RTT or more,
+    which capped a stream at ``send_buffer`` per RTT (1 MiB / 50 ms)."""
+    cert, key = write_self_signed(tmp_path)
+    client_cfg = aioquic_stack.client_configuration(cafile=cert)
+    server_cfg = aioquic_stack.server_configuration(cert, key)
+    client: Any = aioquic_stack._create(client_cfg, 16, None)
+    now = 1.0
+    client.connect(("127.0.0.1", 4433), now)
+    server: Any = None
+    for _ in range(20):  # a handshake takes a few flights
+        for data, _addr in client.datagrams_to_send(now):
+            if server is None:
+                server = aioquic_stack._create(server_cfg, 16, data[6 : 6 + data[5]])
+            server.qr_feed([data], ("127.0.0.1", 50000), now)
+        if server is not None:
+            for data, _addr in server.datagrams_to_send(now):
+                client.qr_feed([data], ("127.0.0.1", 4433), now)
+        now += 0.001
+        if client._handshake_complete and server._handshake_complete:
+            break
+    assert client._handshake_complete
+    stream_id = client.qr_allocate_bidi()
+    size = 1 << 20
+    client.send_stream_data(stream_id, b"x" * size)
+    assert client.qr_send_queue_size(stream_id) == size
+    sent = sum(len(d) for d, _ in client.datagrams_to_send(now))
+    assert 0 < sent < size  # the congestion window lets only part of it out
+    queued = client.qr_send_queue_size(stream_id)
+    assert size - sent <= queued < size - sent // 2, (size, sent, queued)
