@@ -10,20 +10,26 @@ way). Topology, identical for the tunnel and for SSH::
 
 * the tunnel is the real ``quic-reverse relay`` / ``edge`` CLI, once per QUIC stack:
   qh3 (the default) and aioquic (with this library's default congestion control for
-  aioquic, see ``docs/ARCHITECTURE.md``);
+  aioquic: ``quic_reverse.transport.congestion``, delivery-rate based);
 * ``ssh -N -R`` is Debian's OpenSSH: an ``sshd`` started here inside ``relay_ns`` on a
   host key and a client key generated for the run, ``ssh`` inside ``edge_ns``; TCP
   uses the host's default congestion control (shown in the baseline name);
 * upload = client -> service (data flows relay -> edge), download = service -> client;
   every transfer is one TCP connection of seeded data whose sha256 is checked at the
   receiver (a mismatch makes the run fail, it is never reported as a figure);
-* a transfer stops at its size or after a time cap (slow paths would otherwise take
-  minutes); the figure is bytes delivered / seconds, so a capped transfer is still a
-  fair rate.
+* a transfer stops at its size (veth 256 MiB, 0 % 64, 1 % 32, 5 % 16; ``--quick``
+  8 and 2 MiB on two paths) or after a time cap (15 s, ``--quick`` 4 s; slow paths
+  would otherwise take minutes); the figure is bytes delivered / seconds (an upload
+  counts until the service confirmed every byte), so a capped transfer is still a fair
+  rate; 2 transfers per direction (``--quick`` 1), the figure is their median;
+* one more pair of rows, on loopback and without root: aioquic with that congestion
+  control vs aioquic's NewReno, one process, 64 MiB (``--quick`` 16), 5 interleaved
+  runs: what loss tolerance costs where nothing is lost.
 
 Goal (issue 11): tunnel >= 1.0x ``ssh -N -R`` on every path, both directions.
 Needs root (namespaces, TUN) and ``sshd``; elsewhere one row says why it was skipped.
-Run alone: ``.venv/bin/python -m bench.paths [--quick] [--path NAME ...]``.
+Run alone: ``.venv/bin/python -m bench.paths [--quick] [--path veth|rtt50|loss1|loss5]
+[--stack qh3|aioquic]`` (repeatable).
 """
 
 from __future__ import annotations
