@@ -59,8 +59,13 @@ MIN_WINDOW_PACKETS = 4
 STARTUP_FULL_ROUNDS = 3
 STARTUP_GROWTH = 1.25
 
-_DELIVERED = "_qr_delivered"
-_DELIVERED_TIME = "_qr_delivered_time"
+#: Bound on the packets in flight that carry a rate sample (a safety net: every sent
+#: packet is acked, lost or expired through the hooks below).
+MAX_MARKED = 4096
+#: A packet sent at most every max(SAMPLE_GAP, min RTT / 8) seconds carries a
+#: delivery-rate sample: the max filter needs several samples per round trip, not one
+#: per packet.
+SAMPLE_GAP = 0.001
 
 
 class DeliveryRateCongestionControl(QuicCongestionControl):
@@ -68,20 +73,23 @@ class DeliveryRateCongestionControl(QuicCongestionControl):
 
     def __init__(self, *, max_datagram_size: int) -> None:
         super().__init__(max_datagram_size=max_datagram_size)
-        self._mss = max_datagram_size
         self._min_window = MIN_WINDOW_PACKETS * max_datagram_size
         self._delivered = 0  # bytes acknowledged so far
         self._delivered_time = 0.0  # when _delivered last grew
         self._round = 0
         self._next_round_delivered = 0
         self._bw_samples: deque[tuple[int, float]] = deque()  # (round, max rate in it)
-        self._bw = 0.0  # max of _bw_samples (kept up to date; read on every ack)
+        self._bw = 0.0  # max of _bw_samples
         self._min_rtt: float | None = None
         self._min_rtt_time = 0.0
+        self._sample_gap = SAMPLE_GAP
+        self._next_mark_time = 0.0
+        #: id(packet) -> (bytes delivered, time of that delivery) when it was sent.
+        self._marked: dict[int, tuple[int, float]] = {}
+        self._target = self.congestion_window  # window once startup is over
         self._full_bw = 0.0
         self._full_bw_rounds = 0
         self._full_bw_reached = False
-        self._round_started = False
 
     # -- estimates -------------------------------------------------------------
 
@@ -94,30 +102,31 @@ class DeliveryRateCongestionControl(QuicCongestionControl):
     def min_rtt(self) -> float | None:
         return self._min_rtt
 
-    def _target_window(self) -> int:
-        if self._min_rtt is None:
-            return self.congestion_window
-        rtt = max(self._min_rtt, RTT_FLOOR)
-        return max(int(CWND_GAIN * self.bandwidth * rtt), self._min_window)
+    def _update_target(self) -> None:
+        if self._min_rtt is not None:
+            rtt = max(self._min_rtt, RTT_FLOOR)
+            self._target = max(int(CWND_GAIN * self._bw * rtt), self._min_window)
 
     def _add_rate_sample(self, rate: float) -> None:
         samples = self._bw_samples
+        bw = self._bw
         if samples and samples[-1][0] == self._round:
             if rate > samples[-1][1]:
                 samples[-1] = (self._round, rate)
         else:
             samples.append((self._round, rate))
-            expired = False
-            while samples[0][0] <= self._round - BW_WINDOW_ROUNDS:
-                samples.popleft()
-                expired = True
-            if expired:
-                self._bw = max(r for _, r in samples)
-        if rate > self._bw:
-            self._bw = rate
+            if samples[0][0] <= self._round - BW_WINDOW_ROUNDS:
+                while samples[0][0] <= self._round - BW_WINDOW_ROUNDS:
+                    samples.popleft()
+                bw = max(r for _, r in samples)
+        if rate > bw:
+            bw = rate
+        if bw != self._bw:
+            self._bw = bw
+            self._update_target()
 
     def _check_full_bandwidth(self) -> None:
-        bw = self.bandwidth
+        bw = self._bw
         if bw >= self._full_bw * STARTUP_GROWTH:
             self._full_bw = bw
             self._full_bw_rounds = 0
@@ -129,50 +138,67 @@ class DeliveryRateCongestionControl(QuicCongestionControl):
     # -- aioquic hooks -------------------------------------------------------------
 
     def on_packet_sent(self, *, packet: QuicSentPacket) -> None:
-        self.bytes_in_flight += packet.sent_bytes
-        if self.bytes_in_flight == packet.sent_bytes:
+        sent_bytes = packet.sent_bytes
+        self.bytes_in_flight += sent_bytes
+        sent_time = packet.sent_time
+        if sent_time is None:
+            return
+        if self.bytes_in_flight == sent_bytes:
             # Sending after an idle period: rate samples start from now.
-            self._delivered_time = packet.sent_time or self._delivered_time
-        setattr(packet, _DELIVERED, self._delivered)
-        setattr(packet, _DELIVERED_TIME, self._delivered_time)
+            self._delivered_time = sent_time
+        if sent_time >= self._next_mark_time:
+            # Only some packets carry a rate sample (see SAMPLE_GAP): storing state on
+            # every packet cost more than all the rest of the controller.
+            self._next_mark_time = sent_time + self._sample_gap
+            marked = self._marked
+            if len(marked) >= MAX_MARKED:  # entries of packets aioquic dropped silently
+                marked.clear()
+            marked[id(packet)] = (self._delivered, self._delivered_time)
 
     def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
-        self.bytes_in_flight -= packet.sent_bytes
-        self._delivered += packet.sent_bytes
+        sent_bytes = packet.sent_bytes
+        self.bytes_in_flight -= sent_bytes
+        delivered = self._delivered = self._delivered + sent_bytes
         self._delivered_time = now
-        delivered_then: int = getattr(packet, _DELIVERED, 0)
-        since: float = getattr(packet, _DELIVERED_TIME, 0.0)
-        new_round = delivered_then >= self._next_round_delivered
-        if new_round:
-            self._next_round_delivered = self._delivered
-            self._round += 1
-        sent_time = packet.sent_time if packet.sent_time is not None else since
-        interval = max(now - since, now - sent_time)
-        if interval > 0 and since > 0:
-            self._add_rate_sample((self._delivered - delivered_then) / interval)
-        if new_round and not self._full_bw_reached:
-            self._check_full_bandwidth()
+        state = self._marked.pop(id(packet), None) if self._marked else None
+        if state is not None:
+            delivered_then, since = state
+            new_round = delivered_then >= self._next_round_delivered
+            if new_round:
+                self._next_round_delivered = delivered
+                self._round += 1
+            if now > since > 0:
+                # The interval starts when the data acknowledged before this packet
+                # was sent had been delivered (never later than the packet's send).
+                self._add_rate_sample((delivered - delivered_then) / (now - since))
+            if new_round and not self._full_bw_reached:
+                self._check_full_bandwidth()
+        cwnd = self.congestion_window + sent_bytes
         if self._full_bw_reached:
-            self.congestion_window = max(
-                min(self.congestion_window + packet.sent_bytes, self._target_window()),
-                self._min_window,
-            )
-        else:
-            self.congestion_window += packet.sent_bytes
+            if cwnd > self._target:
+                cwnd = self._target
+            if cwnd < self._min_window:
+                cwnd = self._min_window
+        self.congestion_window = cwnd
 
     def on_packets_expired(self, *, packets: Iterable[QuicSentPacket]) -> None:
+        marked = self._marked
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
+            marked.pop(id(packet), None)
 
     def on_packets_lost(self, *, now: float, packets: Iterable[QuicSentPacket]) -> None:
         # Loss is not a congestion signal here (see the module docstring).
+        marked = self._marked
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
+            marked.pop(id(packet), None)
 
     def on_persistent_congestion(self) -> None:
         self.congestion_window = self._min_window
         self._bw_samples.clear()
         self._bw = 0.0
+        self._update_target()
         self._full_bw = 0.0
         self._full_bw_rounds = 0
         self._full_bw_reached = True  # regrow from measured rates (2x per round)
@@ -180,15 +206,19 @@ class DeliveryRateCongestionControl(QuicCongestionControl):
     def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
         if (
             self._min_rtt is None
-            or rtt <= self._min_rtt
+            or rtt < self._min_rtt
             or now - self._min_rtt_time > MIN_RTT_WINDOW
         ):
             self._min_rtt = rtt
             self._min_rtt_time = now
+            self._sample_gap = max(SAMPLE_GAP, rtt / 8)
+            self._update_target()
+        elif rtt == self._min_rtt:
+            self._min_rtt_time = now
 
     def get_log_data(self) -> dict[str, object]:
         data = dict(super().get_log_data())
-        data["bandwidth"] = self.bandwidth
+        data["bandwidth"] = self._bw
         if self._min_rtt is not None:
             data["min_rtt"] = self._min_rtt
         return data
