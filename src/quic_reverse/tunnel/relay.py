@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import __version__
 from ..config import Config, Role
@@ -54,6 +54,9 @@ from .config import Forward, RelayConfig, load_server_certificate
 from .pipe import TcpLeg, pipe
 from .registry import EdgeRegistry, Pool, Replica, Unavailable
 from .udp import UdpForward
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
 
 __all__ = ["EdgeSession", "Relay", "ensure_self_signed"]
 
@@ -102,6 +105,8 @@ class Relay:
         self.forward_addresses: dict[Forward, tuple[str, int]] = {}
         #: The ``udp:`` forwards (tunnel/udp.py), by forward.
         self.udp_forwards: dict[Forward, UdpForward] = {}
+        #: The fleet (tunnel/fleet.py), with ``--registry``.
+        self.fleet: Fleet | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,6 +159,11 @@ class Relay:
             cfg.stack,
             self.fingerprint,
         )
+        if cfg.registry is not None:
+            from .fleet import Fleet  # imports redis-py: only in a fleet
+
+            self.fleet = Fleet(self)
+            await self.fleet.start()
         loop = asyncio.get_running_loop()
         for fwd in cfg.forwards:
             if fwd.protocol == "udp":
@@ -203,6 +213,8 @@ class Relay:
         self._stopping = True
         for server in self._tcp:
             server.close()
+        if self.fleet is not None:
+            await self.fleet.close()
         await asyncio.gather(*(u.close() for u in self.udp_forwards.values()))
         log.info(
             "shutting down: no new connections, %.1fs grace for open streams", self.config.grace
@@ -276,7 +288,9 @@ class Relay:
         handle: SessionHandle | None = None
         try:
             handle = await Session(conn, Role.SERVER, self._session_config()).start()
-            identity = await authenticate_edge(handle, self.tokens, peer)
+            identity = await authenticate_edge(
+                handle, self.tokens, peer, fleet_token=self.fleet.token if self.fleet else None
+            )
         except OperationTimeout:
             if not expired:
                 expire()
@@ -294,6 +308,9 @@ class Relay:
             return
         if self._stopping:
             await self._abandon(handle, conn, "relay shutting down")
+            return
+        if identity.relay and self.fleet is not None:
+            await self.fleet.serve_peer(handle, conn, identity)
             return
         edge = Replica(
             name=identity.name,
@@ -513,6 +530,9 @@ class Relay:
         pool = self.registry.pool(fwd.edge)
         started = time.monotonic()
         try:
+            fleet = self.fleet
+            if fleet and not pool.live() and await fleet.forward(fwd, leg, target, pool):
+                return  # served through a peer relay (or closed, reason logged)
             opened = await self._open(fwd, pool, leg, target)
             if opened is None:
                 leg.close()
