@@ -230,3 +230,43 @@ async def test_every_relay_reaches_every_edge_then_survives_a_relay_kill(fleet: 
         f"{BACKOFF_CAP:g}s; loopback)"
     )
     await every_pair(fleet, [r0, r2], size=16 * 1024)
+
+
+def count(relay: RelayProc, text: str) -> int:
+    return sum(1 for line in relay.proc.lines if text in line)
+
+
+async def test_registry_outage_keeps_known_routes_until_ttl_then_recovers(fleet: Fleet) -> None:
+    r0, r1, _ = fleet.relays
+    await every_pair(fleet, fleet.relays, size=16 * 1024)  # every relay knows every route
+    fleet.redis.kill()
+    killed = time.monotonic()
+    # Local traffic and the routes already known keep working (their TTL has not run).
+    await every_pair(fleet, fleet.relays, size=16 * 1024)
+    assert time.monotonic() - killed < TTL, "too slow to check within the TTL"
+    for relay in fleet.relays:
+        await asyncio.to_thread(relay.proc.wait_for, r"registry \S+ unreachable", timeout=WAIT)
+    # Past the TTL: the routes known before the outage have expired; local edges work.
+    await asyncio.sleep(max(0.0, killed + TTL + 500 * MS - time.monotonic()))
+    payload = b"after the ttl"
+    assert await echo(r1.forwards["bravo/echo"], payload) == payload
+    assert await echo(r0.forwards["bravo/echo"], payload) != payload
+    for relay in fleet.relays:
+        assert count(relay, "unreachable") == 1, relay.proc.tail()  # logged once
+    # Redis back (empty: no persistence): every relay re-publishes at its next heartbeat.
+    marks = [r.proc.mark() for r in fleet.relays]
+    fleet.redis = RedisProc(fleet.redis.port)
+    fleet.procs.append(fleet.redis)
+    back = time.monotonic()
+    for relay, mark in zip(fleet.relays, marks, strict=True):
+        await asyncio.to_thread(relay.proc.wait_for, r"re-publishing", after=mark, timeout=WAIT)
+    took = time.monotonic() - back
+    print(
+        f"fleet figures [registry back]: all 3 relays re-published {took * 1000:.0f} ms after "
+        f"redis-server was ready (heartbeat {HEARTBEAT:g}s; loopback)"
+    )
+    try:
+        await every_pair(fleet, fleet.relays, size=16 * 1024)
+    except AssertionError:
+        print(r0.proc.text[-6000:])
+        raise

@@ -187,6 +187,7 @@ class RedisRegistry:
         except self._errors as exc:
             self._down(exc)
             return
+        self.up = True
         if not was_up:
             log.info("registry %s reachable again", self.url)
 
