@@ -175,14 +175,21 @@ class Fleet:
             cfg.registry_heartbeat,
         )
 
+    async def leave(self) -> None:
+        """Remove this relay and its edges from the registry (graceful stop: peers
+        stop routing clients here; the clients already forwarded go on)."""
+        if self.registry is not None:
+            await self.registry.close()
+
     async def close(self) -> None:
-        """Leave the registry, close the peer sessions."""
+        """Close the sessions to peer relays (after :meth:`leave` and the grace time)."""
+        await self.leave()
         for link in self._links.values():
             if link.task is not None:
                 link.task.cancel()
             link.drop("relay shutting down")
-        if self.registry is not None:
-            await self.registry.close()
+        tasks = [lk.task for lk in self._links.values() if lk.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _changed(self, name: str) -> None:
         """The local sessions of edge ``name`` changed: publish them."""

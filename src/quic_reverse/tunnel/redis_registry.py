@@ -107,6 +107,7 @@ class RedisRegistry:
         #: name -> routes as last read, each with the loop time its relay's TTL ends.
         self._known: dict[str, list[tuple[Route, float]]] = {}
         self.up = True
+        self._closed = False
         self._task: asyncio.Task[None] | None = None
         #: Counters (for logs, metrics and tests).
         self.heartbeats = 0
@@ -121,7 +122,11 @@ class RedisRegistry:
         self._task = asyncio.create_task(self._run(), name="registry heartbeat")
 
     async def close(self) -> None:
-        """Stop heartbeating and remove this relay's entries (best effort)."""
+        """Stop heartbeating and remove this relay's entries (best effort; a second
+        call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

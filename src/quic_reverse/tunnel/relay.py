@@ -214,7 +214,7 @@ class Relay:
         for server in self._tcp:
             server.close()
         if self.fleet is not None:
-            await self.fleet.close()
+            await self.fleet.leave()  # peers stop routing clients here
         await asyncio.gather(*(u.close() for u in self.udp_forwards.values()))
         log.info(
             "shutting down: no new connections, %.1fs grace for open streams", self.config.grace
@@ -226,6 +226,8 @@ class Relay:
             if pending:
                 log.info("grace period over: aborting %d stream(s)", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
+        if self.fleet is not None:
+            await self.fleet.close()
         await asyncio.gather(
             *(
                 self._close_edge(e, CloseCode.NORMAL, "relay shutting down")
