@@ -13,16 +13,18 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from quic_reverse.tunnel.auth import generate_token, write_token_file
 from quic_reverse.tunnel.relay import ensure_self_signed
 
-from ..support.timing import MS
+from ..support.timing import LONG, MS
 from ._procs import Proc, RelayProc, Services, start_edge, start_relay, start_services
 
 pytestmark = pytest.mark.subprocess
@@ -191,12 +193,42 @@ async def served_again(port: int, budget: float) -> float:
     raise AssertionError("not served after 1000 clients")
 
 
+State = tuple[int, dict[str, int]]
+
+
+def registry_state(world: Fleet) -> State:
+    """What Redis holds: live relays, and relays per edge name."""
+    client: Any = redis.Redis(host="127.0.0.1", port=world.redis.port, socket_timeout=LONG)
+    try:
+        relays = len(client.keys("quic-reverse:relay:*"))
+        edges = {name: int(client.hlen(f"quic-reverse:edge:{name}")) for name in EDGES}
+        return relays, edges
+    finally:
+        client.close()
+
+
+async def registry_becomes(world: Fleet, expected: Callable[[State], bool] | State) -> float:
+    """Seconds until Redis holds ``expected`` (a state or a predicate; polled, bounded
+    by WAIT)."""
+    check = expected if callable(expected) else expected.__eq__
+    started = time.monotonic()
+    state = registry_state(world)
+    for _ in range(10_000):
+        if check(state) or time.monotonic() - started > WAIT:
+            break
+        await asyncio.sleep(50 * MS)
+        state = registry_state(world)
+    assert check(state), state
+    return time.monotonic() - started
+
+
 def forwarded_by(relay: RelayProc) -> int:
     return sum(1 for line in relay.proc.lines if "via relay" in line and "opened" in line)
 
 
 async def test_every_relay_reaches_every_edge_then_survives_a_relay_kill(fleet: Fleet) -> None:
     # 1. Three relays, edge i on relay i only: every relay reaches every edge.
+    await registry_becomes(fleet, (3, dict.fromkeys(EDGES, 1)))
     await every_pair(fleet, fleet.relays)
     for relay in fleet.relays:
         assert forwarded_by(relay) >= 2, relay.proc.tail()
@@ -221,15 +253,24 @@ async def test_every_relay_reaches_every_edge_then_survives_a_relay_kill(fleet: 
     await asyncio.to_thread(r0.proc.wait_for, r"edge 'bravo' authenticated", after=mark)
     fleet.edges["bravo"].kill()
     await served_again(r2.forwards["bravo/echo"], WAIT)  # relay 2 has used relay 1's route
+    await registry_becomes(fleet, (3, {"alpha": 1, "bravo": 2, "charlie": 1}))
     r1.proc.kill()
     budget = TTL + BACKOFF_CAP + 10_000 * MS
     took = await served_again(r2.forwards["bravo/echo"], budget)
+    # The dead relay's liveness key expires within the TTL: its routes with it (a
+    # lookup then also deletes its field).
+    expired = await registry_becomes(fleet, lambda state: state[0] == 2)
     print(
         f"fleet figures [relay holding the edge killed]: clients through another relay "
         f"served again after {took * 1000:.0f} ms (ttl {TTL:g}s, backoff cap "
-        f"{BACKOFF_CAP:g}s; loopback)"
+        f"{BACKOFF_CAP:g}s); its liveness gone from the registry {expired * 1000:.0f} ms "
+        "later (loopback)"
     )
     await every_pair(fleet, [r0, r2], size=16 * 1024)
+    await registry_becomes(fleet, (2, {"alpha": 1, "bravo": 1, "charlie": 1}))
+    # An edge that leaves is removed from the registry at once.
+    fleet.edges["charlie"].terminate()
+    await registry_becomes(fleet, (2, {"alpha": 1, "bravo": 1, "charlie": 0}))
 
 
 def count(relay: RelayProc, text: str) -> int:
