@@ -63,7 +63,7 @@ from bench._harness import (
 logger = logging.getLogger("quic_reverse.bench")
 
 #: The benchmark modules, in the order they run (cheapest first).
-MODULES: tuple[str, ...] = ("wire", "transport", "session", "rust", "tunnel", "udp")
+MODULES: tuple[str, ...] = ("wire", "transport", "session", "rust", "tunnel", "udp", "fleet")
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"

@@ -5,7 +5,8 @@ Relay A started with ``--registry`` publishes the edge names connected to it and
 liveness. A TCP client arriving at A for edge X that has no live session at A is
 served through relay B that holds X:
 
-1. A looks X up in the registry (the relays holding it whose liveness is current,
+1. A looks X up in the registry (read again at most once per heartbeat while a
+   route works; the relays holding X whose liveness is current,
    minus any that failed for this client or are known down);
 2. A uses its one session to B (:class:`PeerLink`: QUIC to B's ``--advertise``
    address, B's certificate checked with ``--fleet-ca`` or ``--fleet-fingerprint``,
@@ -219,7 +220,7 @@ class Fleet:
             now = loop.time()
             routes = [
                 r
-                for r in await self.registry.lookup(fwd.edge)
+                for r in await self.registry.lookup(fwd.edge, fresh=bool(tried or why))
                 if r.relay not in tried and self._down.get(r.relay, 0.0) <= now
             ]
             if routes:

@@ -106,6 +106,8 @@ class RedisRegistry:
         self._wake = asyncio.Event()
         #: name -> routes as last read, each with the loop time its relay's TTL ends.
         self._known: dict[str, list[tuple[Route, float]]] = {}
+        #: name -> loop time it was last read from Redis.
+        self._read_at: dict[str, float] = {}
         self.up = True
         self._closed = False
         self._task: asyncio.Task[None] | None = None
@@ -230,10 +232,18 @@ class RedisRegistry:
 
     # ------------------------------------------------------------------ lookups
 
-    async def lookup(self, name: str) -> list[Route]:
-        """The other relays holding edge ``name`` now. While Redis is unreachable: the
-        routes last read, until their relay's TTL as then read."""
+    async def lookup(self, name: str, *, fresh: bool = False) -> list[Route]:
+        """The other relays holding edge ``name``: as read at most ``heartbeat`` ago if
+        that found any (``fresh``: read now), so a relay reads each name it routes to
+        at most once per heartbeat while its routes work. While Redis is unreachable:
+        the routes last read, until their relay's TTL as then read."""
         loop = asyncio.get_running_loop()
+        read_at = self._read_at.get(name)
+        if not fresh and read_at is not None and loop.time() - read_at < self.heartbeat:
+            now = loop.time()
+            cached = [r for r, until in self._known.get(name, []) if until > now]
+            if cached:  # no route is never cached: a waiting client polls for one
+                return cached
         if self.up:
             try:
                 routes = await self._read(name, loop.time())
@@ -251,6 +261,7 @@ class RedisRegistry:
 
     async def _read(self, name: str, now: float) -> list[Route]:
         fields: dict[str, str] = await self._redis.hgetall(self._edge_key(name))
+        self._read_at[name] = now
         relays = [r for r in fields if r != self.relay_id]
         if not relays:
             self._known.pop(name, None)
