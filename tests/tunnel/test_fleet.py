@@ -271,6 +271,9 @@ async def test_every_relay_reaches_every_edge_then_survives_a_relay_kill(fleet: 
     # An edge that leaves is removed from the registry at once.
     fleet.edges["charlie"].terminate()
     await registry_becomes(fleet, (2, {"alpha": 1, "bravo": 1, "charlie": 0}))
+    # A relay that stops gracefully leaves the registry at once (no TTL to wait for).
+    assert r0.proc.terminate() == 0
+    await registry_becomes(fleet, (1, dict.fromkeys(EDGES, 0)))
 
 
 def count(relay: RelayProc, text: str) -> int:
