@@ -66,8 +66,8 @@ def test_fleet_settings_all_or_nothing(tmp_path: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def fleet_relay(tmp_path: Path) -> Any:
-    """An in-process relay with its fleet side attached but not joined to a registry
-    (relay B of a relay-to-relay session)."""
+    """An in-process relay in a fleet whose registry is unreachable (nothing listens
+    on port 1): relay B of a relay-to-relay session, serving its own edges."""
     write_token_file(tmp_path / "fleet.token", FLEET_TOKEN)
     over: dict[str, Any] = {
         "registry": "redis://127.0.0.1:1/0",
@@ -76,7 +76,7 @@ async def fleet_relay(tmp_path: Path) -> Any:
         "listen": ("127.0.0.1", 0),
     }
     async with relay_setup(tmp_path, **over) as setup:
-        setup.relay.fleet = Fleet(setup.relay)
+        assert isinstance(setup.relay.fleet, Fleet)
         yield setup
 
 
@@ -148,3 +148,22 @@ async def test_peer_relay_opens_reach_local_edges_one_hop_only(tmp_path: Path) -
 def test_relay_config_dataclass_checks_fleet(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs --registry"):
         RelayConfig(self_signed=True, tokens=tmp_path / "t", advertise=("127.0.0.1", 1))
+
+
+async def test_fleet_errors_are_reported_before_listening(tmp_path: Path) -> None:
+    write_token_file(tmp_path / "fleet.token", FLEET_TOKEN)
+    cases: dict[str, dict[str, Any]] = {
+        "--fleet-token-file: token file": {"fleet_token_file": tmp_path / "missing.token"},
+        "--registry 'redis://127.0.0.1:x/0'": {"registry": "redis://127.0.0.1:x/0"},
+    }
+    for expected, bad in cases.items():
+        over: dict[str, Any] = {
+            "registry": "redis://127.0.0.1:1/0",
+            "fleet_token_file": tmp_path / "fleet.token",
+            "fleet_fingerprint": "ab" * 32,
+            "listen": ("127.0.0.1", 0),
+            **bad,
+        }
+        with pytest.raises(ConfigError, match=expected):
+            async with relay_setup(tmp_path, **over):
+                pass

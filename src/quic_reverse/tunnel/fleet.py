@@ -137,8 +137,18 @@ class Fleet:
         self.relay = relay
         self.config = cfg
         self.relay_id = secrets.token_hex(8)
-        self.token = read_edge_token(cfg.fleet_token_file)
-        self.registry: RedisRegistry | None = None
+        try:
+            self.token = read_edge_token(cfg.fleet_token_file)
+        except ConfigError as exc:
+            raise ConfigError(f"--fleet-token-file: {exc}") from None
+        #: The address is the listen address until :meth:`start` knows the real one.
+        self.registry = RedisRegistry(
+            cfg.registry,
+            relay_id=self.relay_id,
+            advertise=cfg.advertise or cfg.listen,
+            ttl=cfg.registry_ttl,
+            heartbeat=cfg.registry_heartbeat,
+        )
         self._links: dict[str, PeerLink] = {}
         #: Peer relay id -> loop time until which it is avoided (it could not be reached).
         self._down: dict[str, float] = {}
@@ -157,13 +167,7 @@ class Fleet:
         cfg = self.config
         assert cfg.registry is not None and self.relay.quic_address is not None
         advertise = cfg.advertise or self.relay.quic_address
-        self.registry = RedisRegistry(
-            cfg.registry,
-            relay_id=self.relay_id,
-            advertise=advertise,
-            ttl=cfg.registry_ttl,
-            heartbeat=cfg.registry_heartbeat,
-        )
+        self.registry.advertise = "{}:{}".format(*advertise)
         await self.registry.start()
         self.relay.registry.listeners.append(self._changed)
         log.info(
@@ -179,8 +183,7 @@ class Fleet:
     async def leave(self) -> None:
         """Remove this relay and its edges from the registry (graceful stop: peers
         stop routing clients here; the clients already forwarded go on)."""
-        if self.registry is not None:
-            await self.registry.close()
+        await self.registry.close()
 
     async def close(self) -> None:
         """Close the sessions to peer relays (after :meth:`leave` and the grace time)."""
@@ -194,8 +197,6 @@ class Fleet:
 
     def _changed(self, name: str) -> None:
         """The local sessions of edge ``name`` changed: publish them."""
-        if self.registry is None:
-            return
         pool = self.relay.registry.pool(name)
         instances = tuple(r.instance or r.address for r in pool.replicas if not r.retired)
         self.registry.publish(name, instances)
@@ -208,7 +209,6 @@ class Fleet:
         Returns False as soon as the edge has a live session here (the caller serves
         the client locally), True when the client was handled (served, or closed with
         the reason logged)."""
-        assert self.registry is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.open_timeout
         tried: set[str] = set()

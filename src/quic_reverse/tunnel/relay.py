@@ -125,6 +125,10 @@ class Relay:
                 f"--forward {missing[0]}: edge {missing[0].edge!r} has no token in the "
                 f"tokens file {str(cfg.tokens)!r}"
             )
+        if cfg.registry is not None:
+            from .fleet import Fleet  # imports redis-py: only in a fleet
+
+            self.fleet = Fleet(self)
         if cfg.self_signed:
             cert, key, fp = ensure_self_signed(cfg.state_dir)
             self.fingerprint = fp
@@ -159,10 +163,7 @@ class Relay:
             cfg.stack,
             self.fingerprint,
         )
-        if cfg.registry is not None:
-            from .fleet import Fleet  # imports redis-py: only in a fleet
-
-            self.fleet = Fleet(self)
+        if self.fleet is not None:
             await self.fleet.start()
         loop = asyncio.get_running_loop()
         for fwd in cfg.forwards:
