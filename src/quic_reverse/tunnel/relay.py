@@ -266,6 +266,8 @@ class Relay:
             ping_timeout=cfg.ping_timeout,
             # The pool admits at most max_streams opens per session at once.
             max_queued_opens=cfg.max_streams,
+            # A peer relay of the fleet opens streams here (tunnel/fleet.py).
+            max_concurrent_streams=cfg.max_streams,
         )
 
     async def serve_connection(self, conn: Connection) -> None:
