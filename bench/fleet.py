@@ -247,6 +247,43 @@ async def _republish(redis_port: int, names: int) -> float:
     return took
 
 
+async def _lookups(redis_port: int, count: int, concurrency: int = 64) -> float:
+    """Lookups per second one relay's registry client does (fresh reads: HGETALL, then
+    one PTTL per holding relay), ``concurrency`` at once, on names held by 2 relays."""
+    from quic_reverse.tunnel.redis_registry import RedisRegistry
+
+    url = f"redis://{LOOPBACK}:{redis_port}/1"
+    holders = [
+        RedisRegistry(url, relay_id=f"r{i}", advertise=(LOOPBACK, i + 1), ttl=60.0, heartbeat=30.0)
+        for i in range(2)
+    ]
+    names = [f"edge{i}" for i in range(1000)]
+    for reg in holders:
+        for name in names:
+            reg.publish(name, ("i",))
+        await reg.start()
+    reader = RedisRegistry(
+        url, relay_id="reader", advertise=(LOOPBACK, 9), ttl=60.0, heartbeat=30.0
+    )
+    await reader.start()
+    done = 0
+
+    async def worker(k: int) -> None:
+        nonlocal done
+        for i in range(k, count, concurrency):
+            routes = await reader.lookup(names[i % len(names)], fresh=True)
+            if len(routes) != 2:
+                raise RuntimeError(f"lookup found {len(routes)} routes, expected 2")
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    rate = done / (time.perf_counter() - t0)
+    for reg in (*holders, reader):
+        await reg.close()
+    return rate
+
+
 def _redis_benchmark(port: int, requests: int) -> dict[str, float]:
     """What the Redis serves: requests/s of SET and HSET, 50 connections, no pipelining."""
     exe = shutil.which("redis-benchmark")
@@ -290,6 +327,7 @@ def run(quick: bool) -> list[Row]:
                 lat[label].append(_connect_ms(world.ports[(label, "echo")]))
         share = EDGES // RELAYS
         republish = [asyncio.run(_republish(world.redis_port, share)) for _ in range(runs)]
+        lookups = [asyncio.run(_lookups(world.redis_port, 2_000 if quick else 20_000))]
         capacity = _redis_benchmark(world.redis_port, 20_000 if quick else 200_000)
     own_mbps = sorted(mbps["own"])[len(mbps["own"]) // 2]
     own_p50 = sorted(lat["own"])[len(lat["own"]) // 2]
@@ -331,6 +369,13 @@ def run(quick: bool) -> list[Row]:
             [t * 1000 for t in republish],
             higher_is_better=False,
             goal="< heartbeat (3 s)",
+        ),
+        make_row(
+            "fleet registry: lookups one relay reads per second (HGETALL + 2 PTTL, "
+            "64 at once, edge names held by 2 relays)",
+            "lookups/s",
+            lookups,
+            goal="reference (the relay-side bound of uncached lookups)",
         ),
     ]
     for command, rate in sorted(capacity.items()):
