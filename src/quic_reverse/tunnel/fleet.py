@@ -12,7 +12,7 @@ served through relay B that holds X:
    address, B's certificate checked with ``--fleet-ca`` or ``--fleet-fingerprint``,
    authenticated with the fleet secret; made on first use, kept alive by pings, made
    again after a failure);
-3. A opens ``"X/SERVICE"`` on it with metadata ``{"client", "via", "hop": 1}``; B opens
+3. A opens ``"X/SERVICE"`` on it with metadata ``{"client", "via", "hop": 1, "balance"}``; B opens
    ``SERVICE`` on its own session to X (the same balancing and replica retries as for
    its own clients; the metadata X sees is the one a direct client would give) and
    answers A's open only once X answered (X's rejection is passed on); then B splices
@@ -48,7 +48,7 @@ from ..transport import quic
 from ..transport.base import Connection
 from ..wire import CloseCode, Metadata, RejectCode
 from .auth import FLEET_KEY, TOKEN_KEY, EdgeIdentity, read_edge_token
-from .config import AUTH_SERVICE, Forward, validate_service_name
+from .config import AUTH_SERVICE, BALANCE_POLICIES, Forward, validate_service_name
 from .pipe import TcpLeg, pipe
 from .redis_registry import RedisRegistry, Route
 from .registry import Pool, Replica, Unavailable
@@ -62,6 +62,8 @@ log = logging.getLogger("quic_reverse.tunnel.fleet")
 
 #: Metadata key of a fleet open: relay-to-relay hops so far (always 1: one hop at most).
 HOP_KEY = "hop"
+#: Metadata key of a fleet open: the forward's balancing policy (B applies it).
+BALANCE_KEY = "balance"
 #: How often a client waiting for its edge to appear anywhere re-reads the registry.
 ROUTE_POLL = 0.25
 #: Bytes read per chunk when splicing two streams.
@@ -298,7 +300,12 @@ class Fleet:
         link = await self._link(route)
         handle = link.handle
         assert handle is not None
-        fields: dict[str, str | int] = {"client": leg.peer, "via": leg.local, HOP_KEY: 1}
+        fields: dict[str, str | int] = {
+            "client": leg.peer,
+            "via": leg.local,
+            HOP_KEY: 1,
+            BALANCE_KEY: fwd.balance or self.config.balance,
+        }
         metadata = Metadata.structured(fields)
         answer = self.config.answer_timeout
         opening = asyncio.ensure_future(handle.open(f"{fwd.edge}/{fwd.service}", metadata))
@@ -326,7 +333,10 @@ class Fleet:
             why,
             self.config.registry_ttl,
         )
-        self._down[link.relay] = asyncio.get_running_loop().time() + self.config.registry_ttl
+        now = asyncio.get_running_loop().time()
+        for rid in [r for r, until in self._down.items() if until <= now]:
+            del self._down[rid]  # dead relays' ids never come back: keep the map small
+        self._down[link.relay] = now + self.config.registry_ttl
         if link.task is not None:
             link.task.cancel()
         link.drop(why)
@@ -473,7 +483,10 @@ class Fleet:
         )
         task = asyncio.current_task()
         assert task is not None
-        opened = await self._open_local(pool, service, metadata, str(client), reject)
+        balance = md.get(BALANCE_KEY)
+        if balance not in BALANCE_POLICIES:
+            balance = self.config.balance
+        opened = await self._open_local(pool, service, metadata, str(client), str(balance), reject)
         if opened is None:
             return
         replica, edge_stream = opened
@@ -501,6 +514,7 @@ class Fleet:
         service: str,
         metadata: Metadata,
         client: str,
+        balance: str,
         send_reject: Callable[[RejectCode, str], Awaitable[None]],
     ) -> tuple[Replica, Stream] | None:
         """Like the relay's own clients: a stream on the best live replica, trying
@@ -515,9 +529,7 @@ class Fleet:
         last = (RejectCode.SERVICE_UNAVAILABLE, "edge not connected here")
         while True:
             try:
-                replica = await pool.acquire(
-                    tried, deadline, balance=self.config.balance, client=client_ip
-                )
+                replica = await pool.acquire(tried, deadline, balance=balance, client=client_ip)
             except Unavailable as exc:
                 await send_reject(*last if tried else (RejectCode.SERVICE_UNAVAILABLE, str(exc)))
                 return None
