@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 
 from quic_reverse import Config, Metadata, RejectCode, Role, Session, StreamRejected
-from quic_reverse.errors import ConfigError
+from quic_reverse.errors import CertificateError, ConfigError
 from quic_reverse.session import SessionHandle
 from quic_reverse.tunnel.auth import FLEET_KEY, TOKEN_KEY, generate_token, write_token_file
 from quic_reverse.tunnel.config import AUTH_SERVICE, RelayConfig, build_relay_config
 from quic_reverse.tunnel.fleet import HOP_KEY, Fleet
+from quic_reverse.tunnel.redis_registry import Route
+from quic_reverse.tunnel.relay import ensure_self_signed
 
 from ..support.timing import LONG
 from .test_inprocess import Setup, echo_service, relay_setup, until
@@ -65,15 +67,16 @@ def test_fleet_settings_all_or_nothing(tmp_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def fleet_relay(tmp_path: Path) -> Any:
+async def fleet_relay(tmp_path: Path, **more: Any) -> Any:
     """An in-process relay in a fleet whose registry is unreachable (nothing listens
     on port 1): relay B of a relay-to-relay session, serving its own edges."""
     write_token_file(tmp_path / "fleet.token", FLEET_TOKEN)
     over: dict[str, Any] = {
         "registry": "redis://127.0.0.1:1/0",
         "fleet_token_file": tmp_path / "fleet.token",
-        "fleet_fingerprint": "ab" * 32,
+        "fleet_fingerprint": None if "fleet_ca" in more else "ab" * 32,
         "listen": ("127.0.0.1", 0),
+        **more,
     }
     async with relay_setup(tmp_path, **over) as setup:
         assert isinstance(setup.relay.fleet, Fleet)
@@ -167,3 +170,32 @@ async def test_fleet_errors_are_reported_before_listening(tmp_path: Path) -> Non
         with pytest.raises(ConfigError, match=expected):
             async with relay_setup(tmp_path, **over):
                 pass
+
+
+async def test_peer_session_verifies_the_peer_certificate_with_the_fleet_ca(
+    tmp_path: Path,
+) -> None:
+    """Relay A dials relay B over real QUIC on 127.0.0.1: B's certificate is checked
+    against --fleet-ca (its advertised host must be in it), then the fleet secret."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "other").mkdir()
+    b_cert, _, _ = ensure_self_signed(tmp_path / "b" / "state")
+    other_cert, _, _ = ensure_self_signed(tmp_path / "other")
+    async with fleet_relay(tmp_path / "b") as b:
+        assert b.relay.quic_address is not None
+        route = Route(name="edgeA", relay="b", advertise=b.relay.quic_address, instances=())
+        for ca, ok in ((b_cert, True), (other_cert, False)):
+            async with fleet_relay(tmp_path / "a", fleet_ca=ca) as a:
+                fleet = a.relay.fleet
+                assert fleet is not None
+                if ok:
+                    link = await fleet._link(route)
+                    assert link.alive
+                    with pytest.raises(StreamRejected) as info:  # B holds no edgeA
+                        await link.handle.open("edgeA/echo", _fleet_open(1))
+                    assert info.value.code == RejectCode.SERVICE_UNAVAILABLE
+                else:
+                    with pytest.raises(CertificateError):
+                        await fleet._link(route)
+                    assert fleet._down.get("b", 0.0) > 0  # avoided for the TTL

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import secrets
@@ -367,8 +368,10 @@ class Fleet:
         options = quic.TransportOptions(
             handshake_timeout=cfg.answer_timeout * 2, max_streams=cfg.max_streams + 16
         )
+        # With --fleet-ca the peer's certificate must name its advertised host.
+        tls = dataclasses.replace(self._tls, server_name=host)
         conn = await quic.connect(
-            host, port, tls=self._tls, stack=cast(quic.Stack, cfg.stack), options=options
+            host, port, tls=tls, stack=cast(quic.Stack, cfg.stack), options=options
         )
         try:
             session = Session(
