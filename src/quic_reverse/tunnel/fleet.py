@@ -86,10 +86,13 @@ class PeerLink:
     def alive(self) -> bool:
         return self.handle is not None and not self.handle.is_closed
 
-    def drop(self, reason: str) -> None:
-        if self.conn is not None:
-            self.conn.close(0, reason.encode())
+    def drop(self, reason: str) -> Connection | None:
+        """Close the session now; returns its connection (to wait for: its socket)."""
+        conn = self.conn
+        if conn is not None:
+            conn.close(0, reason.encode())
         self.conn = self.handle = None
+        return conn
 
 
 async def _copy(src: Stream, dst: Stream) -> int:
@@ -155,6 +158,8 @@ class Fleet:
         self._links: dict[str, PeerLink] = {}
         #: Peer relay id -> loop time until which it is avoided (it could not be reached).
         self._down: dict[str, float] = {}
+        #: Closed peer connections being waited for.
+        self._closing: set[asyncio.Task[None]] = set()
         #: Counters (logs, metrics, tests).
         self.forwarded = 0
         self.served = 0
@@ -194,9 +199,17 @@ class Fleet:
         for link in self._links.values():
             if link.task is not None:
                 link.task.cancel()
-            link.drop("relay shutting down")
+            self._drop(link, "relay shutting down")
         tasks = [lk.task for lk in self._links.values() if lk.task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._closing, return_exceptions=True)
+
+    def _drop(self, link: PeerLink, reason: str) -> None:
+        """Close ``link``'s session; its connection is waited for in the background."""
+        conn = link.drop(reason)
+        if conn is not None:
+            task = asyncio.create_task(conn.wait_closed(), name=f"close peer {link.relay}")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _changed(self, name: str) -> None:
         """The local sessions of edge ``name`` changed: publish them."""
@@ -340,7 +353,7 @@ class Fleet:
         self._down[link.relay] = now + self.config.registry_ttl
         if link.task is not None:
             link.task.cancel()
-        link.drop(why)
+        self._drop(link, why)
 
     async def _link(self, route: Route) -> PeerLink:
         """The session to ``route``'s relay: the live one, or a new one."""
@@ -395,6 +408,7 @@ class Fleet:
                 await stream.aclose()
         except BaseException:
             conn.close(0, b"fleet session failed")
+            await conn.wait_closed()
             raise
         link.conn, link.handle = conn, handle
         link.task = asyncio.create_task(self._drive(link, handle), name=f"peer {link.relay}")
@@ -417,7 +431,7 @@ class Fleet:
         else:
             log.info("fleet: session to peer relay %s ended", link.relay)
         if link.handle is handle:
-            link.drop("session ended")
+            self._drop(link, "session ended")
 
     # ------------------------------------------------------------------ side B
 
