@@ -63,7 +63,16 @@ from bench._harness import (
 logger = logging.getLogger("quic_reverse.bench")
 
 #: The benchmark modules, in the order they run (cheapest first).
-MODULES: tuple[str, ...] = ("wire", "transport", "session", "rust", "tunnel", "udp", "fleet")
+MODULES: tuple[str, ...] = (
+    "wire",
+    "transport",
+    "session",
+    "rust",
+    "tunnel",
+    "udp",
+    "paths",
+    "fleet",
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
@@ -325,7 +334,7 @@ def _run_all(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
-    machine = machine_info(include_openssh="tunnel" in names)
+    machine = machine_info(include_openssh="tunnel" in names or "paths" in names)
     modules: list[dict[str, Any]] = []
     rows: list[Row] = []
     for name in names:

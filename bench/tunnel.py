@@ -242,6 +242,10 @@ def _tunnel(tmp: Path, svc: Paths) -> Iterator[Paths]:
     ]
     for name in ("echo", "count", "source"):
         relay_args += ["--forward", f"{LOOPBACK}:0=bench/{name}"]
+    # --metrics (or QUIC_REVERSE_BENCH_METRICS=1 under `python -m bench`): relay and edge
+    # serve /metrics, to measure what the metrics hooks cost.
+    metrics = ["--metrics", f"{LOOPBACK}:0"] if os.environ.get(METRICS_ENV) == "1" else []
+    relay_args += metrics
     with contextlib.ExitStack() as stack:
         rfh = stack.enter_context(relay_log.open("wb"))
         relay = stack.enter_context(
@@ -276,6 +280,7 @@ def _tunnel(tmp: Path, svc: Paths) -> Iterator[Paths]:
             f"count={LOOPBACK}:{svc.count}",
             "--expose",
             f"source={LOOPBACK}:{svc.source}",
+            *metrics,
         ]
         edge = stack.enter_context(
             ManagedProcess(edge_args, label="edge", stdout=efh, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -512,15 +517,24 @@ def _rows(results: dict[str, Figures], mib: int, have_ssh: bool) -> list[Row]:
     return rows
 
 
+#: Set to "1" to run relay and edge with ``--metrics`` (see ``--metrics``).
+METRICS_ENV = "QUIC_REVERSE_BENCH_METRICS"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="tunnel vs ssh -N -R vs direct TCP")
     parser.add_argument("--quick", action="store_true", help="16 MiB, few connects")
+    parser.add_argument(
+        "--metrics", action="store_true", help=f"relay and edge with --metrics (or {METRICS_ENV}=1)"
+    )
     parser.add_argument("--services", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.services:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve_forever())
         return 0
+    if args.metrics:
+        os.environ[METRICS_ENV] = "1"
     print_table(run(args.quick))
     return 0
 

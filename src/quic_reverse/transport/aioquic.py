@@ -12,11 +12,18 @@ aioquic specifics handled here:
   adapter replaces that rule: the window advertised is *bytes the application
   consumed + the configured window*, so a reader that never reads holds at most
   one window per stream (and one connection window overall);
-* send backpressure uses the stream sender's buffer (bytes not yet acknowledged);
+* send backpressure counts the bytes of a stream not yet sent (as qh3's queue does);
+  bytes sent and not yet acknowledged are bounded by the peer's stream window;
 * the concurrent-stream limit (hard-coded 128) is set from ``max_streams``;
 * aioquic is an optional extra: :func:`quic_reverse.transport.quic.connect` /
   ``serve`` with ``stack="aioquic"`` raise a ConfigError naming
   ``pip install 'quic-reverse[aioquic]'`` when it is missing;
+* congestion control: configurations made here (:func:`client_configuration`,
+  :func:`server_configuration`, hence ``quic.connect``/``serve`` and the tunnel with
+  ``--stack aioquic``) use the delivery-rate based controller of
+  :mod:`.congestion` (``quic-reverse-bbr``) instead of aioquic's default NewReno, which
+  collapses on lossy paths; a ``QuicConfiguration`` the caller builds keeps its own
+  ``congestion_control_algorithm``;
 * aioquic's ``QuicConnectionProtocol.wait_connected()`` can hang when called after
   the handshake finished: this adapter does not use that protocol class; the
   handshake is awaited through our own future, set from the
@@ -44,12 +51,14 @@ from aioquic.quic.packet import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from . import congestion
 from ._driver import StackConnection
 from ._server import StackServer
 from ._stack import Header, QuicStack, StackEvents, StackHooks, StackSpec
 from .tls import ServerCredentials
 
 __all__ = [
+    "DEFAULT_CONGESTION_CONTROL",
     "AioquicConnection",
     "AioquicServer",
     "client_configuration",
@@ -59,6 +68,14 @@ __all__ = [
 ]
 
 logger = logging.getLogger("quic_reverse.transport.aioquic")
+
+#: Congestion control of the configurations this module builds (see the docstring).
+DEFAULT_CONGESTION_CONTROL = congestion.NAME
+
+
+def _configuration(**kwargs: Any) -> QuicConfiguration:
+    kwargs.setdefault("congestion_control_algorithm", DEFAULT_CONGESTION_CONTROL)
+    return QuicConfiguration(**kwargs)
 
 
 class _CreditQuicConnection(StackHooks, QuicConnection):
@@ -84,8 +101,13 @@ class _CreditQuicConnection(StackHooks, QuicConnection):
         stream = self._streams.get(stream_id)
         if stream is None:
             return 0
+        # Bytes written but never sent yet. Sent-but-unacknowledged bytes do not
+        # count: on a long lossy path they include everything behind a lost packet
+        # until its retransmission is acknowledged (one RTT and more), which capped a
+        # stream at send_buffer / RTT (1 MiB per 50 ms). They stay bounded by the
+        # peer's stream window.
         sender = stream.sender
-        return int(sender._buffer_stop - sender._buffer_start)
+        return max(int(sender._buffer_stop - sender.highest_offset), 0)
 
     def qr_bidi_slot_available(self) -> bool:
         return bool(self._local_next_stream_id_bidi // 4 < self._remote_max_streams_bidi)
@@ -219,7 +241,7 @@ SPEC: StackSpec[QuicConfiguration] = StackSpec(
         connection_terminated=aioquic_events.ConnectionTerminated,
         datagram_frame_received=aioquic_events.DatagramFrameReceived,
     ),
-    configuration_class=QuicConfiguration,
+    configuration_class=_configuration,
     create=_create,
     parse_header=_parse_header,
     encode_version_negotiation=encode_quic_version_negotiation,

@@ -40,7 +40,6 @@ from types import TracebackType
 from typing import Any
 
 from ..errors import ConfigError, UsageError
-from .auth import TokenStore
 from .config import (
     EDGE_SETTINGS,
     RELAY_SETTINGS,
@@ -49,13 +48,12 @@ from .config import (
     RelayConfig,
     build_edge_config,
     build_relay_config,
-    check_ca_file,
-    check_stack_installed,
     load_config_file,
 )
 from .edge import Edge as _EdgeRunner
 from .edge import EdgeExit
 from .relay import Relay as _RelayRunner
+from .reload import checked_edge, checked_relay
 
 __all__ = ["Edge", "EdgeExit", "Relay"]
 
@@ -107,10 +105,9 @@ class Relay:
             config = build_relay_config(table, base, flags)
         elif settings or config_file is not None:
             raise ConfigError("Relay: give either a RelayConfig or settings, not both")
-        check_stack_installed("stack", config.stack)
-        assert config.tokens is not None  # RelayConfig requires it
+        tokens = checked_relay(config)  # the CLI's, --check's and a reload's checks
         self.config = config
-        self._runner = _RelayRunner(config, TokenStore.from_file(config.tokens))
+        self._runner = _RelayRunner(config, tokens)
         self._state = "new"
         self._stopped = asyncio.Event()
 
@@ -239,9 +236,7 @@ class Edge:
             config = build_edge_config(table, base, flags)
         elif settings or config_file is not None:
             raise ConfigError("Edge: give either an EdgeConfig or settings, not both")
-        check_stack_installed("stack", config.stack)
-        if config.ca is not None:
-            check_ca_file(config.ca)
+        checked_edge(config)  # the CLI's, --check's and a reload's checks
         self.config = config
         self._runner = _EdgeRunner(config)
         self._task: asyncio.Task[EdgeExit] | None = None

@@ -18,7 +18,8 @@ to a network observer; it is never logged by either side.
 Token files:
 
 * relay ``--tokens FILE``: TOML, one ``edge-name = "token"`` per line (per-edge tokens).
-* edge ``--token-file FILE``: the token alone (surrounding whitespace ignored).
+* edge ``--token-file FILE``: the token alone (surrounding whitespace ignored); or the
+  environment variable ``QUIC_REVERSE_TOKEN`` when no token file is given (containers).
 
 Tokens are 16-512 printable ASCII characters without spaces; ``quic-reverse token``
 prints a fresh random one.
@@ -42,7 +43,7 @@ from ..errors import ConfigError, QuicReverseError, StreamRejected
 from ..events import CloseReceived, OpenRequest
 from ..session import SessionHandle
 from ..wire import Metadata, RejectCode
-from .config import AUTH_SERVICE, validate_service_name
+from .config import AUTH_SERVICE, TOKEN_ENV, validate_service_name
 
 __all__ = [
     "INSTANCE_KEY",
@@ -112,8 +113,15 @@ def _read_text(path: Path, what: str) -> bytes:
         raise ConfigError(f"{what} {str(path)!r}: {exc.strerror}") from None
 
 
-def read_edge_token(path: Path) -> str:
-    """Read the edge's token file (the token alone; whitespace around it ignored)."""
+def read_edge_token(path: Path | None) -> str:
+    """Read the edge's token file (the token alone; whitespace around it ignored), or,
+    with ``path`` ``None``, the environment variable ``QUIC_REVERSE_TOKEN`` (containers).
+    Neither the token nor the variable's value is ever logged or put in an error."""
+    if path is None:
+        value = os.environ.get(TOKEN_ENV, "")
+        if not value:
+            raise ConfigError(f"edge: --token-file FILE or ${TOKEN_ENV} is required")
+        return validate_token(f"${TOKEN_ENV}", value.strip())
     raw = _read_text(path, "token file")
     try:
         text = raw.decode("ascii").strip()
@@ -165,6 +173,14 @@ class TokenStore:
     def names(self) -> frozenset[str]:
         """Edge names that have a token."""
         return frozenset(self._tokens)
+
+    def revoked_by(self, new: TokenStore) -> frozenset[str]:
+        """Edge names whose token ``new`` removes or changes (their sessions must go)."""
+        return frozenset(
+            name
+            for name, token in self._tokens.items()
+            if not hmac.compare_digest(token, new._tokens.get(name, b""))
+        )
 
     def verify(self, name: object, token: object) -> bool:
         """True only if ``token`` is the configured token of edge ``name``."""
@@ -239,12 +255,19 @@ async def authenticate_edge(
     while True:
         event = await handle.process_message()
         if event is None or isinstance(event, CloseReceived):
-            log.warning("edge %s closed the session before authenticating", peer)
+            log.warning(
+                "edge %s closed the session before authenticating", peer, extra={"peer": True}
+            )
             return None
         if not isinstance(event, OpenRequest):
             continue
         if event.service != AUTH_SERVICE:
-            log.warning("edge %s asked for %r before authenticating; rejected", peer, event.service)
+            log.warning(
+                "edge %s asked for %r before authenticating; rejected",
+                peer,
+                event.service,
+                extra={"peer": True},
+            )
             with contextlib.suppress(QuicReverseError):
                 await handle.reject_open(
                     event.request_id, RejectCode.UNAUTHORIZED, "authenticate first"
@@ -281,6 +304,7 @@ async def authenticate_edge(
             "edge %s failed authentication as %r (unknown name, wrong token or malformed metadata)",
             peer,
             shown,
+            extra={"peer": True, "edge": shown, "client": peer},
         )
         with contextlib.suppress(QuicReverseError):
             await handle.reject_open(

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -62,6 +63,7 @@ __all__ = [
     "Exposed",
     "Forward",
     "RelayConfig",
+    "TOKEN_ENV",
     "build_edge_config",
     "build_relay_config",
     "check_ca_file",
@@ -80,6 +82,9 @@ DEFAULT_ALPN = "quic-reverse-tunnel/1"
 
 #: The reserved service an edge opens to authenticate. Never routable to a TCP service.
 AUTH_SERVICE = "quic-reverse/auth"
+
+#: Environment variable that may hold the edge's token instead of ``--token-file``.
+TOKEN_ENV = "QUIC_REVERSE_TOKEN"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -239,6 +244,7 @@ class Setting:
 
 STACKS = ("qh3", "aioquic")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 _COMMON = (
     Setting(
@@ -250,6 +256,21 @@ _COMMON = (
     ),
     Setting(name="alpn", kind="str", default=DEFAULT_ALPN, help="ALPN protocol id"),
     Setting(name="stack", kind="choice", choices=STACKS, default="qh3", help="QUIC stack"),
+    Setting(
+        name="log_format",
+        kind="choice",
+        choices=LOG_FORMATS,
+        default="text",
+        help="log lines on stderr: text, or json (one object per line)",
+    ),
+    Setting(
+        name="metrics",
+        kind="hostport",
+        metavar="HOST:PORT",
+        default_host="127.0.0.1",
+        help="serve /metrics (Prometheus), /healthz, /ready and a status page at / on this "
+        "HTTP address (off by default; a port alone listens on 127.0.0.1)",
+    ),
 )
 
 #: The relay's settings, in ``--help`` order.
@@ -337,6 +358,20 @@ RELAY_TABLE: tuple[Setting, ...] = (
         help="a closing TCP connection is reset if its last bytes are not sent by then",
     ),
     Setting(
+        name="auth_failure_burst",
+        kind="count",
+        allow_zero=True,
+        default="20",
+        help="connections one source address may make without authenticating before its "
+        "new connections are refused (0: no limit)",
+    ),
+    Setting(
+        name="auth_failure_interval",
+        kind="seconds",
+        default="3",
+        help="after the burst, one more such connection per this many seconds",
+    ),
+    Setting(
         name="balance",
         kind="choice",
         choices=BALANCE_POLICIES,
@@ -415,7 +450,12 @@ EDGE_TABLE: tuple[Setting, ...] = (
         help="a relay's QUIC address (repeatable: one session to each, for high availability)",
     ),
     Setting(name="name", kind="str", help="this edge's name (as in the relay's tokens file)"),
-    Setting(name="token_file", kind="path", metavar="FILE", help="file holding this edge's token"),
+    Setting(
+        name="token_file",
+        kind="path",
+        metavar="FILE",
+        help=f"file holding this edge's token (or set ${TOKEN_ENV})",
+    ),
     Setting(
         name="expose",
         kind="expose",
@@ -493,6 +533,13 @@ EDGE_TABLE: tuple[Setting, ...] = (
         default="5",
         help="a closing TCP connection is reset if its last bytes are not sent by then",
     ),
+    Setting(
+        name="proxy_protocol",
+        kind="services",
+        metavar="SERVICE",
+        help="send a PROXY protocol v2 header with the relay's client address to this "
+        "exposed service before its bytes (repeatable)",
+    ),
     *_COMMON,
 )
 
@@ -514,6 +561,7 @@ _KIND_WORDS = {
     "forwards": "a string or an array of strings ([udp:][HOST:]PORT=EDGE/SERVICE)",
     "expose": 'a table (service = "[udp:]HOST:PORT") or an array of "SERVICE=[udp:]HOST:PORT"',
     "fingerprint": "a string (64 hex digits)",
+    "services": "a string or an array of strings (service names)",
 }
 
 
@@ -562,6 +610,8 @@ def convert(setting: Setting, value: Any, where: str, base: Path | None, *, from
         return value
     if kind == "forwards":
         return tuple(parse_forward(v) for v in _strings(where, setting, value))
+    if kind == "services":
+        return tuple(validate_service_name(where, v) for v in _strings(where, setting, value))
     if kind == "hostports":
         return tuple(
             parse_hostport(where, v, default_host=setting.default_host)
@@ -632,10 +682,13 @@ def build_edge_config(
     kw = merge_settings("edge", file_table, base, flags)
     if kw.get("relays"):
         kw["relay"] = kw["relays"][0]
+    if "token_file" not in kw and os.environ.get(TOKEN_ENV):
+        kw["token_file"] = None  # the token comes from the environment (auth.read_edge_token)
     for required in ("relay", "name", "token_file"):
         if required not in kw:
             flag = "--" + required.replace("_", "-")
-            raise ConfigError(f"edge: {flag} is required (or {required} in [edge])")
+            env = f", or ${TOKEN_ENV}" if required == "token_file" else ""
+            raise ConfigError(f"edge: {flag} is required (or {required} in [edge]{env})")
     kw.setdefault("expose", ())
     return EdgeConfig(**kw)
 
@@ -697,6 +750,10 @@ class RelayConfig:
     log_level: str = "info"
     alpn: str = DEFAULT_ALPN
     stack: str = "qh3"
+    log_format: str = "text"
+    metrics: tuple[str, int] | None = None
+    auth_failure_burst: int = 20
+    auth_failure_interval: float = 3.0
     udp_idle_timeout: float = 60.0
     max_udp_flows: int = 1024
     #: The fleet (tunnel/fleet.py): ``None`` = a relay on its own.
@@ -759,7 +816,8 @@ class EdgeConfig:
     #: The first relay (``relays[0]``; kept for callers that know one relay).
     relay: tuple[str, int]
     name: str
-    token_file: Path
+    #: ``None``: the token is in the environment variable :data:`TOKEN_ENV`.
+    token_file: Path | None
     expose: tuple[Exposed, ...]
     ca: Path | None = None
     fingerprint: str | None = None
@@ -782,6 +840,9 @@ class EdgeConfig:
     log_level: str = "info"
     alpn: str = DEFAULT_ALPN
     stack: str = "qh3"
+    log_format: str = "text"
+    metrics: tuple[str, int] | None = None
+    proxy_protocol: tuple[str, ...] = ()
     udp_idle_timeout: float = 60.0
     max_udp_flows: int = 1024
 
@@ -795,6 +856,11 @@ class EdgeConfig:
             raise ConfigError(f"edge: service exposed twice: {', '.join(dupes)}")
         if any(n == AUTH_SERVICE for n in names):
             raise ConfigError(f"edge: {AUTH_SERVICE!r} is reserved")
+        for service in self.proxy_protocol:
+            if service not in names:
+                raise ConfigError(
+                    f"--proxy-protocol {service}: not an exposed service (--expose {service}=...)"
+                )
         modes = [self.ca is not None, self.fingerprint is not None, self.insecure]
         if sum(modes) == 0:
             raise ConfigError(

@@ -50,7 +50,9 @@ from ..transport.base import Connection
 from ..wire import CloseCode, RejectCode
 from .auth import AuthRejected, authenticate_to_relay, new_instance_id, read_edge_token
 from .config import EdgeConfig, Exposed
+from .metrics import Observer
 from .pipe import TcpLeg, pipe
+from .proxyproto import build_v2_header
 from .supervisor import Backoff
 from .udp import UdpExpose, is_flow_request
 
@@ -95,6 +97,8 @@ class Edge:
         #: (our end, service end) of our connections to exposed services, as
         #: "host:port" pairs (forwarding-loop detection).
         self._local_ends: set[tuple[str, str]] = set()
+        #: Metrics hooks (a no-op unless ``--metrics``: :mod:`.metrics`).
+        self.observer = Observer()
         #: Flow requests for ``udp:`` services (tunnel/udp.py).
         self.udp = UdpExpose(idle_timeout=config.udp_idle_timeout, max_flows=config.max_udp_flows)
         if config.insecure:
@@ -153,6 +157,7 @@ class Edge:
             try:
                 authenticated = await self._session_once(host, port, backoff)
             except AuthRejected:
+                self.observer.auth_failure()
                 if not cfg.auth_retry:
                     log.error(
                         "authentication as %r rejected by relay %s:%d; giving up on it",
@@ -183,6 +188,7 @@ class Edge:
                 log.warning("relay %s:%d: %s", host, port, str(exc) or type(exc).__name__)
             if self._stop.is_set():
                 break
+            self.observer.reconnect()
             if no_answer:
                 continue  # probing paces itself (one handshake per probe_interval)
             if authenticated:
@@ -308,6 +314,7 @@ class Edge:
                 return False
             authenticated = True
             (backoff or self._backoff).reset()
+            self.observer.session_up(handle, f"{host}:{port}")
             exposed = ", ".join(
                 f"{e.service}={'udp:' if e.protocol == 'udp' else ''}{e.host}:{e.port}"
                 for e in cfg.expose
@@ -329,6 +336,7 @@ class Edge:
                 log.info("stopping: %d stream(s) get %.1fs to finish", len(forwards), cfg.grace)
                 await asyncio.wait(set(forwards), timeout=cfg.grace)
         finally:
+            self.observer.session_down(handle)
             if events is not None:
                 events.cancel()
                 await asyncio.gather(events, return_exceptions=True)
@@ -419,6 +427,8 @@ class Edge:
             return
         leg: TcpLeg | None = None
         ends: tuple[str, str] | None = None
+        self.observer.service_opened(service)
+        outcome, up, down = "cancelled", 0, 0
 
         def connected(new: TcpLeg) -> None:
             nonlocal ends
@@ -440,12 +450,23 @@ class Edge:
                 await self._reject(
                     handle, rid, RejectCode.SERVICE_UNAVAILABLE, "service unavailable"
                 )
+                outcome = "unavailable"
                 return
+            if service in cfg.proxy_protocol:
+                leg.write(build_v2_header(client, forward))
             stream = await handle.accept_open(rid)
             started = time.monotonic()
             lsid = stream.logical_stream_id
-            log.info("stream %d%s -> %s (%s) opened", lsid, asked, service, target)
+            log.info(
+                "stream %d%s -> %s (%s) opened",
+                lsid,
+                asked,
+                service,
+                target,
+                extra={"client": shown, "service": service, "stream": lsid},
+            )
             result = await pipe(leg, stream)
+            outcome, up, down = result.outcome, result.stream_to_tcp, result.tcp_to_stream
             log.info(
                 "stream %d -> %s: %s%s; %d bytes to service, %d bytes back, %.2fs",
                 lsid,
@@ -455,10 +476,20 @@ class Edge:
                 result.stream_to_tcp,
                 result.tcp_to_stream,
                 time.monotonic() - started,
+                extra={
+                    "client": shown,
+                    "service": service,
+                    "stream": lsid,
+                    "bytes_up": up,
+                    "bytes_down": down,
+                    "duration": round(time.monotonic() - started, 6),
+                },
             )
         except QuicReverseError as exc:
+            outcome = "error"
             log.info("service %r%s: %s", service, asked, exc)
         finally:
+            self.observer.service_closed(service, outcome, up, down)
             # Safety net: whatever happened (session lost, cancelled), no TCP leg stays.
             if leg is not None:
                 leg.abort_unless_closing()

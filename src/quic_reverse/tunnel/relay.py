@@ -51,7 +51,9 @@ from ..transport.tls import certificate_fingerprint, generate_self_signed
 from ..wire import CloseCode, Metadata, RejectCode
 from .auth import TokenStore, authenticate_edge
 from .config import Forward, RelayConfig, load_server_certificate
+from .metrics import Observer
 from .pipe import TcpLeg, pipe
+from .ratelimit import AuthLimiter
 from .registry import EdgeRegistry, Pool, Replica, Unavailable
 from .udp import UdpForward
 
@@ -103,8 +105,15 @@ class Relay:
         self._stopping = False
         self.quic_address: tuple[str, int] | None = None
         self.forward_addresses: dict[Forward, tuple[str, int]] = {}
+        #: Metrics hooks (a no-op unless ``--metrics``: :mod:`.metrics`).
+        self.observer = Observer()
+        #: Per-address limit on connections that do not authenticate (:mod:`.ratelimit`).
+        self.auth_limiter = AuthLimiter(config.auth_failure_burst, config.auth_failure_interval)
+        #: The TCP listener of each forward (a reload adds and removes forwards).
+        self.servers: dict[Forward, asyncio.Server] = {}
         #: The ``udp:`` forwards (tunnel/udp.py), by forward.
         self.udp_forwards: dict[Forward, UdpForward] = {}
+        self._udp_closing: set[asyncio.Task[None]] = set()
         #: The fleet (tunnel/fleet.py), with ``--registry``.
         self.fleet: Fleet | None = None
 
@@ -165,46 +174,72 @@ class Relay:
         )
         if self.fleet is not None:
             await self.fleet.start()
-        loop = asyncio.get_running_loop()
         for fwd in cfg.forwards:
-            if fwd.protocol == "udp":
-                udp = UdpForward(
-                    host=fwd.host,
-                    port=fwd.port,
-                    edge=fwd.edge,
-                    service=fwd.service,
-                    pool=lambda fwd=fwd: self.registry.pool(fwd.edge),  # type: ignore[misc]
-                    open_timeout=cfg.open_timeout,
-                    idle_timeout=cfg.udp_idle_timeout,
-                    max_flows=cfg.max_udp_flows,
-                )
-                self.forward_addresses[fwd] = await udp.start()
-                self.udp_forwards[fwd] = udp
-                continue
-            try:
-                server = await loop.create_server(
-                    lambda fwd=fwd: TcpLeg(  # type: ignore[misc]
-                        linger=cfg.linger, on_connected=lambda leg: self._accepted(fwd, leg)
-                    ),
-                    fwd.host,
-                    fwd.port,
-                    backlog=cfg.backlog,
-                )
-            except OSError as exc:
-                raise OSError(
-                    exc.errno,
-                    f"--forward {fwd}: cannot listen on {fwd.host}:{fwd.port}: "
-                    f"{exc.strerror or exc}",
-                ) from None
-            self._tcp.append(server)
-            sockname = server.sockets[0].getsockname()
-            self.forward_addresses[fwd] = (sockname[0], sockname[1])
-            log.info("forward %s:%d -> %s/%s", sockname[0], sockname[1], fwd.edge, fwd.service)
+            await self.listen_forward(fwd)
         log.info(
             "relay ready: %d forward(s), %d edge token(s)",
             len(cfg.forwards),
             len(self.tokens.names),
         )
+
+    async def listen_forward(self, fwd: Forward) -> None:
+        """Start ``fwd``'s TCP listener (at start, or when a reload adds it).
+
+        Raises:
+            OSError: naming the forward, if its address cannot be listened on.
+        """
+        cfg = self.config
+        if fwd.protocol == "udp":
+            udp = UdpForward(
+                host=fwd.host,
+                port=fwd.port,
+                edge=fwd.edge,
+                service=fwd.service,
+                pool=lambda: self.registry.pool(fwd.edge),
+                open_timeout=cfg.open_timeout,
+                idle_timeout=cfg.udp_idle_timeout,
+                max_flows=cfg.max_udp_flows,
+            )
+            self.forward_addresses[fwd] = await udp.start()
+            self.udp_forwards[fwd] = udp
+            return
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                lambda: TcpLeg(
+                    linger=cfg.linger, on_connected=lambda leg: self._accepted(fwd, leg)
+                ),
+                fwd.host,
+                fwd.port,
+                backlog=cfg.backlog,
+            )
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"--forward {fwd}: cannot listen on {fwd.host}:{fwd.port}: {exc.strerror or exc}",
+            ) from None
+        self._tcp.append(server)
+        self.servers[fwd] = server
+        sockname = server.sockets[0].getsockname()
+        self.forward_addresses[fwd] = (sockname[0], sockname[1])
+        log.info("forward %s:%d -> %s/%s", sockname[0], sockname[1], fwd.edge, fwd.service)
+
+    def stop_forward(self, fwd: Forward) -> None:
+        """Stop listening on ``fwd`` (a reload removed it); its live connections finish
+        (a ``udp:`` forward's flows are closed)."""
+        udp = self.udp_forwards.pop(fwd, None)
+        if udp is not None:
+            closing = asyncio.get_running_loop().create_task(udp.close())
+            self._udp_closing.add(closing)
+            closing.add_done_callback(self._udp_closing.discard)
+            host, port = self.forward_addresses.pop(fwd, (fwd.host, fwd.port))
+            log.info("forward udp:%s:%d -> %s/%s removed", host, port, fwd.edge, fwd.service)
+            return
+        server = self.servers.pop(fwd, None)
+        if server is not None:
+            server.close()
+            self._tcp.remove(server)
+            host, port = self.forward_addresses.pop(fwd, (fwd.host, fwd.port))
+            log.info("forward %s:%d -> %s/%s removed", host, port, fwd.edge, fwd.service)
 
     async def shutdown(self) -> None:
         """Graceful stop: no new TCP clients or edges; running forwards get ``grace``
@@ -278,6 +313,9 @@ class Relay:
         if self._stopping:
             conn.close(0, b"relay shutting down")
             return
+        if not self.auth_limiter.admit(conn.remote_address[0]):
+            conn.close(0, b"too many failed authentications")
+            return
         log.info("edge connection from %s", peer)
         expired = False
 
@@ -285,7 +323,10 @@ class Relay:
             nonlocal expired
             expired = True
             log.warning(
-                "edge %s did not authenticate within %.1fs; closing", peer, self.config.auth_timeout
+                "edge %s did not authenticate within %.1fs; closing",
+                peer,
+                self.config.auth_timeout,
+                extra={"peer": True},
             )
             conn.close(0, b"authentication timeout")
 
@@ -299,18 +340,27 @@ class Relay:
         except OperationTimeout:
             if not expired:
                 expire()
+            self.observer.auth_failure()
             await self._abandon(handle, conn, "authentication timeout")
             return
         except QuicReverseError as exc:
             if not expired:
-                log.warning("edge %s: session failed before authentication: %s", peer, exc)
+                log.warning(
+                    "edge %s: session failed before authentication: %s",
+                    peer,
+                    exc,
+                    extra={"peer": True},
+                )
+            self.observer.auth_failure()
             await self._abandon(handle, conn, "error")
             return
         finally:
             deadline.cancel()
         if identity is None or expired:
+            self.observer.auth_failure()
             await self._abandon(handle, conn, "authentication failed")
             return
+        self.auth_limiter.succeeded(conn.remote_address[0])
         if self._stopping:
             await self._abandon(handle, conn, "relay shutting down")
             return
@@ -325,6 +375,7 @@ class Relay:
             instance=identity.instance,
         )
         old = self.registry.add(edge)  # new TCP clients may use the new session now
+        self.observer.edge_up(edge)
         replicas = len(self.registry.pool(edge.name).live())
         if old is not None:
             log.info(
@@ -343,11 +394,13 @@ class Relay:
             edge.describe(),
             handle.remote_agent,
             replicas,
+            extra={"edge": edge.name, "instance": edge.instance, "client": peer},
         )
         try:
             await self._serve_edge(edge)
         finally:
             self.registry.remove(edge)
+            self.observer.edge_down(edge)
             if not edge.retired:
                 await self._close_edge(edge, CloseCode.NORMAL, "session ended")
 
@@ -534,21 +587,38 @@ class Relay:
         assert task is not None
         pool = self.registry.pool(fwd.edge)
         started = time.monotonic()
+        self.observer.forward_opened(fwd)
+        used: Replica | None = None
+        outcome, up, down = "cancelled", 0, 0
         try:
             fleet = self.fleet
             if fleet and not pool.live() and await fleet.forward(fwd, leg, target, pool):
                 return  # served through a peer relay (or closed, reason logged)
             opened = await self._open(fwd, pool, leg, target)
             if opened is None:
+                outcome = "refused"
                 leg.close()
                 return
             replica, stream = opened
+            used = replica
             try:
                 lsid = stream.logical_stream_id
-                log.info("tcp %s -> %s: stream %d opened", client, target, lsid)
+                log.info(
+                    "tcp %s -> %s: stream %d opened",
+                    client,
+                    target,
+                    lsid,
+                    extra={
+                        "client": client,
+                        "edge": fwd.edge,
+                        "service": fwd.service,
+                        "stream": lsid,
+                    },
+                )
                 result = await pipe(leg, stream)
             finally:
                 self._release(pool, replica, task)
+            outcome, up, down = result.outcome, result.tcp_to_stream, result.stream_to_tcp
             log.info(
                 "tcp %s -> %s: stream %d %s%s; %d bytes up, %d bytes down, %.2fs",
                 client,
@@ -559,6 +629,15 @@ class Relay:
                 result.tcp_to_stream,
                 result.stream_to_tcp,
                 time.monotonic() - started,
+                extra={
+                    "client": client,
+                    "edge": fwd.edge,
+                    "service": fwd.service,
+                    "stream": lsid,
+                    "bytes_up": up,
+                    "bytes_down": down,
+                    "duration": round(time.monotonic() - started, 6),
+                },
             )
         except asyncio.CancelledError:
             log.info(
@@ -567,3 +646,4 @@ class Relay:
             raise
         finally:
             leg.abort_unless_closing()  # safety net: never leave the client connected
+            self.observer.forward_closed(fwd, used, outcome, up, down)

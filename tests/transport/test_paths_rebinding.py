@@ -1,0 +1,236 @@
+"""Address change (NAT rebinding): the edge's UDP source address changes mid-transfer.
+
+A NAT-like UDP forwarder runs in this process on 127.0.0.1 between the real
+``quic-reverse edge`` and ``quic-reverse relay`` CLIs::
+
+    TCP clients --> relay (QUIC server) <--UDP-- NAT --UDP--> edge (QUIC client) --> echo
+
+The NAT forwards the edge's datagrams to the relay from one outside socket; at
+:meth:`Nat.rebind` it closes that socket and continues from a new one with a new port,
+exactly what a home router does when its mapping expires and is re-created: the same
+edge process, its same QUIC connection, now seen by the relay from another address.
+The test asserts that the session survives (no second authentication, no reconnect)
+and that every TCP connection tunnelled at that moment carries its data intact in both
+directions, for each QUIC stack. ssh or any TCP-based tunnel cannot do this: its TCP
+connection dies with the old address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import select
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from quic_reverse.tunnel.auth import generate_token, write_token_file
+from tests.support.timing import LONG, MS
+from tests.tunnel._procs import Proc, RelayProc, managed, start_edge, start_relay, start_services
+
+LOOPBACK = "127.0.0.1"
+#: Payload per TCP connection, sent in pieces around the address change.
+PAYLOAD = 2 << 20
+PIECE = 64 << 10
+DEBUG = ["--log-level", "debug"] if os.environ.get("QR_DEBUG") else []
+CONNECTIONS = 4
+
+
+class Nat:
+    """A UDP forwarder whose outside address (source port towards the relay) can change.
+
+    Inside: one socket the edge sends to (``port``); the first peer that writes to it is
+    the edge. Outside: one socket per mapping, bound to a fresh ephemeral port; only the
+    current mapping forwards (a datagram arriving on an old mapping is dropped, as a
+    NAT drops traffic to an expired mapping).
+    """
+
+    def __init__(self, relay_port: int) -> None:
+        self._relay = (LOOPBACK, relay_port)
+        self._inside = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._inside.bind((LOOPBACK, 0))
+        self.port: int = self._inside.getsockname()[1]
+        self._outside = self._new_outside()
+        self._edge: tuple[str, int] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.forwarded = 0
+        self.mappings: list[int] = [self._outside.getsockname()[1]]
+        self._thread = threading.Thread(target=self._loop, name="nat", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _new_outside() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((LOOPBACK, 0))
+        return s
+
+    def rebind(self) -> int:
+        """Drop the current mapping; continue from a new source port. Returns it."""
+        fresh = self._new_outside()
+        with self._lock:
+            old, self._outside = self._outside, fresh
+            self.mappings.append(fresh.getsockname()[1])
+        old.close()
+        return self.mappings[-1]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                outside = self._outside
+            try:
+                ready, _, _ = select.select([self._inside, outside], [], [], 50 * MS)
+            except (OSError, ValueError):  # the old mapping was closed under us
+                continue
+            for s in ready:
+                try:
+                    data, addr = s.recvfrom(65535)
+                except OSError:
+                    continue
+                with self._lock:
+                    current = self._outside
+                try:
+                    if s is self._inside:
+                        self._edge = addr
+                        current.sendto(data, self._relay)
+                        self.forwarded += 1
+                    elif s is current and self._edge is not None:
+                        self._inside.sendto(data, self._edge)
+                except OSError:
+                    pass  # UDP: a full buffer drops the datagram, QUIC retransmits
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(LONG)
+        self._inside.close()
+        with self._lock:
+            self._outside.close()
+
+
+@contextlib.contextmanager
+def _tunnel(tmp: Path, stack: str) -> Iterator[tuple[RelayProc, Nat, Proc]]:
+    token = generate_token()
+    tokens = tmp / "tokens.toml"
+    tokens.write_text(f'edgeA = "{token}"\n', encoding="utf-8")
+    tokens.chmod(0o600)
+    write_token_file(tmp / "edgeA.token", token)
+    services = start_services()
+    with managed(services.proc):
+        relay = start_relay(
+            tmp / "state", tokens, ["127.0.0.1:0=edgeA/echo"], extra=["--stack", stack, *DEBUG]
+        )
+        with managed(relay.proc):
+            nat = Nat(relay.quic_port)
+            try:
+                via_nat = RelayProc(relay.proc, nat.port, relay.fingerprint, relay.forwards)
+                edge = start_edge(
+                    "edgeA",
+                    tmp / "edgeA.token",
+                    via_nat,
+                    [f"echo={LOOPBACK}:{services.echo}"],
+                    extra=["--stack", stack],
+                )
+                with managed(edge):
+                    yield relay, nat, edge
+            finally:
+                nat.close()
+
+
+async def _echo_through(
+    port: int, payload: bytes, halfway: asyncio.Event, rebound: asyncio.Event
+) -> bytes:
+    """Send ``payload`` through the tunnel's echo forward in pieces; after the first
+    half, signal ``halfway`` and wait for the NAT to rebind; return what came back."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    got = bytearray()
+    half = len(payload) // 2
+    echoed_half = asyncio.Event()
+
+    async def read_all() -> None:
+        while chunk := await reader.read(1 << 20):
+            got.extend(chunk)
+            if len(got) >= half:
+                echoed_half.set()
+
+    reading = asyncio.create_task(read_all())
+    try:
+        for i in range(0, len(payload), PIECE):
+            if i == half:
+                # Everything before the change must have made the round trip.
+                async with asyncio.timeout(LONG):
+                    await echoed_half.wait()
+                halfway.set()
+                async with asyncio.timeout(LONG):
+                    await rebound.wait()
+            writer.write(payload[i : i + PIECE])
+            await writer.drain()
+        writer.write_eof()
+        async with asyncio.timeout(LONG * 3):
+            await reading
+    finally:
+        reading.cancel()
+        writer.close()
+    return bytes(got)
+
+
+#: qh3 2.1 (native core), server side, in about one run of three: after the change its
+#: active path stays on the old address (``core.active_path``), the path's received-bytes
+#: counter keeps growing with the packets from the new address (they are processed:
+#: the relay answers the edge's keep-alive pings) but the core sends nothing at all any
+#: more (its sent-bytes counter stays flat), to either address, until both sides give up
+#: on keep-alive. There is no hook to migrate or re-validate a path from Python.
+#: aioquic validates the new path and continues every time. So this test runs on
+#: aioquic only: a qh3 case could only be an intermittent failure (a check that cannot
+#: fail if marked non-strict); the limitation is documented in docs/TUNNEL.md.
+
+
+@pytest.mark.parametrize("stack", ["aioquic"])
+def test_edge_address_change_keeps_session_and_connections(tmp_path: Path, stack: str) -> None:
+    with _tunnel(tmp_path, stack) as (relay, nat, edge):
+        port = relay.forwards["edgeA/echo"]
+        payloads = [os.urandom(PAYLOAD) for _ in range(CONNECTIONS)]
+        auth_before = edge.text.count("authenticated to relay")
+        mark = relay.proc.mark()
+
+        async def scenario() -> tuple[list[bytes], bytes]:
+            halfway = [asyncio.Event() for _ in payloads]
+            rebound = asyncio.Event()
+            tasks = [
+                asyncio.create_task(_echo_through(port, p, h, rebound))
+                for p, h in zip(payloads, halfway, strict=True)
+            ]
+            async with asyncio.timeout(LONG * 3):
+                await asyncio.gather(*(h.wait() for h in halfway))
+            old = nat.mappings[-1]
+            new = nat.rebind()
+            assert new != old
+            rebound.set()
+            results = await asyncio.gather(*tasks)
+            # A new TCP connection after the change works over the same session.
+            after = os.urandom(PIECE)
+            fresh = await _echo_through(port, after, asyncio.Event(), rebound)
+            return list(results), fresh if fresh == after else b"mismatch"
+
+        try:
+            results, fresh = asyncio.run(scenario())
+        except (OSError, TimeoutError) as exc:
+            pytest.fail(
+                f"{stack}: a tunnelled connection failed across the address change: {exc!r}\n"
+                f"relay:\n{relay.proc.tail()}\nedge:\n{edge.tail()}"
+            )
+        for i, (sent, got) in enumerate(zip(payloads, results, strict=True)):
+            assert len(got) == len(sent), f"connection {i}: {len(got)} of {len(sent)} bytes"
+            assert hashlib.sha256(got).digest() == hashlib.sha256(sent).digest(), i
+        assert fresh != b"mismatch"
+        assert len(nat.mappings) == 2
+        # The same session: the edge authenticated once, the relay never saw it leave.
+        assert edge.text.count("authenticated to relay") == auth_before == 1
+        relay_after = relay.proc.text.splitlines()[mark:]
+        events = ("session lost", "disconnected", "edge connection from", "authenticated")
+        changed = [ln for ln in relay_after if any(e in ln for e in events)]
+        assert not changed, changed
