@@ -63,7 +63,16 @@ from bench._harness import (
 logger = logging.getLogger("quic_reverse.bench")
 
 #: The benchmark modules, in the order they run (cheapest first).
-MODULES: tuple[str, ...] = ("wire", "transport", "session", "rust", "tunnel", "udp", "paths")
+MODULES: tuple[str, ...] = (
+    "wire",
+    "transport",
+    "session",
+    "rust",
+    "tunnel",
+    "udp",
+    "paths",
+    "fleet",
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"

@@ -315,7 +315,16 @@ def test_cli_rejects_unknown_module() -> None:
     )
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
-    assert set(MODULES) == {"wire", "transport", "session", "rust", "tunnel", "udp", "paths"}
+    assert set(MODULES) == {
+        "wire",
+        "transport",
+        "session",
+        "rust",
+        "tunnel",
+        "udp",
+        "paths",
+        "fleet",
+    }
 
 
 def _mtime(path: Path) -> int | None:

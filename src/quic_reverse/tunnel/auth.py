@@ -65,6 +65,9 @@ MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 512
 #: Structured metadata keys of the auth open.
 NAME_KEY, TOKEN_KEY, INSTANCE_KEY = "name", "token", "instance"
+#: In place of ``name``: a peer relay of the fleet (its relay id), with the fleet secret
+#: as ``token`` (:mod:`.fleet`).
+FLEET_KEY = "fleet"
 _INSTANCE_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _SHOWN_RE = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 
@@ -215,6 +218,8 @@ class EdgeIdentity:
 
     name: str
     instance: str | None
+    #: A peer relay of the fleet (``name`` is ``relay <id>``, ``instance`` its id), not an edge.
+    relay: bool = False
 
 
 async def authenticate_to_relay(
@@ -237,13 +242,15 @@ async def authenticate_to_relay(
 
 
 async def authenticate_edge(
-    handle: SessionHandle, tokens: TokenStore, peer: str
+    handle: SessionHandle, tokens: TokenStore, peer: str, *, fleet_token: str | None = None
 ) -> EdgeIdentity | None:
     """The relay's side: wait for the edge's auth open and check it.
 
     Opens for anything else before it are rejected ``UNAUTHORIZED``. Returns the
     identity, or ``None`` (reason logged) if the edge failed or left. Not bounded by
-    itself: the relay's auth deadline (from accept) closes the connection.
+    itself: the relay's auth deadline (from accept) closes the connection. With
+    ``fleet_token`` (the relay is in a fleet), an open carrying ``fleet`` (a relay id)
+    and that secret authenticates a peer relay (``EdgeIdentity.relay``).
     """
     while True:
         event = await handle.process_message()
@@ -269,6 +276,19 @@ async def authenticate_edge(
         name = event.metadata.get(NAME_KEY)
         token = event.metadata.get(TOKEN_KEY)
         instance = event.metadata.get(INSTANCE_KEY)
+        relay_id = event.metadata.get(FLEET_KEY)
+        if fleet_token is not None and relay_id is not None:
+            presented = token.encode("ascii", "replace") if isinstance(token, str) else b""
+            if (
+                hmac.compare_digest(presented, fleet_token.encode("ascii"))
+                and isinstance(relay_id, str)
+                and _INSTANCE_RE.match(relay_id)
+            ):
+                stream = await handle.accept_open(event.request_id)
+                with contextlib.suppress(QuicReverseError):
+                    await stream.aclose()
+                return EdgeIdentity(f"relay {relay_id}", relay_id, relay=True)
+            name = None  # a wrong fleet secret fails below like a wrong edge token
         if instance is not None and not (
             isinstance(instance, str) and _INSTANCE_RE.match(instance)
         ):

@@ -393,6 +393,50 @@ RELAY_TABLE: tuple[Setting, ...] = (
         help="listen backlog of each TCP forward (bursts of connects; capped by the "
         "kernel's net.core.somaxconn)",
     ),
+    # The relay fleet (tunnel/fleet.py): one registry shared by every relay.
+    Setting(
+        name="registry",
+        kind="str",
+        metavar="redis://HOST:PORT/DB",
+        help="fleet: the shared registry (Redis) where this relay publishes its edges and "
+        "finds the relay holding any other edge (needs the fleet extra: redis-py)",
+    ),
+    Setting(
+        name="registry_ttl",
+        kind="seconds",
+        default="10",
+        help="fleet: a relay that stops heartbeating loses its routes after this long",
+    ),
+    Setting(
+        name="registry_heartbeat",
+        kind="seconds",
+        default="3",
+        help="fleet: how often this relay refreshes its liveness (below registry_ttl)",
+    ),
+    Setting(
+        name="advertise",
+        kind="hostport",
+        metavar="HOST:PORT",
+        help="fleet: the QUIC address peer relays dial (default: the listen address)",
+    ),
+    Setting(
+        name="fleet_token_file",
+        kind="path",
+        metavar="FILE",
+        help="fleet: the secret every relay of the fleet shares (relay-to-relay auth)",
+    ),
+    Setting(
+        name="fleet_ca",
+        kind="path",
+        metavar="FILE",
+        help="fleet: CA file verifying peer relays' certificates",
+    ),
+    Setting(
+        name="fleet_fingerprint",
+        kind="fingerprint",
+        metavar="SHA256",
+        help="fleet: pin peer relays' certificate (instead of --fleet-ca)",
+    ),
     *_COMMON,
 )
 
@@ -712,8 +756,17 @@ class RelayConfig:
     auth_failure_interval: float = 3.0
     udp_idle_timeout: float = 60.0
     max_udp_flows: int = 1024
+    #: The fleet (tunnel/fleet.py): ``None`` = a relay on its own.
+    registry: str | None = None
+    registry_ttl: float = 10.0
+    registry_heartbeat: float = 3.0
+    advertise: tuple[str, int] | None = None
+    fleet_token_file: Path | None = None
+    fleet_ca: Path | None = None
+    fleet_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
+        check_fleet(self)
         if self.self_signed and (self.cert or self.key):
             raise ConfigError("relay: use either --cert/--key or --self-signed, not both")
         if not self.self_signed:
@@ -859,6 +912,44 @@ class EdgeConfig:
 
 
 # ---------------------------------------------------------------------------- files
+
+
+def check_fleet(cfg: RelayConfig) -> None:
+    """The fleet settings of a relay: all or none, and consistent."""
+    given = [
+        s.flag
+        for s in RELAY_TABLE
+        if s.name in ("advertise", "fleet_token_file", "fleet_ca", "fleet_fingerprint")
+        and getattr(cfg, s.target) is not None
+    ]
+    if cfg.registry is None:
+        if given:
+            raise ConfigError(f"relay: {given[0]} is a fleet setting: it needs --registry")
+        return
+    if not cfg.registry.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(
+            f"--registry: expected redis://HOST:PORT/DB (or rediss://, unix://), "
+            f"got {cfg.registry!r}"
+        )
+    if cfg.fleet_token_file is None:
+        raise ConfigError("relay: --registry needs --fleet-token-file FILE (the fleet secret)")
+    if (cfg.fleet_ca is None) == (cfg.fleet_fingerprint is None):
+        raise ConfigError(
+            "relay: --registry needs one of --fleet-ca FILE or --fleet-fingerprint SHA256 "
+            "(how peer relays' certificates are verified)"
+        )
+    check_duration("registry_ttl", cfg.registry_ttl)
+    check_duration("registry_heartbeat", cfg.registry_heartbeat)
+    if cfg.registry_heartbeat >= cfg.registry_ttl:
+        raise ConfigError(
+            f"relay: --registry-heartbeat ({cfg.registry_heartbeat:g}s) must be below "
+            f"--registry-ttl ({cfg.registry_ttl:g}s)"
+        )
+    if cfg.advertise is None and cfg.listen[0] in ("0.0.0.0", "::", ""):
+        raise ConfigError(
+            f"relay: listening on {cfg.listen[0]}:{cfg.listen[1]} (every address): "
+            "--advertise HOST:PORT must say which address peer relays dial"
+        )
 
 
 def check_stack_installed(flag: str, stack: str) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..session import SessionHandle
@@ -220,6 +220,9 @@ class EdgeRegistry:
         #: Pools are kept when they empty: clients waiting in one (bridging) must see
         #: the replica that joins next. Names are bounded by the tokens file.
         self._pools: dict[str, Pool] = {}
+        #: Called with an edge name after a replica of it was added or removed (the
+        #: fleet publishes the relay's edges: tunnel/fleet.py).
+        self.listeners: list[Callable[[str], None]] = []
 
     def pool(self, name: str) -> Pool:
         pool = self._pools.get(name)
@@ -230,12 +233,19 @@ class EdgeRegistry:
         return pool
 
     def add(self, replica: Replica) -> Replica | None:
-        return self.pool(replica.name).add(replica)
+        old = self.pool(replica.name).add(replica)
+        self._changed(replica.name)
+        return old
 
     def remove(self, replica: Replica) -> None:
         pool = self._pools.get(replica.name)
         if pool is not None:
             pool.remove(replica)
+            self._changed(replica.name)
+
+    def _changed(self, name: str) -> None:
+        for listener in self.listeners:
+            listener(name)
 
     def __iter__(self) -> Iterator[Replica]:
         for pool in list(self._pools.values()):

@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import __version__
 from ..config import Config, Role
@@ -56,6 +56,9 @@ from .pipe import TcpLeg, pipe
 from .ratelimit import AuthLimiter
 from .registry import EdgeRegistry, Pool, Replica, Unavailable
 from .udp import UdpForward
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
 
 __all__ = ["EdgeSession", "Relay", "ensure_self_signed"]
 
@@ -111,6 +114,8 @@ class Relay:
         #: The ``udp:`` forwards (tunnel/udp.py), by forward.
         self.udp_forwards: dict[Forward, UdpForward] = {}
         self._udp_closing: set[asyncio.Task[None]] = set()
+        #: The fleet (tunnel/fleet.py), with ``--registry``.
+        self.fleet: Fleet | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -129,6 +134,10 @@ class Relay:
                 f"--forward {missing[0]}: edge {missing[0].edge!r} has no token in the "
                 f"tokens file {str(cfg.tokens)!r}"
             )
+        if cfg.registry is not None:
+            from .fleet import Fleet  # imports redis-py: only in a fleet
+
+            self.fleet = Fleet(self)
         if cfg.self_signed:
             cert, key, fp = ensure_self_signed(cfg.state_dir)
             self.fingerprint = fp
@@ -163,6 +172,8 @@ class Relay:
             cfg.stack,
             self.fingerprint,
         )
+        if self.fleet is not None:
+            await self.fleet.start()
         for fwd in cfg.forwards:
             await self.listen_forward(fwd)
         log.info(
@@ -238,6 +249,8 @@ class Relay:
         self._stopping = True
         for server in self._tcp:
             server.close()
+        if self.fleet is not None:
+            await self.fleet.leave()  # peers stop routing clients here
         await asyncio.gather(*(u.close() for u in self.udp_forwards.values()))
         log.info(
             "shutting down: no new connections, %.1fs grace for open streams", self.config.grace
@@ -249,6 +262,8 @@ class Relay:
             if pending:
                 log.info("grace period over: aborting %d stream(s)", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
+        if self.fleet is not None:
+            await self.fleet.close()
         await asyncio.gather(
             *(
                 self._close_edge(e, CloseCode.NORMAL, "relay shutting down")
@@ -286,6 +301,8 @@ class Relay:
             ping_timeout=cfg.ping_timeout,
             # The pool admits at most max_streams opens per session at once.
             max_queued_opens=cfg.max_streams,
+            # A peer relay of the fleet opens streams here (tunnel/fleet.py).
+            max_concurrent_streams=cfg.max_streams,
         )
 
     async def serve_connection(self, conn: Connection) -> None:
@@ -317,7 +334,9 @@ class Relay:
         handle: SessionHandle | None = None
         try:
             handle = await Session(conn, Role.SERVER, self._session_config()).start()
-            identity = await authenticate_edge(handle, self.tokens, peer)
+            identity = await authenticate_edge(
+                handle, self.tokens, peer, fleet_token=self.fleet.token if self.fleet else None
+            )
         except OperationTimeout:
             if not expired:
                 expire()
@@ -344,6 +363,9 @@ class Relay:
         self.auth_limiter.succeeded(conn.remote_address[0])
         if self._stopping:
             await self._abandon(handle, conn, "relay shutting down")
+            return
+        if identity.relay and self.fleet is not None:
+            await self.fleet.serve_peer(handle, conn, identity)
             return
         edge = Replica(
             name=identity.name,
@@ -569,6 +591,9 @@ class Relay:
         used: Replica | None = None
         outcome, up, down = "cancelled", 0, 0
         try:
+            fleet = self.fleet
+            if fleet and not pool.live() and await fleet.forward(fwd, leg, target, pool):
+                return  # served through a peer relay (or closed, reason logged)
             opened = await self._open(fwd, pool, leg, target)
             if opened is None:
                 outcome = "refused"
