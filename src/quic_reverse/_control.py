@@ -190,9 +190,10 @@ class ControlChannel:
     def take_output(self) -> None:
         """Move the core's control bytes to the outbox (wakes the writer)."""
         writer = self.writer
-        before = len(writer.buffer)
-        if self._core.move_data_to(writer.buffer):
-            writer.filled(len(writer.buffer) - before)
+        buffer = writer.buffer
+        before = len(buffer)
+        if self._core.move_data_to(buffer):
+            writer.filled(len(buffer) - before)
 
     async def run(self) -> None:
         """The reader task: open or accept the control stream, start the writer, feed
