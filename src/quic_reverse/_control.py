@@ -9,14 +9,18 @@ The writer: an ordered outbox drained by one task.
 
 Bytes for the control stream come from the sans-IO core (:meth:`SessionCore.move_data_to`)
 in whatever task fed it an input. They are appended to :class:`ControlWriter`'s outbox
-and written **only** by the writer task (:meth:`ControlWriter.run`), in order. A caller
+and written in order by the writer task (:meth:`ControlWriter.run`), or, when the writer
+is parked with an empty outbox and the stream has room, handed to the transport at once
+by a synchronous, non-blocking ``try_write`` (:meth:`ControlWriter.filled`): no await,
+so nothing a cancellation could cut. A caller
 that needs to know its bytes left (``close_stream``, ``reject_open``, ``accept_open``)
 awaits :meth:`ControlWriter.flushed`: a cancelled caller abandons the wait, never the
 bytes, so the peer never reads a torn frame.
 
 Why one writer: a transport ``write()`` cancelled while it waits for room may have
-queued a prefix of its data (see ``transport/base.py``). Only the writer task writes,
-and it is cancelled only when the session is over, so no frame is ever cut short.
+queued a prefix of its data (see ``transport/base.py``). Only the writer task awaits a
+write, and it is cancelled only when the session is over, so no frame is ever cut short;
+the fast path never awaits and takes a frame whole or not at all.
 """
 
 from __future__ import annotations
@@ -46,7 +50,16 @@ class ControlWriter:
     ``written`` reaches the ``queued`` value seen right after they were appended.
     """
 
-    __slots__ = ("_idle", "_ready", "_waiters", "buffer", "discarding", "queued", "written")
+    __slots__ = (
+        "_idle",
+        "_ready",
+        "_send",
+        "_waiters",
+        "buffer",
+        "discarding",
+        "queued",
+        "written",
+    )
 
     def __init__(self) -> None:
         self.buffer = bytearray()
@@ -58,17 +71,38 @@ class ControlWriter:
         self._idle = asyncio.Event()  # everything queued was written (or dropped)
         self._idle.set()
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        #: The stream, while the writer task is running (for the fast path).
+        self._send: SendStream | None = None
 
     def __len__(self) -> int:
         return len(self.buffer)
 
     def filled(self, added: int) -> None:
-        """``added`` bytes were appended to :attr:`buffer`: wake the writer."""
+        """``added`` bytes were appended to :attr:`buffer`: write them now or wake the
+        writer.
+
+        Fast path: when the writer is parked (outbox was empty, no write in progress)
+        and the stream takes all of it without waiting (``try_write``), the bytes are
+        handed to the transport here, synchronously, as the writer would have: same
+        order, whole or not at all, nothing to cancel. This saves the loop turn the
+        writer task would take to wake up. Otherwise the writer task writes them.
+        """
+        buffer = self.buffer
         if self.discarding:
-            self.buffer.clear()
+            buffer.clear()
             return
         self.queued += added
-        self._idle.clear()
+        idle = self._idle
+        send = self._send
+        if send is not None and idle.is_set() and len(buffer) == added:
+            data = bytes(buffer)
+            if send.try_write(data):
+                buffer.clear()
+                self.written += added
+                if self._waiters:
+                    self._wake(self.written)
+                return
+        idle.clear()
         self._ready.set()
 
     async def flushed(self) -> None:
@@ -92,6 +126,7 @@ class ControlWriter:
         """
         ready = self._ready
         buffer = self.buffer
+        self._send = send
         try:
             while True:
                 if not buffer:
@@ -105,6 +140,7 @@ class ControlWriter:
                 self.written += len(data)
                 self._wake(self.written)
         finally:
+            self._send = None
             self.stop()
 
     def stop(self) -> None:
@@ -154,9 +190,10 @@ class ControlChannel:
     def take_output(self) -> None:
         """Move the core's control bytes to the outbox (wakes the writer)."""
         writer = self.writer
-        before = len(writer.buffer)
-        if self._core.move_data_to(writer.buffer):
-            writer.filled(len(writer.buffer) - before)
+        buffer = writer.buffer
+        before = len(buffer)
+        if self._core.move_data_to(buffer):
+            writer.filled(len(buffer) - before)
 
     async def run(self) -> None:
         """The reader task: open or accept the control stream, start the writer, feed

@@ -400,8 +400,10 @@ class SessionHandle:
                 self._core.stream_released(lsid)
                 self._pump()
 
+        header = StreamBind(logical_stream_id=lsid).encode()
         try:
-            await pair[0].write(StreamBind(logical_stream_id=lsid).encode())
+            if not pair[0].try_write(header):  # the usual case takes it without waiting
+                await pair[0].write(header)
         except BaseException:
             # The peer was told "accepted": tell it the stream will not come (its open
             # fails at once instead of at its bind deadline).
@@ -654,26 +656,24 @@ class SessionHandle:
         """Carry out what the core produced: bytes, actions, events, timer.
 
         Called after every input to the core, so it is kept cheap. Control bytes go to
-        the writer's outbox; only the writer task writes them.
+        the writer's outbox (see :class:`ControlWriter` for who writes them).
         """
         core = self._core
-        self._take_output()
+        take_output = self._channel.take_output
+        take_output()
         if core.has_outputs:
             for output in core.outputs():
                 self._dispatch(output)
         if core.has_events:
             if self._serve_handlers is not None:
                 self._route_events()
-                self._take_output()
+                take_output()
             else:
                 self._events_ready.set()
         if core.end is not None:
             self._events_ready.set()
         if core.has_new_deadline:
             self._rearm_timer()
-
-    def _take_output(self) -> None:
-        self._channel.take_output()
 
     def _start_acceptor(self) -> None:
         if self._acceptor_task is None:

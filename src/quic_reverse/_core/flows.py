@@ -27,6 +27,7 @@ from .outputs import FlowClosed, FlowOpened, OpenFailed
 __all__ = ["FlowCore"]
 
 _FLOWS = Features.DATAGRAM_FLOWS
+_DATAGRAM = int(OpenFlags.DATAGRAM)
 
 
 class FlowCore(CoreBase):
@@ -65,7 +66,8 @@ class FlowCore(CoreBase):
 
     def is_flow_request(self, flags: OpenFlags) -> bool:
         """Is a peer's request with these flags a datagram flow request?"""
-        return bool(flags & OpenFlags.DATAGRAM) and self.flows_available
+        # int(): an IntFlag ``&`` builds a new flag object, this runs once per open.
+        return bool(int(flags) & _DATAGRAM) and self.flows_available
 
     # ------------------------------------------------------------------ local opens
 

@@ -192,6 +192,24 @@ class QuicSendStream(SendStream):
                 conn._blocked_writers.discard(state)
         check_writable(conn, state)
 
+    def try_write(self, data: bytes) -> bool:
+        conn = self._conn
+        state = self._state
+        if (
+            state.stop_received is not None
+            or state.reset_sent
+            or state.fin_sent
+            or not conn.is_open
+            or conn._send_queue_size(state.stream_id) >= conn._send_buffer
+        ):
+            return False
+        try:
+            conn._stack_send(state, data, False)
+        except Exception:
+            return False  # the stack refused it whole: write() reports why
+        conn._transmit_soon()
+        return True
+
     async def finish(self) -> None:
         state = self._state
         conn = self._conn

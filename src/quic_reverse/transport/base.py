@@ -98,6 +98,14 @@ class SendStream(abc.ABC):
     def buffered_bytes(self) -> int:
         """Bytes accepted by :meth:`write` but not yet handed to the network (diagnostics)."""
 
+    def try_write(self, data: bytes) -> bool:
+        """Accept all of ``data`` now, without waiting, if the stream is writable and
+        its send buffer is under budget; return True. Otherwise accept none of it and
+        return False (the caller then uses :meth:`write`, which raises or waits as
+        usual). Never raises. A transport without a non-blocking path returns False.
+        """
+        return False
+
 
 class RecvStream(abc.ABC):
     """The receiving half of a QUIC stream."""
