@@ -5,7 +5,6 @@ server starts, never later at every peer's handshake."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import errno
 import hashlib
 import socket
@@ -14,9 +13,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 import quic_reverse.transport as transport_pkg
 from quic_reverse.errors import ConfigError, TransportError
@@ -29,6 +26,7 @@ from quic_reverse.transport.tls import (
     normalize_fingerprint,
     write_self_signed,
 )
+from tests.support.certs import ca_and_leaf
 from tests.support.timing import LONG
 
 STACKS: tuple[Stack, ...] = ("qh3", "aioquic")
@@ -128,69 +126,6 @@ def _der_copy(pem: Path, name: str) -> Path:
     return der
 
 
-def _ca_and_leaf(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A CA certificate (PEM) and a leaf it signed for localhost (PEM cert + key)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, cert_path, key_path = tmp_path / "ca.pem", tmp_path / "leaf.pem", tmp_path / "k.pem"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        leaf_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return ca_path, cert_path, key_path
-
-
 async def _connects(stack: Stack, cert: Path, key: Path, cafile: Path) -> None:
     async with await serve(
         "127.0.0.1",
@@ -212,7 +147,7 @@ async def test_ca_files_are_accepted_as_pem_or_der(stack: Stack, tmp_path: Path)
     cert, key = write_self_signed(tmp_path)
     await _connects(stack, cert, key, _der_copy(cert, "cert.der"))
     # ... and a real CA verified by the stack, given in DER.
-    ca, leaf, leaf_key = _ca_and_leaf(tmp_path)
+    ca, leaf, leaf_key = ca_and_leaf(tmp_path)
     await _connects(stack, leaf, leaf_key, _der_copy(ca, "ca.der"))
     # The server's own certificate and key may be DER too.
     der_key = tmp_path / "k.der"

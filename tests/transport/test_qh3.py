@@ -38,6 +38,7 @@ from quic_reverse.transport.quic import (
     serve,
 )
 from quic_reverse.transport.tls import certificate_fingerprint, write_self_signed
+from tests.support.certs import ca_and_leaf
 from tests.support.quic import dev_certificate, quic_pair, quic_server
 from tests.transport.test_hardening import client_initial
 
@@ -94,76 +95,9 @@ async def test_wrong_pin_and_untrusted_certificate_are_rejected(
             await asyncio.wait_for(connect(*server.address, tls=ClientTLS(), stack=stack), T)
 
 
-def _ca_and_leaf(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA certificate and a leaf (localhost/127.0.0.1) it signed: (ca, leaf, leaf_key)."""
-    import datetime
-    import ipaddress
-
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "quic-reverse test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, leaf_path, key_path = (directory / n for n in ("ca.pem", "leaf.pem", "leaf.key"))
-    ca_path.write_bytes(ca.public_bytes(Encoding.PEM))
-    leaf_path.write_bytes(leaf.public_bytes(Encoding.PEM))
-    key_path.write_bytes(
-        leaf_key.private_bytes(
-            Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return ca_path, leaf_path, key_path
-
-
 @pytest.mark.parametrize("stack", STACKS)
 async def test_ca_signed_certificate_is_verified_by_the_stack(stack: Stack, tmp_path: Path) -> None:
-    ca, leaf, key = _ca_and_leaf(tmp_path)
+    ca, leaf, key = ca_and_leaf(tmp_path)
     server = await serve(
         "127.0.0.1",
         0,
