@@ -34,7 +34,7 @@ from quic_reverse.wire import (
 from quic_reverse.wire.flows import FLOW_CLOSE_TAG
 
 from ..session.helpers import WAIT, session_pair, start_pair
-from ..support.timing import MS, SHORT
+from ..support.timing import MS, SHORT, eventually
 
 TRANSPORTS = ("memory", "qh3", "aioquic")
 
@@ -93,8 +93,11 @@ async def test_flow_echo_both_directions_of_open(transport: str) -> None:
                 flow.close()
                 with pytest.raises(DatagramFlowClosed):
                     flow.send(b"x")
-        await asyncio.sleep(20 * MS)
-        assert client.table_sizes()["flows"] == server.table_sizes()["flows"] == 0
+        await eventually(
+            lambda: client.table_sizes()["flows"] == server.table_sizes()["flows"] == 0,
+            WAIT,
+            "both flow tables empty after close",
+        )
         assert client.active_streams == server.active_streams == 0
 
 
@@ -164,7 +167,7 @@ async def test_queue_drops_the_oldest_and_counts() -> None:
             remote = await asyncio.wait_for(accepted, WAIT)
             for i in range(10):
                 remote.send(b"%d" % i)
-            await asyncio.sleep(20 * MS)
+            await eventually(lambda: flow.received == 10, WAIT, "all 10 datagrams received")
             assert flow.dropped == 6 and flow.queued == 4 and flow.received == 10
             assert [await flow.recv() for _ in range(4)] == [b"6", b"7", b"8", b"9"]
 
