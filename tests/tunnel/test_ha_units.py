@@ -192,6 +192,31 @@ async def test_bridging_waits_for_a_replica_of_a_seen_name_only() -> None:
             await pool.acquire(set(), loop.time() + 20 * MS)
 
 
+async def test_startup_grace_bridges_names_not_seen_yet() -> None:
+    """During the relay's startup grace a name that has not connected yet is bridged
+    like a seen one; pools made after the grace fail at once again."""
+    async with _sessions(1) as handles:
+        registry = EdgeRegistry(max_streams=10, max_queued=10)
+        loop = asyncio.get_running_loop()
+        registry.grace_until = loop.time() + 50 * SHORT
+        pool = registry.pool("edgeA")  # its edge has not connected yet
+        waiter = asyncio.create_task(pool.acquire(set(), loop.time() + 50 * SHORT))
+        await asyncio.sleep(10 * MS)
+        assert not waiter.done() and pool.waiting == 1
+        late = _replica(handles[0], 0)
+        registry.add(late)
+        async with asyncio.timeout(SHORT):
+            assert await waiter is late
+        pool.release(late)
+        # Nobody comes: the client is closed at its deadline, saying why.
+        quiet = registry.pool("quiet")
+        with pytest.raises(Unavailable, match="did not connect in time since the relay"):
+            await quiet.acquire(set(), loop.time() + 20 * MS)
+        registry.grace_until = loop.time()  # the grace is over
+        with pytest.raises(Unavailable, match="never connected"):
+            await registry.pool("after").acquire(set(), loop.time() + 50 * SHORT)
+
+
 async def test_tried_live_replicas_fail_at_once_but_a_draining_one_is_bridged() -> None:
     async with _sessions(1) as handles:
         pool = Pool("edgeA", max_streams=10, max_queued=10)

@@ -88,7 +88,11 @@ def services() -> Iterator[Services]:
 def tunnel(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tunnel]:
     tmp = tmp_path_factory.mktemp("tunnel")
     tokens = _write_tokens(tmp, ["edgeA", "edgeB", "ghost"])
-    relay = start_relay(tmp / "state", tmp / "tokens.toml", FORWARDS)
+    # No startup grace: the "never connected" case below is closed at once
+    # (test_startup_grace_bridges_an_edge_that_connects_late covers the grace).
+    relay = start_relay(
+        tmp / "state", tmp / "tokens.toml", FORWARDS, extra=["--startup-grace", "0"]
+    )
     edge: Proc | None = None
     try:
         edge = start_edge(
@@ -682,6 +686,32 @@ async def test_burst_larger_than_the_stream_limit_is_served(
         assert replies == payloads
         assert not relay.proc.find(r"closing the client")
         assert not edge.find(r"LIMIT_EXCEEDED")
+    finally:
+        if edge is not None:
+            edge.kill()
+        relay.proc.kill()
+
+
+async def test_startup_grace_bridges_an_edge_that_connects_late(
+    services: Services, tmp_path: Path
+) -> None:
+    """A relay just (re)started has no edges yet: a TCP client arriving before its edge
+    reconnects is held (startup_grace, bounded by open_timeout) and served once the
+    edge is back, instead of being closed at once ("has never connected")."""
+    _write_tokens(tmp_path, ["edgeA"])
+    relay = start_relay(tmp_path / "state", tmp_path / "tokens.toml", ["127.0.0.1:0=edgeA/echo"])
+    edge: Proc | None = None
+    try:
+        client = asyncio.create_task(
+            _echo_roundtrip(relay.forwards["edgeA/echo"], b"held until the edge came")
+        )
+        await asyncio.sleep(300 * MS)  # the client waits at the relay meanwhile
+        assert not client.done(), "the client was not held for the late edge"
+        edge = start_edge(
+            "edgeA", tmp_path / "edgeA.token", relay, [f"echo=127.0.0.1:{services.echo}"]
+        )
+        async with asyncio.timeout(4_000 * MS):  # below the relay's open_timeout (5 s)
+            assert await client == b"held until the edge came"
     finally:
         if edge is not None:
             edge.kill()

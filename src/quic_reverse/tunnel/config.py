@@ -336,6 +336,15 @@ RELAY_TABLE: tuple[Setting, ...] = (
         "(re)connect, the edge's answer)",
     ),
     Setting(name="grace", kind="seconds", allow_zero=True, default="10", help="shutdown grace"),
+    Setting(
+        name="startup_grace",
+        kind="seconds",
+        allow_zero=True,
+        default="30",
+        help="for this long after the relay starts, a TCP client of an edge that has not "
+        "connected yet waits (open_timeout) for it instead of being closed at once: edges "
+        "need a keep-alive interval to reconnect after a relay restart (0: off)",
+    ),
     Setting(name="ping_interval", kind="seconds", default="10", help="keep-alive ping"),
     Setting(name="ping_timeout", kind="seconds", default="10", help="edge dead after no pong"),
     Setting(
@@ -739,6 +748,7 @@ class RelayConfig:
     auth_timeout: float = 10.0
     open_timeout: float = 10.0
     grace: float = 10.0
+    startup_grace: float = 30.0
     ping_interval: float = 10.0
     ping_timeout: float = 10.0
     max_streams: int = 10_000
@@ -801,6 +811,7 @@ class RelayConfig:
         check_choice("balance", self.balance, BALANCE_POLICIES)
         check_count("backlog", self.backlog)
         check_duration("grace", self.grace, allow_zero=True)
+        check_duration("startup_grace", self.startup_grace, allow_zero=True)
         check_count("max_streams", self.max_streams)
         check_count("max_queued_opens", self.max_queued_opens, minimum=0)
         check_choice("stack", self.stack, STACKS)

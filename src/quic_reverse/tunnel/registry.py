@@ -24,7 +24,9 @@ High availability (issue 12):
   leaves move.
 * **Bridging**: a client arriving while its name has no live replica waits (until its
   deadline) for one to (re)connect, if that name has been seen since the relay
-  started; a name that never connected fails at once.
+  started, or while the relay is in its *startup grace* (its edges reconnecting after
+  a relay restart have not all come back yet); otherwise a name that never connected
+  fails at once.
 * **Suspects**: a replica that left an open unanswered is *suspect* while the relay
   checks it (:mod:`.relay`); new clients go to the other replicas meanwhile.
 """
@@ -90,7 +92,15 @@ class Unavailable(Exception):
 class Pool:
     """The replicas of one edge name, and the TCP clients waiting for a free stream."""
 
-    def __init__(self, name: str, *, max_streams: int, max_queued: int, seen: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_streams: int,
+        max_queued: int,
+        seen: bool = False,
+        grace_until: float = 0.0,
+    ) -> None:
         self.name = name
         self.max_streams = max_streams
         self.max_queued = max_queued
@@ -99,6 +109,9 @@ class Pool:
         #: A replica of this name has authenticated since the relay started: clients
         #: arriving while none is live wait for one (bridging) instead of failing.
         self.seen = seen
+        #: Loop time until which a name not seen yet is bridged as if it had been (the
+        #: relay's startup grace: :attr:`EdgeRegistry.grace_until`).
+        self.grace_until = grace_until
         self._changed = asyncio.Event()
 
     async def wait_changed(self) -> None:
@@ -156,7 +169,7 @@ class Pool:
             live = self.live(exclude)
             if not live and self.live():
                 raise Unavailable(f"no other replica of edge {self.name!r} to try")
-            if not live and not self.seen:
+            if not live and not self.seen and asyncio.get_running_loop().time() >= self.grace_until:
                 raise Unavailable(f"edge {self.name!r} has never connected")
             if self.waiting >= self.max_queued:
                 raise Unavailable(
@@ -176,6 +189,9 @@ class Pool:
                     f"edge {self.name!r}: no stream became free in time (open_timeout)"
                     if live
                     else f"edge {self.name!r}: no replica (re)connected in time (open_timeout)"
+                    if self.seen
+                    else f"edge {self.name!r}: did not connect in time since the relay "
+                    "started (open_timeout, startup_grace)"
                 ) from None
             finally:
                 self.waiting -= 1
@@ -220,6 +236,11 @@ class EdgeRegistry:
         #: Pools are kept when they empty: clients waiting in one (bridging) must see
         #: the replica that joins next. Names are bounded by the tokens file.
         self._pools: dict[str, Pool] = {}
+        #: Loop time until which every name is bridged as if seen (set by the relay at
+        #: start: ``startup_grace``). After a relay restart its edges take a keep-alive
+        #: interval to notice and reconnect; clients arriving meanwhile wait for them
+        #: (each at most its deadline) instead of being closed at once.
+        self.grace_until = 0.0
         #: Called with an edge name after a replica of it was added or removed (the
         #: fleet publishes the relay's edges: tunnel/fleet.py).
         self.listeners: list[Callable[[str], None]] = []
@@ -228,7 +249,10 @@ class EdgeRegistry:
         pool = self._pools.get(name)
         if pool is None:
             pool = self._pools[name] = Pool(
-                name, max_streams=self.max_streams, max_queued=self.max_queued
+                name,
+                max_streams=self.max_streams,
+                max_queued=self.max_queued,
+                grace_until=self.grace_until,
             )
         return pool
 

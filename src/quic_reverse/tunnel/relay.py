@@ -174,6 +174,8 @@ class Relay:
         )
         if self.fleet is not None:
             await self.fleet.start()
+        # Bridge clients of edges that have not reconnected yet (after a restart).
+        self.registry.grace_until = asyncio.get_running_loop().time() + cfg.startup_grace
         for fwd in cfg.forwards:
             await self.listen_forward(fwd)
         log.info(
