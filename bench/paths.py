@@ -291,7 +291,13 @@ def start_services(lab: Lab) -> subprocess.Popen[Any]:
 
 @contextlib.contextmanager
 def tunnel(lab: Lab, tmp: Path, stack: str) -> Iterator[tuple[int, int]]:
-    """The real relay (relay_ns) and edge (edge_ns) CLIs; yields the forward ports."""
+    """The real relay (relay_ns) and edge (edge_ns) CLIs; yields the forward ports.
+
+    ``stack`` is both processes' ``--stack``; ``"aioquic-edge"``: only the edge runs
+    aioquic and the relay keeps its default, following the edge's stack per connection
+    (transport/_stackhint.py).
+    """
+    relay_stack, edge_stack = ("qh3", "aioquic") if stack == "aioquic-edge" else (stack, stack)
     from quic_reverse.tunnel.auth import generate_token, write_token_file
 
     d = tmp / f"tunnel-{stack}"
@@ -305,7 +311,7 @@ def tunnel(lab: Lab, tmp: Path, stack: str) -> Iterator[tuple[int, int]]:
         lab,
         lab.relay_ns,
         [
-            *py, "relay", "--stack", stack,
+            *py, "relay", "--stack", relay_stack,
             "--listen", f"{lab.relay_ns.address}:{QUIC_PORT}",
             "--self-signed", "--state-dir", str(d / "state"), "--tokens", str(d / "tokens.toml"),
             "--forward", "127.0.0.1:0=bench/sink", "--forward", "127.0.0.1:0=bench/source",
@@ -323,7 +329,7 @@ def tunnel(lab: Lab, tmp: Path, stack: str) -> Iterator[tuple[int, int]]:
             lab,
             lab.edge_ns,
             [
-                *py, "edge", "--stack", stack,
+                *py, "edge", "--stack", edge_stack,
                 "--relay", f"{lab.relay_ns.address}:{QUIC_PORT}", "--name", "bench",
                 "--token-file", str(d / "bench.token"), "--fingerprint", fp.group(1),
                 "--expose", f"sink=127.0.0.1:{SINK_PORT}",
@@ -617,7 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="tunnel vs ssh -N -R over emulated paths")
     parser.add_argument("--quick", action="store_true", help="two small paths, small sizes")
     parser.add_argument("--path", action="append", help="only these paths (veth, rtt50, ...)")
-    parser.add_argument("--stack", action="append", help="only these stacks (qh3, aioquic)")
+    parser.add_argument(
+        "--stack", action="append", help="only these stacks (qh3, aioquic, aioquic-edge)"
+    )
     parser.add_argument("--services", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.services:

@@ -51,8 +51,12 @@ async def quic_pair(
 
     ``stack`` is the server's stack and, unless ``client_stack`` is given, the
     client's. ``opts`` are :class:`TransportOptions` fields (e.g. ``max_streams=4``,
-    ``stream_window=...``), applied to both sides.
+    ``stream_window=...``), applied to both sides. A pair of two different stacks
+    really is one (``stack_hint`` off, unless given: the server would otherwise follow
+    the client's stack).
     """
+    if client_stack is not None and client_stack != stack:
+        opts.setdefault("stack_hint", False)
     options = TransportOptions(**opts)
     cert, key = dev_certificate()
     loop = asyncio.get_running_loop()

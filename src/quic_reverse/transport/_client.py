@@ -30,6 +30,7 @@ from ._driver import StackConnection
 from ._errors import stack_call
 from ._options import TransportOptions
 from ._reset import is_stateless_reset
+from ._stackhint import initial_dcid
 from ._udp import open_udp_endpoint, route_max_udp_payload
 
 if TYPE_CHECKING:
@@ -174,6 +175,8 @@ async def stack_connect(
 
     def new_connection() -> StackConnection:
         quic = spec.create(configuration, options.max_streams, None)
+        if options.stack_hint:
+            quic.qr_set_initial_dcid(initial_dcid(spec.name))
         return spec.connection_class(
             spec, quic, is_client=True, options=options, receive_high_water=configuration.max_data
         )

@@ -46,6 +46,11 @@ class TransportOptions:
     this many bytes of the stream are queued there (not yet sent).
     ``max_handshakes`` (servers): connections in their handshake at once; Initials
     beyond it are dropped until one finishes or times out (``handshake_timeout``).
+    ``stack_hint``: a client states its stack in its first Initial, and a server runs
+    each connection on the stack its client stated when that stack is installed
+    (:mod:`._stackhint`: the edge knows its path, and each direction is paced by its
+    sender's congestion control). ``False``: clients state nothing, servers always
+    use the stack they were started with.
 
     How a receiver that does not read is bounded differs by stack:
 
@@ -67,8 +72,11 @@ class TransportOptions:
     send_buffer: int = DEFAULT_SEND_BUFFER
     socket_buffer: int = DEFAULT_SOCKET_BUFFER
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    stack_hint: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.stack_hint, bool):
+            raise ConfigError(f"stack_hint must be a bool, got {self.stack_hint!r}")
         for name in ("idle_timeout", "handshake_timeout"):
             value = getattr(self, name)
             if (

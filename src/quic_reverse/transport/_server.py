@@ -18,6 +18,9 @@ Hostile traffic is handled without state (:mod:`._retry`, :mod:`._reset`):
   idle timeout.
 
 Log lines a peer can trigger are throttled (:class:`~._throttle.PeerLog`).
+
+A server may hold configurations for both stacks (``others``): a client that states
+its stack in its first Initial (:mod:`._stackhint`) gets a connection of that stack.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, TransportError
@@ -42,6 +45,7 @@ from ._retry import (
     initial_decrypts,
     parse_initial,
 )
+from ._stackhint import stated_stack
 from ._throttle import PeerLog
 from ._udp import open_udp_endpoint
 
@@ -72,9 +76,18 @@ class StackServer:
         configuration: QuicConfigurationLike,
         on_connection: Callable[[Any], Awaitable[None]],
         options: TransportOptions,
+        others: Mapping[str, tuple[StackSpec[Any], QuicConfigurationLike]] | None = None,
     ) -> None:
         self._spec = spec
         self._configuration = configuration
+        #: Stack name -> (spec, configuration) for clients stating that stack.
+        self._stacks: dict[str, tuple[StackSpec[Any], QuicConfigurationLike]] = {
+            **(others or {}),
+            spec.name: (spec, configuration),
+        }
+        for name, (_, other) in self._stacks.items():
+            if other.connection_id_length != configuration.connection_id_length:
+                raise ConfigError(f"{name}: connection id length differs from {spec.name}'s")
         self._options = options
         #: Connections allowed in their handshake at once (see DEFAULT_MAX_HANDSHAKES).
         self.max_handshakes = options.max_handshakes
@@ -127,8 +140,12 @@ class StackServer:
     def _new_connection(
         self, original_dcid: bytes, retry_source_cid: bytes | None = None
     ) -> StackConnection:
-        spec = self._spec
-        quic = spec.create(self._configuration, self._options.max_streams, original_dcid)
+        spec, configuration = self._spec, self._configuration
+        stated = stated_stack(original_dcid) if len(self._stacks) > 1 else None
+        if stated is not None and stated != spec.name and stated in self._stacks:
+            spec, configuration = self._stacks[stated]
+            logger.debug("server: running a connection on %s, as its client asked", stated)
+        quic = spec.create(configuration, self._options.max_streams, original_dcid)
         if retry_source_cid is not None:
             quic.qr_retried(retry_source_cid)
         quic.qr_set_reset_token(self._reset_token(quic.host_cid))
@@ -137,7 +154,7 @@ class StackServer:
             quic,
             is_client=False,
             options=self._options,
-            receive_high_water=self._configuration.max_data,
+            receive_high_water=configuration.max_data,
         )
 
     # wiring ----------------------------------------------------------------
@@ -396,8 +413,10 @@ async def stack_serve(
     configuration: QuicConfigurationLike,
     on_connection: Callable[[Any], Awaitable[None]],
     options: TransportOptions,
+    others: Mapping[str, tuple[StackSpec[Any], QuicConfigurationLike]] | None = None,
 ) -> StackServer:
-    """Bind a UDP endpoint on ``(host, port)`` and serve it with ``spec``'s stack.
+    """Bind a UDP endpoint on ``(host, port)`` and serve it with ``spec``'s stack
+    (and ``others``' stacks for clients stating one: :mod:`._stackhint`).
 
     Raises:
         ConfigError: the configuration is not a server one or has no certificate/key.
@@ -408,7 +427,7 @@ async def stack_serve(
         raise ConfigError("serve() needs a server configuration (is_client=False)")
     if configuration.certificate is None or configuration.private_key is None:
         raise ConfigError("serve() needs a certificate and private key in the configuration")
-    server = spec.server_class(spec, configuration, on_connection, options)
+    server = spec.server_class(spec, configuration, on_connection, options, others)
     try:
         transport, _ = await open_udp_endpoint(
             server, host, port, socket_buffer=options.socket_buffer

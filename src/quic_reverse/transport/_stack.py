@@ -91,6 +91,7 @@ class QuicStack(Protocol):
     def qr_set_reset_token(self, token: bytes) -> None: ...
     def qr_retried(self, retry_source_cid: bytes) -> None: ...
     def qr_peer_reset_token(self) -> bytes | None: ...
+    def qr_set_initial_dcid(self, cid: bytes) -> None: ...
 
 
 class StackHooks:
@@ -134,6 +135,10 @@ class StackHooks:
         """Client, after the handshake: the server's stateless reset token for the
         connection id in use (None if unknown)."""
         return None
+
+    def qr_set_initial_dcid(self, cid: bytes) -> None:
+        """Client, before ``connect()``: use ``cid`` as the first destination
+        connection id (:mod:`._stackhint`). A stack that cannot keeps its random one."""
 
 
 def _zero() -> int:

@@ -141,6 +141,11 @@ class _CreditQuicConnection(StackHooks, QuicConnection):
         # Read when the first datagram creates the TLS state (transport parameters).
         self._retry_source_connection_id = retry_source_cid
 
+    def qr_set_initial_dcid(self, cid: bytes) -> None:
+        # aioquic draws it in __init__ and derives the Initial keys from it in connect().
+        self._peer_cid.cid = cid
+        self._original_destination_connection_id = cid
+
     def qr_set_reset_token(self, token: bytes) -> None:
         # Announced in the transport parameters for the handshake connection id.
         self._host_cids[0].stateless_reset_token = token

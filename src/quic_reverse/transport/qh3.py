@@ -280,6 +280,10 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         # qh3 draws the token at random when it creates the TLS bridge (first datagram).
         self._qr_reset_token = token
 
+    def qr_set_initial_dcid(self, cid: bytes) -> None:
+        # qh3 draws it in __init__ and derives the Initial keys from it in connect().
+        self._original_destination_connection_id = cid
+
     def qr_peer_reset_token(self) -> bytes | None:
         parameters = self._applied_transport_parameters
         token = None if parameters is None else parameters.stateless_reset_token

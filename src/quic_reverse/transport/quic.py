@@ -357,14 +357,30 @@ async def _serve(
     _check_port(port, allow_zero=True)
     opts = options or TransportOptions(idle_timeout=idle_timeout)
     spec = _stack_spec(stack)
-    # Loaded and checked again: the files may have changed since ServerTLS was made.
-    configuration = spec.server_configuration(
-        tls.certfile,
-        tls.keyfile,
-        alpn=tls.alpn,
-        idle_timeout=opts.idle_timeout,
-        stream_window=opts.stream_window,
-        connection_window=opts.connection_window,
-    )
-    impl = await stack_serve(spec, host, port, configuration, on_connection, opts)
+
+    def configuration_of(spec: StackSpec[Any]) -> Any:
+        # Loaded and checked again: the files may have changed since ServerTLS was made.
+        return spec.server_configuration(
+            tls.certfile,
+            tls.keyfile,
+            alpn=tls.alpn,
+            idle_timeout=opts.idle_timeout,
+            stream_window=opts.stream_window,
+            connection_window=opts.connection_window,
+        )
+
+    configuration = configuration_of(spec)
+    others: dict[str, tuple[StackSpec[Any], Any]] = {}
+    if opts.stack_hint:
+        # Clients stating another installed stack get a connection of that stack.
+        for name in _STACKS:
+            if name == stack:
+                continue
+            try:
+                other = _stack_spec(name)
+            except ConfigError:
+                logger.debug("%s not installed: clients asking for it get %s", name, stack)
+                continue
+            others[name] = (other, configuration_of(other))
+    impl = await stack_serve(spec, host, port, configuration, on_connection, opts, others)
     return QuicServer(impl)
