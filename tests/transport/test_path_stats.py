@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
 
 from quic_reverse import Role, Session
+from quic_reverse.transport._driver import StackConnection
 from quic_reverse.transport.base import Connection, PathStats
 from quic_reverse.transport.memory import connection_pair
 from quic_reverse.transport.quic import ClientTLS, ServerTLS, Stack, connect, serve
@@ -147,6 +149,9 @@ async def _lossy_pair(
     finally:
         if client is not None:
             client.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LONG / 2):
+                    await client.wait_closed()
         transport.close()
         server.close()
         await server.wait_closed()
@@ -203,3 +208,21 @@ def test_loss_ratio() -> None:
     assert PathStats(packets_sent=200, packets_lost=3).loss_ratio == 0.015
     with pytest.raises(AttributeError):
         PathStats().packets_sent = 1  # type: ignore[misc]  # frozen
+
+
+async def test_a_failing_stack_read_is_logged_not_raised(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with quic_pair("qh3") as (client, _server):
+        assert isinstance(client, StackConnection)
+
+        def broken() -> PathStats:
+            raise RuntimeError("core gone")
+
+        monkeypatch.setattr(client._quic, "qr_path_stats", broken)
+        caplog.set_level(logging.DEBUG, "quic_reverse.transport")
+        stats = client.path_stats()
+        # Only what the driver counts itself is left.
+        assert stats.packets_sent is not None and stats.packets_sent > 0
+        assert stats.smoothed_rtt is None and stats.congestion_control is None
+        assert any("reading path statistics failed" in r.getMessage() for r in caplog.records)
