@@ -75,7 +75,7 @@ from .errors import (
 from .events import ControlEvent, OpenRequestReceived
 from .flow import DEFAULT_FLOW_QUEUE, DatagramFlow, FlowHandler, FlowManager
 from .stream import Stream
-from .transport.base import Connection
+from .transport.base import Connection, PathStats
 from .wire import (
     CloseCode,
     Features,
@@ -259,6 +259,12 @@ class SessionHandle:
     def active_streams(self) -> int:
         """Streams bound or accepted and not yet closed in both directions."""
         return self._core.active_streams
+
+    def path_stats(self) -> PathStats:
+        """The QUIC path under this session as the transport sees it now: RTT,
+        congestion window, packets sent and lost, ... (``connection.path_stats()``;
+        fields the transport does not know are ``None``). Never raises."""
+        return self._conn.path_stats()
 
     def table_sizes(self) -> dict[str, int]:
         """Sizes of every internal table, core and driver (for tests and diagnostics)."""

@@ -6,7 +6,7 @@ stack-neutral entry points; the stacks themselves are imported lazily, so
 
 Layout (public modules first; each private module has one job):
 
-* ``base`` - the contract (Connection, SendStream, RecvStream) every transport meets;
+* ``base`` - the contract (Connection, SendStream, RecvStream; PathStats) every transport meets;
 * ``quic`` - connect/serve, ClientTLS/ServerTLS, pinning; ``memory`` - in-process pair;
 * ``tls`` - certificates: PEM/DER loading, cert/key check, fingerprints, dev certs;
 * ``qh3`` / ``aioquic`` - one stack each: its QuicConnection subclass with the
@@ -22,12 +22,13 @@ Layout (public modules first; each private module has one job):
 
 from __future__ import annotations
 
-from .base import Connection, RecvStream, SendStream
+from .base import Connection, PathStats, RecvStream, SendStream
 from .quic import ClientTLS, QuicServer, ServerTLS, Stack, TransportOptions, connect, serve
 
 __all__ = [
     "ClientTLS",
     "Connection",
+    "PathStats",
     "QuicServer",
     "RecvStream",
     "SendStream",

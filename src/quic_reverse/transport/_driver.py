@@ -21,6 +21,7 @@ The stream halves (:mod:`._streams`) and the :class:`~.base.Connection` methods
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from ._streams import (
     check_writable,
     wake,
 )
-from .base import Connection, RecvStream, SendStream
+from .base import Connection, PathStats, RecvStream, SendStream
 
 if TYPE_CHECKING:
     from ._stack import QuicStack, StackSpec
@@ -177,6 +178,8 @@ class StackConnection(Connection):
         self._datagram_handler: Callable[[bytes], None] | None = None
         #: Datagrams dropped locally: backlog full at send, or no handler at receive.
         self.datagrams_dropped = 0
+        #: UDP datagrams handed to the socket (``path_stats().packets_sent`` for qh3).
+        self._datagrams_sent = 0
         if spec.events.datagram_frame_received is not None:
             self._dispatch[spec.events.datagram_frame_received] = self._on_datagram
 
@@ -265,6 +268,7 @@ class StackConnection(Connection):
         except BaseException as exc:  # per packet: a plain try, the guard's policy
             self._guard_build.handle(exc)
             datagrams = []
+        self._datagrams_sent += len(datagrams)
         try:
             sendto_many = self._sendto_many
             if sendto_many is not None:
@@ -685,6 +689,14 @@ class StackConnection(Connection):
     @property
     def dialed(self) -> bool:
         return self._is_client
+
+    def path_stats(self) -> PathStats:
+        stats = PathStats()
+        with StackCall(f"{self.stack_name}: reading path statistics", on_error="log"):
+            stats = self._quic.qr_path_stats()
+        if stats.packets_sent is None:
+            stats = dataclasses.replace(stats, packets_sent=self._datagrams_sent)
+        return stats
 
     def abort(self) -> None:
         """Drop the connection without waiting for the close handshake (cleanup path)."""

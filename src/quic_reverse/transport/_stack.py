@@ -5,7 +5,8 @@ server (:mod:`._server`). A stack module (:mod:`.qh3`, :mod:`.aioquic`) supplies
 
 * a subclass of its ``QuicConnection`` that also implements the ``qr_*`` hooks of
   :class:`QuicStack` (feeding datagrams, send-queue size, stream-slot accounting,
-  receive credit, peer certificate); :class:`StackHooks` has the defaults;
+  receive credit, peer certificate, path statistics); :class:`StackHooks` has the
+  defaults;
 * a :class:`StackSpec`: its name, event classes, configuration class, header parser,
   version-negotiation encoder and credential loader. The spec's methods
   (:meth:`StackSpec.connect`, :meth:`StackSpec.serve`, the configuration builders)
@@ -34,6 +35,7 @@ from ._options import (
 )
 from ._reset import remember_static_key
 from ._udp import DEFAULT_SOCKET_BUFFER
+from .base import PathStats
 from .tls import ServerCredentials, load_certificates, load_server_credentials
 
 if TYPE_CHECKING:
@@ -92,6 +94,7 @@ class QuicStack(Protocol):
     def qr_retried(self, retry_source_cid: bytes) -> None: ...
     def qr_peer_reset_token(self) -> bytes | None: ...
     def qr_set_initial_dcid(self, cid: bytes) -> None: ...
+    def qr_path_stats(self) -> PathStats: ...
 
 
 class StackHooks:
@@ -139,6 +142,15 @@ class StackHooks:
     def qr_set_initial_dcid(self, cid: bytes) -> None:
         """Client, before ``connect()``: use ``cid`` as the first destination
         connection id (:mod:`._stackhint`). A stack that cannot keeps its random one."""
+
+    # -- diagnostics ------------------------------------------------------------
+
+    def qr_path_stats(self) -> PathStats:
+        """What the stack knows about the path (RTT, window, packets sent and lost;
+        see :class:`~.base.PathStats`). Read on demand, never per packet. The driver
+        fills ``packets_sent`` with the datagrams it sent when the stack leaves it None.
+        """
+        return PathStats()
 
 
 def _zero() -> int:

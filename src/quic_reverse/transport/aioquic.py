@@ -24,6 +24,9 @@ aioquic specifics handled here:
   :mod:`.congestion` (``quic-reverse-bbr``) instead of aioquic's default NewReno, which
   collapses on lossy paths; a ``QuicConfiguration`` the caller builds keeps its own
   ``congestion_control_algorithm``;
+* path statistics: aioquic keeps no totals of lost packets or probe timeouts, so its
+  loss recovery object is given a subclass that counts them (same object, same
+  behaviour; :meth:`_CreditQuicConnection.qr_path_stats`);
 * aioquic's ``QuicConnectionProtocol.wait_connected()`` can hang when called after
   the handshake finished: this adapter does not use that protocol class; the
   handshake is awaited through our own future, set from the
@@ -33,6 +36,7 @@ aioquic specifics handled here:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from aioquic._buffer import Buffer
@@ -49,12 +53,15 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.packet_builder import QuicSentPacket
+from aioquic.quic.recovery import QuicPacketRecovery, QuicPacketSpace
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import congestion
 from ._driver import StackConnection
 from ._server import StackServer
 from ._stack import Header, QuicStack, StackEvents, StackHooks, StackSpec
+from .base import PathStats
 from .tls import ServerCredentials
 
 __all__ = [
@@ -78,6 +85,44 @@ def _configuration(**kwargs: Any) -> QuicConfiguration:
     return QuicConfiguration(**kwargs)
 
 
+class _CountingRecovery(QuicPacketRecovery):
+    """aioquic's loss recovery, also counting lost packets and probe timeouts (aioquic
+    keeps no totals; :meth:`_CreditQuicConnection.qr_path_stats` reports them)."""
+
+    #: Packets declared lost by loss detection (congestion events; not the packets a
+    #: probe timeout retransmits early, which are counted in ``qr_ptos``).
+    qr_lost = 0
+    #: Probe timeouts.
+    qr_ptos = 0
+
+    def on_loss_detection_timeout(self, *, now: float) -> None:
+        ptos = self._pto_count
+        super().on_loss_detection_timeout(now=now)
+        if self._pto_count > ptos:
+            self.qr_ptos += 1
+
+    def _on_packets_lost(
+        self,
+        *,
+        congestion_event: bool = True,
+        now: float,
+        packets: Iterable[QuicSentPacket],
+        persistent_congestion: bool = False,
+        space: QuicPacketSpace,
+    ) -> None:
+        if congestion_event:
+            if not isinstance(packets, list | tuple):
+                packets = list(packets)
+            self.qr_lost += len(packets)
+        super()._on_packets_lost(
+            congestion_event=congestion_event,
+            now=now,
+            packets=packets,
+            persistent_congestion=persistent_congestion,
+            space=space,
+        )
+
+
 class _CreditQuicConnection(StackHooks, QuicConnection):
     """aioquic QuicConnection whose receive windows follow what the application read,
     with the driver's ``qr_*`` hooks (:class:`~._stack.QuicStack`)."""
@@ -89,6 +134,7 @@ class _CreditQuicConnection(StackHooks, QuicConnection):
         self._qr_stream_window = self._local_max_stream_data_bidi_remote
         self._qr_connection_window = self._local_max_data.value
         self._qr_consumed: dict[int, int] = {}
+        self._loss.__class__ = _CountingRecovery  # same object, plus loss/PTO totals
 
     # -- driver hooks ------------------------------------------------------------
 
@@ -154,6 +200,25 @@ class _CreditQuicConnection(StackHooks, QuicConnection):
         # aioquic stores the server's token but never checks datagrams against it.
         token = self._peer_cid.stateless_reset_token
         return bytes(token) if token else None
+
+    def qr_path_stats(self) -> PathStats:
+        loss = self._loss
+        sampled = loss._rtt_initialized
+        paths = self._network_paths
+        return PathStats(
+            smoothed_rtt=loss._rtt_smoothed if sampled else None,
+            latest_rtt=loss._rtt_latest if sampled else None,
+            min_rtt=loss._rtt_min if sampled else None,
+            congestion_window=int(loss.congestion_window),
+            bytes_in_flight=int(loss.bytes_in_flight),
+            bytes_sent=paths[0].bytes_sent if paths else 0,
+            # aioquic numbers packets with one counter across all packet spaces.
+            packets_sent=int(self._packet_number),
+            packets_lost=getattr(loss, "qr_lost", None),
+            pto_count=getattr(loss, "qr_ptos", None),
+            max_datagram_size=int(self._max_datagram_size),
+            congestion_control=str(self._configuration.congestion_control_algorithm),
+        )
 
     def _write_connection_limits(self, builder: Any, space: Any) -> None:
         max_data = self._local_max_data

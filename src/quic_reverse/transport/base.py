@@ -31,16 +31,67 @@ Semantics shared by all implementations:
 * Closing the connection (either side) wakes every pending ``accept_bi``/``read``/
   ``write`` with :class:`~quic_reverse.errors.ConnectionClosed` (``accept_bi``
   returns ``None`` instead).
+* Path statistics (diagnostics): :meth:`Connection.path_stats` returns a
+  :class:`PathStats` snapshot of what the QUIC stack knows about the path (RTT,
+  congestion window, packets sent and lost, ...); a field the transport does not know
+  is ``None``. Never raises, also after the connection closed.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 
 from ..errors import DatagramsUnavailable, IncompleteReadError
 
-__all__ = ["Connection", "RecvStream", "SendStream"]
+__all__ = ["Connection", "PathStats", "RecvStream", "SendStream"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PathStats:
+    """A snapshot of a connection's path as its QUIC stack sees it (diagnostics).
+
+    Every field is ``None`` when the transport does not know it (the in-memory pair
+    knows none). Counters run from the start of the connection. Times in seconds,
+    sizes in bytes.
+    """
+
+    #: Smoothed round-trip time (RFC 9002 ``smoothed_rtt``); None before the first sample.
+    smoothed_rtt: float | None = None
+    #: The most recent RTT sample.
+    latest_rtt: float | None = None
+    #: The smallest RTT sample seen (aioquic; qh3 does not expose it).
+    min_rtt: float | None = None
+    #: The congestion controller's window.
+    congestion_window: int | None = None
+    #: Bytes sent and neither acknowledged nor declared lost.
+    bytes_in_flight: int | None = None
+    #: UDP payload bytes sent on the active path.
+    bytes_sent: int | None = None
+    #: Packets sent (qh3: UDP datagrams sent; each carries one packet once the
+    #: handshake is done, coalesced handshake packets count once).
+    packets_sent: int | None = None
+    #: Packets the loss detection declared lost (each one is retransmitted).
+    packets_lost: int | None = None
+    #: Probe timeouts (a PTO fires when nothing was acknowledged for too long).
+    pto_count: int | None = None
+    #: The UDP payload size the stack builds packets up to now.
+    max_datagram_size: int | None = None
+    #: The congestion controller's name: ``"qh3-reno"`` (qh3's native, loss-based
+    #: window), an aioquic algorithm name such as ``"quic-reverse-bbr"`` (the
+    #: delivery-rate controller of :mod:`quic_reverse.transport.congestion`) or
+    #: ``"reno"``.
+    congestion_control: str | None = None
+
+    @property
+    def loss_ratio(self) -> float | None:
+        """``packets_lost / packets_sent`` since the connection started (None if either
+        is unknown or nothing was sent yet)."""
+        sent, lost = self.packets_sent, self.packets_lost
+        if sent is None or lost is None or sent <= 0:
+            return None
+        return lost / sent
 
 
 class SendStream(abc.ABC):
@@ -211,6 +262,13 @@ class Connection(abc.ABC):
         (PROTOCOL-v1 §1: the side that dials is the client) instead of after a timeout.
         """
         return None
+
+    def path_stats(self) -> PathStats:
+        """What the QUIC stack knows about the path now: RTT, congestion window,
+        packets sent and lost, ... (:class:`PathStats`; ``None`` for what this transport
+        does not know). A fresh snapshot on every call; cheap (no I/O), never raises.
+        """
+        return PathStats()
 
     # ------------------------------------------------------------ datagrams (optional)
 

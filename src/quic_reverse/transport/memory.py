@@ -27,6 +27,10 @@ Datagrams: ``max_datagram_size`` (default 1200; ``None`` for a pair without
 datagrams) bounds :meth:`MemoryConnection.send_datagram`; each datagram reaches the
 peer's handler in a later event-loop step (after ``delay``), never lost.
 
+Path statistics: :meth:`~quic_reverse.transport.base.Connection.path_stats` returns an
+all-``None`` :class:`~quic_reverse.transport.base.PathStats`: there is no path, no
+packet and no congestion control to report.
+
 Two knobs exist only here, to shake out parser and timing assumptions:
 ``trickle=True`` makes every ``read`` return at most one byte, and ``delay > 0``
 delivers each write (and FIN) that many seconds later, preserving order.

@@ -51,6 +51,7 @@ from qh3.quic.packet import (
 from ._driver import StackConnection
 from ._server import StackServer
 from ._stack import Header, QuicStack, StackEvents, StackHooks, StackSpec
+from .base import PathStats
 from .tls import ServerCredentials
 
 __all__ = [
@@ -288,6 +289,32 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         parameters = self._applied_transport_parameters
         token = None if parameters is None else parameters.stateless_reset_token
         return None if token is None else bytes(token)
+
+    # -- path statistics (diagnostics; read on demand, never per packet) ---------
+
+    #: qh3's congestion control: native (Rust) and loss-based (a Reno-like window
+    #: that halves on a loss), not replaceable from Python.
+    QR_CONGESTION_CONTROL = "qh3-reno"
+
+    def qr_path_stats(self) -> PathStats:
+        core = self._core
+        if core is None:  # before the first datagram
+            return PathStats(congestion_control=self.QR_CONGESTION_CONTROL)
+        # active_path: (path id, local address, remote address, bytes sent, bytes
+        # received, datagram size in use). qh3 counts no packets sent: the driver does.
+        path = core.active_path
+        smoothed, latest = core.smoothed_rtt, core.latest_rtt
+        return PathStats(
+            smoothed_rtt=None if smoothed is None else float(smoothed),
+            latest_rtt=None if latest is None else float(latest),
+            congestion_window=int(core.congestion_window),
+            bytes_in_flight=int(core.bytes_in_flight),
+            bytes_sent=int(path[3]),
+            packets_lost=int(core.loss_total),
+            pto_count=int(core.pto_total),
+            max_datagram_size=int(path[5]),
+            congestion_control=self.QR_CONGESTION_CONTROL,
+        )
 
 
 class Qh3Connection(StackConnection):

@@ -50,6 +50,7 @@ from ..transport.base import Connection
 from ..wire import CloseCode, RejectCode
 from .auth import AuthRejected, authenticate_to_relay, new_instance_id, read_edge_token
 from .config import EdgeConfig, Exposed
+from .losshint import HintLimiter, LossHint
 from .metrics import Observer
 from .pipe import TcpLeg, pipe
 from .proxyproto import build_v2_header
@@ -99,6 +100,8 @@ class Edge:
         self._local_ends: set[tuple[str, str]] = set()
         #: Metrics hooks (a no-op unless ``--metrics``: :mod:`.metrics`).
         self.observer = Observer()
+        #: One lossy-path hint per relay per hour at most (:mod:`.losshint`).
+        self._loss_hints = HintLimiter()
         #: Flow requests for ``udp:`` services (tunnel/udp.py).
         self.udp = UdpExpose(idle_timeout=config.udp_idle_timeout, max_flows=config.max_udp_flows)
         if config.insecure:
@@ -326,8 +329,9 @@ class Edge:
                 cfg.name,
                 exposed,
             )
+            hint = LossHint(f"relay {host}:{port}", limiter=self._loss_hints)
             events = asyncio.create_task(
-                self._serve_events(handle, forwards), name=f"edge events {host}:{port}"
+                self._serve_events(handle, forwards, hint), name=f"edge events {host}:{port}"
             )
             await self._unless_stopped(asyncio.shield(events))
             if self._stop.is_set() and not events.done() and forwards:
@@ -344,16 +348,23 @@ class Edge:
         return authenticated
 
     async def _serve_events(
-        self, handle: SessionHandle, forwards: set[asyncio.Task[None]] | None = None
+        self,
+        handle: SessionHandle,
+        forwards: set[asyncio.Task[None]] | None = None,
+        hint: LossHint | None = None,
     ) -> None:
         """The event loop of :meth:`_serve` (one task for the whole session, not one
-        per event: a relay open costs no extra task switch)."""
+        per event: a relay open costs no extra task switch). Every event (at least the
+        keep-alive Ping/Pong every ``ping_interval``) also lets ``hint`` look at the
+        path (:mod:`.losshint`)."""
         while True:
             try:
                 event = await handle.process_message()
             except QuicReverseError as exc:
                 log.warning("session with the relay lost: %s", exc)
                 return
+            if hint is not None:
+                hint.poll(handle.path_stats, time.monotonic())
             if event is None:
                 log.warning("relay closed the connection")
                 return

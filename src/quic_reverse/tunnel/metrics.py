@@ -13,6 +13,13 @@ The exposition is ``prometheus_client``'s (a custom collector over a private
 Round-trip times are sampled on demand: a scrape (or status page refresh) starts one
 protocol Ping on each session whose last sample is older than :data:`RTT_MAX_AGE` and
 reports the latest finished sample, so nobody looking means no extra traffic.
+
+Path statistics (``quic_reverse_session_path_*``: the QUIC stack's smoothed RTT,
+congestion window, bytes in flight, packets sent and lost, loss ratio, controller) are
+read from each session's :meth:`~quic_reverse.session.SessionHandle.path_stats` when
+scraped: nothing is kept or computed between scrapes. One series per connected session
+(an edge replica on the relay, a relay on the edge), like the RTT, so the number of
+series is bounded by the sessions, not by traffic.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from prometheus_client.registry import Collector
 from .. import __version__
 from ..errors import QuicReverseError
 from ..session import SessionHandle
+from ..transport.base import PathStats
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -148,12 +156,54 @@ class TunnelMetrics(Observer):
             if info.rtt is not None:
                 rtt.add_metric(self.rtt_label_values(key), info.rtt)
         yield rtt
+        yield from self.path_families()
         fails = CounterMetricFamily(
             "quic_reverse_auth_failures",
             "Authentications that failed (relay: rejected edges; edge: rejected by a relay)",
         )
         fails.add_metric([], self.auth_failures)
         yield fails
+
+    def path_families(self) -> Iterator[Metric]:
+        """Each session's QUIC path statistics, read now (one series per session)."""
+        labels = self.rtt_labels()
+        gauges = {
+            attr: GaugeMetricFamily(name, text, labels=labels) for attr, name, text in _PATH_GAUGES
+        }
+        counters = {
+            attr: CounterMetricFamily(name, text, labels=labels)
+            for attr, name, text in _PATH_COUNTERS
+        }
+        ratio = GaugeMetricFamily(
+            "quic_reverse_session_path_loss_ratio",
+            "Packets lost / packets sent since the session's QUIC connection started",
+            labels=labels,
+        )
+        controller = GaugeMetricFamily(
+            "quic_reverse_session_path_congestion_control",
+            "The session's congestion controller (value 1; qh3-reno is loss-based)",
+            labels=[*labels, "congestion_control"],
+        )
+        for key, info in self.sessions.items():
+            stats = info.handle.path_stats()
+            values = self.rtt_label_values(key)
+            for attr, gauge in gauges.items():
+                value = getattr(stats, attr)
+                if value is not None:
+                    gauge.add_metric(values, value)
+            for attr, counter in counters.items():
+                value = getattr(stats, attr)
+                if value is not None:
+                    counter.add_metric(values, value)
+            loss = stats.loss_ratio
+            if loss is not None:
+                ratio.add_metric(values, loss)
+            if stats.congestion_control is not None:
+                controller.add_metric([*values, stats.congestion_control], 1)
+        yield from gauges.values()
+        yield from counters.values()
+        yield ratio
+        yield controller
 
     def rtt_labels(self) -> list[str]:
         return []
@@ -211,6 +261,62 @@ class TunnelMetrics(Observer):
 
     def auth_failure(self) -> None:
         self.auth_failures += 1
+
+
+#: (PathStats field, metric name, help) of the per-session path gauges and counters.
+_PATH_GAUGES = (
+    (
+        "smoothed_rtt",
+        "quic_reverse_session_path_rtt_seconds",
+        "Smoothed round-trip time the QUIC stack measures on the session's path",
+    ),
+    (
+        "congestion_window",
+        "quic_reverse_session_path_congestion_window_bytes",
+        "The session's QUIC congestion window",
+    ),
+    (
+        "bytes_in_flight",
+        "quic_reverse_session_path_bytes_in_flight",
+        "Bytes sent on the session's path and not yet acknowledged or declared lost",
+    ),
+    (
+        "max_datagram_size",
+        "quic_reverse_session_path_max_datagram_size_bytes",
+        "The UDP payload size the session's QUIC stack builds packets up to",
+    ),
+)
+_PATH_COUNTERS = (
+    (
+        "packets_sent",
+        "quic_reverse_session_path_packets_sent",
+        "QUIC packets sent on the session's connection",
+    ),
+    (
+        "packets_lost",
+        "quic_reverse_session_path_packets_lost",
+        "QUIC packets of the session's connection declared lost (and retransmitted)",
+    ),
+    (
+        "pto_count",
+        "quic_reverse_session_path_probe_timeouts",
+        "QUIC probe timeouts on the session's connection",
+    ),
+)
+
+
+def path_status(stats: PathStats) -> dict[str, Any]:
+    """A session's path statistics for the status page (JSON-serialisable)."""
+    return {
+        "rtt": stats.smoothed_rtt,
+        "cwnd": stats.congestion_window,
+        "in_flight": stats.bytes_in_flight,
+        "sent": stats.packets_sent,
+        "lost": stats.packets_lost,
+        "loss_ratio": stats.loss_ratio,
+        "datagram": stats.max_datagram_size,
+        "congestion_control": stats.congestion_control,
+    }
 
 
 def _outcome_families(
@@ -317,6 +423,7 @@ class RelayMetrics(TunnelMetrics):
                     "address": r.address,
                     "since": info.since if info else None,
                     "rtt": info.rtt if info else None,
+                    "path": path_status(r.handle.path_stats()),
                     "active": r.active,
                     "up": info.up if info else 0,
                     "down": info.down if info else 0,
@@ -408,6 +515,7 @@ class EdgeMetrics(TunnelMetrics):
                 "address": self.relays.get(info.handle, ""),
                 "since": info.since,
                 "rtt": info.rtt,
+                "path": path_status(info.handle.path_stats()),
                 "active": info.handle.active_streams,
             }
             for info in self.sessions.values()

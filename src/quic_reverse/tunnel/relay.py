@@ -51,6 +51,7 @@ from ..transport.tls import certificate_fingerprint, generate_self_signed
 from ..wire import CloseCode, Metadata, RejectCode
 from .auth import TokenStore, authenticate_edge
 from .config import Forward, RelayConfig, load_server_certificate
+from .losshint import HintLimiter, LossHint
 from .metrics import Observer
 from .pipe import TcpLeg, pipe
 from .ratelimit import AuthLimiter
@@ -107,6 +108,8 @@ class Relay:
         self.forward_addresses: dict[Forward, tuple[str, int]] = {}
         #: Metrics hooks (a no-op unless ``--metrics``: :mod:`.metrics`).
         self.observer = Observer()
+        #: One lossy-path hint per edge name per hour at most (:mod:`.losshint`).
+        self._loss_hints = HintLimiter()
         #: Per-address limit on connections that do not authenticate (:mod:`.ratelimit`).
         self.auth_limiter = AuthLimiter(config.auth_failure_burst, config.auth_failure_interval)
         #: The TCP listener of each forward (a reload adds and removes forwards).
@@ -409,6 +412,9 @@ class Relay:
     async def _serve_edge(self, edge: Replica) -> None:
         """Process an authenticated edge's control events until the session ends."""
         handle = edge.handle
+        hint = LossHint(
+            f"edge {edge.name!r} ({edge.address})", key=edge.name, limiter=self._loss_hints
+        )
         while True:
             try:
                 event = await handle.process_message()
@@ -416,6 +422,9 @@ class Relay:
                 if not edge.retired:
                     log.warning("edge %r (%s): session lost: %s", edge.name, edge.address, exc)
                 return
+            # Every event (at least the edge's keep-alive Ping every ping_interval)
+            # lets the lossy-path hint look at the path (.losshint).
+            hint.poll(handle.path_stats, time.monotonic())
             if event is None:
                 if not edge.retired:
                     log.info("edge %r (%s) disconnected", edge.name, edge.address)

@@ -5,7 +5,8 @@
 * ``/ready``: relay: 200 once it listens; edge: 200 while at least one relay session is
   authenticated; otherwise 503;
 * ``/``: a status page (one HTML document, no external assets) that refreshes itself
-  from ``/status.json`` every second.
+  from ``/status.json`` every second (sessions with their protocol-ping RTT and their
+  QUIC path: smoothed RTT, congestion window, packets lost, congestion control).
 
 A deliberately small HTTP/1.1 server on the relay's or edge's own event loop (so it
 reads their state without locks): ``GET``/``HEAD`` only, one request per connection,
@@ -140,6 +141,11 @@ function bytes(n){const u=["B","KiB","MiB","GiB","TiB"];let i=0;
 function ago(t,now){if(t==null)return "";const s=Math.max(0,Math.round(now-t));
   return new Date(t*1000).toISOString().replace(".000","")+" ("+s+" s)"}
 function ms(r){return r==null?"":(r*1000).toFixed(2)+" ms"}
+function loss(p){return p==null||p.loss_ratio==null?"":
+  (p.loss_ratio*100).toFixed(2)+" % ("+p.lost+" of "+p.sent+")"}
+function path(p){p=p||{};return [ms(p.rtt),p.cwnd==null?"":bytes(p.cwnd),loss(p),
+  p.congestion_control||""]}
+const PATH_HEAD=["QUIC RTT","congestion window","packets lost","congestion control"];
 function table(id,cls,head,rows){
   let h='<table id="'+id+'"><tr>'+head.map(x=>"<th>"+esc(x)+"</th>").join("")+"</tr>";
   for(const r of rows){h+='<tr class="'+cls+'">'+r.map(c=>
@@ -157,18 +163,18 @@ function render(s){
   let h="";
   if(s.role==="relay"){
     h+="<h2>Edges ("+s.edges.length+")</h2>"+table("edges","edge",
-      ["edge","instance","address","connected since","RTT","active streams","bytes up",
-       "bytes down"],
-      s.edges.map(e=>[e.name,e.instance||"",e.address,ago(e.since,s.now),ms(e.rtt),e.active,
-        bytes(e.up),bytes(e.down)]));
+      ["edge","instance","address","connected since","RTT",...PATH_HEAD,"active streams",
+       "bytes up","bytes down"],
+      s.edges.map(e=>[e.name,e.instance||"",e.address,ago(e.since,s.now),ms(e.rtt),
+        ...path(e.path),e.active,bytes(e.up),bytes(e.down)]));
     h+="<h2>Forwards</h2>"+table("forwards","forward",
       ["forward","active","total","bytes up","bytes down","outcomes"],
       s.forwards.map(f=>[f.forward,f.active,f.total,bytes(f.up),bytes(f.down),
         Object.entries(f.outcomes).map(([k,v])=>k+": "+v).join(", ")]));
   }else{
     h+="<h2>Relay sessions ("+s.relays.length+")</h2>"+table("relays","relay",
-      ["relay","connected since","RTT","active streams"],
-      s.relays.map(r=>[r.address,ago(r.since,s.now),ms(r.rtt),r.active]));
+      ["relay","connected since","RTT",...PATH_HEAD,"active streams"],
+      s.relays.map(r=>[r.address,ago(r.since,s.now),ms(r.rtt),...path(r.path),r.active]));
     h+="<h2>Services</h2>"+table("services","service",
       ["service","target","active","total","bytes up","bytes down","outcomes"],
       s.services.map(v=>[v.service,v.target,v.active,v.total,bytes(v.up),bytes(v.down),
