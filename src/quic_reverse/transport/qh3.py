@@ -29,6 +29,7 @@ qh3 traps handled here (see ``QUIC-STACKS.md``):
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ from qh3.quic.packet import (
 from ._driver import StackConnection
 from ._server import StackServer
 from ._stack import Header, QuicStack, StackEvents, StackHooks, StackSpec
+from ._udp import route_max_udp_payload
 from .tls import ServerCredentials
 
 __all__ = [
@@ -137,6 +139,15 @@ _QUIC_TRANSPORT_PARAMETERS = _qh3_tls_module.ExtensionType.QUIC_TRANSPORT_PARAME
 #: at 6 KiB).
 MAX_DISCOVERED_DATAGRAM_SIZE = 4096
 
+#: Server black-hole detection (see :meth:`_LimitedQuicConnection.qr_path_check`):
+#: consecutive probe timeouts with big datagrams in flight after which the server
+#: falls back to :data:`PACKET_MAX_SIZE` datagrams.
+BLACK_HOLE_PTOS = 2
+#: ... or the share of (big) datagrams declared lost over a window of at least
+#: :data:`BLACK_HOLE_WINDOW` datagrams (random loss and congestion stay far below).
+BLACK_HOLE_LOSS_SHARE = 0.75
+BLACK_HOLE_WINDOW = 48
+
 
 @contextmanager
 def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
@@ -158,6 +169,11 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         self._qr_max_datagram_size: int | None = None
         #: Server: the stateless reset token to announce (see qr_set_reset_token).
         self._qr_reset_token: bytes | None = None
+        #: Server: black-hole detection armed (big datagrams in use, see qr_path_check),
+        #: and the (bytes sent, packets lost) at the start of its loss window.
+        self._qr_hole_armed = False
+        self._qr_hole_sent = 0
+        self._qr_hole_lost = 0
         super().__init__(**kwargs)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
@@ -182,7 +198,8 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
     def _create_core(self, remote_addr: Any, initial_dcid: bytes, now: float) -> None:
         real = getattr(_qh3_connection_module, "QuicConnectionCore")  # noqa: B009
         limit = self._qr_max_streams
-
+        if not self._is_client:
+            self._qr_server_datagram_size(remote_addr)
         datagram_limit = self._qr_max_datagram_size
 
         def core_factory(*args: Any) -> Any:
@@ -221,6 +238,117 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
             ]
         return bridge
 
+    def _qr_server_datagram_size(self, remote_addr: Any) -> None:
+        """Server: send datagrams as big as the route to the client carries.
+
+        qh3's path MTU discovery runs on the client only; a qh3 server sends at most
+        the configured ``max_datagram_size`` (qh3's default: 1280 bytes), and from its
+        first packet after the handshake uses min(that, the client's
+        ``max_udp_payload_size``) without probing. The native core cannot raise the
+        size of a path later, only lower it (re-applying the peer's transport
+        parameters takes the minimum). So the server starts at the size its own route
+        to the client allows (capped at :data:`MAX_DISCOVERED_DATAGRAM_SIZE`, and by
+        what the client says it accepts) and :meth:`qr_path_check` falls back to
+        :data:`PACKET_MAX_SIZE` if big datagrams turn out not to get through.
+        """
+        configuration = self._configuration
+        if (
+            int(configuration.max_datagram_size) != PACKET_MAX_SIZE
+            or not configuration.probe_datagram_size
+        ):
+            return
+        host = remote_addr[0]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        route = route_max_udp_payload(family, (host, remote_addr[1]))
+        if route is None:
+            return
+        size = min(route, MAX_DISCOVERED_DATAGRAM_SIZE)
+        if size > PACKET_MAX_SIZE:
+            self._qr_max_datagram_size = size
+            self._qr_hole_armed = True
+            logger.debug("qh3: server datagrams up to %d bytes to %s", size, host)
+
+    def qr_path_check(self) -> None:
+        """Server black-hole detection: fall back to :data:`PACKET_MAX_SIZE`
+        datagrams when big ones do not get through (a path narrower than the route).
+
+        Cheap unless something was lost. The evidence, either of:
+
+        * :data:`BLACK_HOLE_PTOS` probe timeouts in a row with data in flight (every
+          big packet, probes included, vanishes: a bulk sender on a black hole);
+        * at least :data:`BLACK_HOLE_LOSS_SHARE` of the datagrams sent in a window of
+          :data:`BLACK_HOLE_WINDOW` or more declared lost (small packets get through
+          and are acknowledged, the big ones are lost).
+
+        Falling back is for the rest of the connection (the core cannot raise a
+        path's datagram size again); a peer that goes silent (an outage, a NAT
+        rebinding) also trips the first rule, which costs only the bigger datagrams.
+        """
+        core = self._core
+        if core is None:
+            return
+        pto = core.pto_count
+        lost = core.loss_total
+        if pto < BLACK_HOLE_PTOS and lost == self._qr_hole_lost:
+            return
+        path = core.active_path
+        size = int(path[5])
+        if size <= PACKET_MAX_SIZE:
+            self._qr_hole_armed = False
+            return
+        sent_bytes = int(path[3])
+        if pto >= BLACK_HOLE_PTOS and core.bytes_in_flight > 0:
+            self._qr_fall_back(size, f"{pto} probe timeouts in a row")
+            return
+        sent = (sent_bytes - self._qr_hole_sent) // size
+        if sent < BLACK_HOLE_WINDOW:
+            return
+        window_lost = lost - self._qr_hole_lost
+        if window_lost >= BLACK_HOLE_LOSS_SHARE * sent:
+            self._qr_fall_back(size, f"{window_lost} of ~{sent} datagrams lost")
+            return
+        self._qr_hole_sent = sent_bytes
+        self._qr_hole_lost = lost
+
+    def _qr_fall_back(self, size: int, evidence: str) -> None:
+        self._qr_hole_armed = False
+        parameters = self._applied_transport_parameters
+        core = self._core
+        if parameters is None or core is None:
+            return
+        logger.info(
+            "qh3: %d-byte datagrams do not get through to %s (%s): falling back to %d bytes",
+            size,
+            _where(core.active_path[2]),
+            evidence,
+            PACKET_MAX_SIZE,
+        )
+        # The same values qh3 applied after the handshake (QuicConnection's
+        # _drain_tls_events), with the smaller datagram size: the core keeps the
+        # minimum of the path's size and the peer's max_udp_payload_size.
+        self._call_core(
+            core.apply_peer_transport_parameters,
+            parameters.initial_max_data or 0,
+            parameters.initial_max_stream_data_bidi_local or 0,
+            parameters.initial_max_stream_data_bidi_remote or 0,
+            parameters.initial_max_stream_data_uni or 0,
+            parameters.initial_max_streams_bidi or 0,
+            parameters.initial_max_streams_uni or 0,
+            3 if parameters.ack_delay_exponent is None else parameters.ack_delay_exponent,
+            0.025 if parameters.max_ack_delay is None else parameters.max_ack_delay / 1000,
+            None if not parameters.max_idle_timeout else parameters.max_idle_timeout / 1000,
+            parameters.max_datagram_frame_size,
+            parameters.stateless_reset_token,
+            parameters.active_connection_id_limit or 2,
+            bool(parameters.disable_active_migration),
+            PACKET_MAX_SIZE,
+        )
+
+    def handle_timer(self, now: float) -> None:
+        super().handle_timer(now)
+        if self._qr_hole_armed:
+            self.qr_path_check()
+
     # -- driver hooks ------------------------------------------------------------
 
     def qr_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
@@ -233,6 +361,8 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
             self.receive_datagram(datagrams[0], addr, now)
         else:
             self.receive_many_datagrams(datagrams, addr, now)
+        if self._qr_hole_armed:
+            self.qr_path_check()
 
     def qr_send_queue_size(self, stream_id: int) -> int:
         try:
@@ -304,6 +434,13 @@ def _create(
         configuration=configuration,
         original_destination_connection_id=original_dcid,
     )
+
+
+def _where(addr: Any) -> str:
+    try:
+        return f"{addr[0]}:{addr[1]}"
+    except (TypeError, IndexError):
+        return repr(addr)
 
 
 def _parse_header(data: bytes, cid_length: int) -> Header | None:

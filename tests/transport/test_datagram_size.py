@@ -1,0 +1,197 @@
+"""qh3 server datagram size: as big as the path carries, with a black-hole fallback.
+
+qh3's path MTU discovery runs on the client only; left alone, a qh3 server (the
+relay) sends datagrams of at most 1280 bytes whatever the path carries. The adapter
+makes the server start at the size its route to the client allows and fall back to
+1280 bytes if big datagrams do not get through (a path narrower than the route).
+
+The client reaches the server through :class:`Forwarder`, a UDP forwarder on
+127.0.0.1 in a thread of this process that records the size of every datagram the
+server sends and can drop those bigger than a limit (a narrow link).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import select
+import socket
+import sys
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+
+from quic_reverse.transport import qh3 as qh3_adapter
+from quic_reverse.transport.base import Connection
+from quic_reverse.transport.quic import ClientTLS, TransportOptions, connect
+from tests.support.quic import dev_certificate, quic_server
+from tests.support.timing import LONG, MS
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="route MTU is read with Linux IP_MTU"
+)
+LOOPBACK = "127.0.0.1"
+PAYLOAD = 4 * 1024 * 1024
+BASE = 1280  # qh3 PACKET_MAX_SIZE
+
+
+class Forwarder:
+    """UDP forwarder between one client and a server on 127.0.0.1.
+
+    ``server_sizes`` lists the size of every datagram the server sent (dropped ones
+    included); datagrams from the server bigger than ``drop_above`` are dropped.
+    """
+
+    def __init__(self, server_port: int, drop_above: int | None = None) -> None:
+        self._server = (LOOPBACK, server_port)
+        self._drop_above = drop_above
+        self._inside = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._inside.bind((LOOPBACK, 0))
+        self._outside = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._outside.bind((LOOPBACK, 0))
+        for s in (self._inside, self._outside):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.port: int = self._inside.getsockname()[1]
+        self._client: tuple[str, int] | None = None
+        self.server_sizes: list[int] = []
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="forwarder", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        sockets = [self._inside, self._outside]
+        while not self._stop.is_set():
+            ready, _, _ = select.select(sockets, [], [], 50 * MS)
+            for s in ready:
+                try:
+                    data, addr = s.recvfrom(65535)
+                except OSError:
+                    continue
+                try:
+                    if s is self._inside:
+                        self._client = addr
+                        self._outside.sendto(data, self._server)
+                        continue
+                    self.server_sizes.append(len(data))
+                    if self._drop_above is not None and len(data) > self._drop_above:
+                        self.dropped += 1
+                    elif self._client is not None:
+                        self._inside.sendto(data, self._client)
+                except OSError:
+                    pass  # UDP: a full buffer drops the datagram, QUIC retransmits
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(LONG)
+        self._inside.close()
+        self._outside.close()
+
+
+@contextlib.asynccontextmanager
+async def _pair_via_forwarder(
+    drop_above: int | None = None,
+) -> AsyncIterator[tuple[Connection, Connection, Forwarder]]:
+    """(client, server connection, forwarder): qh3 on both sides, the client going
+    through a :class:`Forwarder`."""
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[Connection] = loop.create_future()
+
+    async def on_connection(conn: Connection) -> None:
+        if not accepted.done():
+            accepted.set_result(conn)
+        await conn.wait_closed()
+
+    cert, _ = dev_certificate()
+    async with quic_server(on_connection, "qh3") as server:
+        forwarder = Forwarder(server.address[1], drop_above)
+        client: Connection | None = None
+        try:
+            client = await connect(
+                LOOPBACK,
+                forwarder.port,
+                tls=ClientTLS(cafile=cert),
+                stack="qh3",
+                options=TransportOptions(),
+            )
+            async with asyncio.timeout(LONG):
+                server_conn = await accepted
+            yield client, server_conn, forwarder
+        finally:
+            if client is not None:
+                client.close()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LONG / 2):
+                        await client.wait_closed()
+            forwarder.close()
+
+
+async def _download(client: Connection, server: Connection, within: float) -> None:
+    """The server sends PAYLOAD random bytes + FIN on a stream it opens; the client
+    must read exactly them within ``within`` seconds."""
+    data = os.urandom(PAYLOAD)
+    send, _ = await server.open_bi()
+
+    async def sink() -> bytes:
+        pair = await client.accept_bi()
+        assert pair is not None
+        parts = []
+        while chunk := await pair[1].read(1 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async with asyncio.timeout(within):
+        reader = asyncio.create_task(sink())
+        await send.write(data)
+        await send.finish()
+        got = await reader
+    assert len(got) == len(data)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+@linux_only
+async def test_server_sends_big_datagrams_where_the_path_carries_them() -> None:
+    async with _pair_via_forwarder() as (client, server, forwarder):
+        await _download(client, server, LONG)
+        sizes = list(forwarder.server_sizes)
+    # qh3 alone: nothing above 1280. The client (qh3) accepts up to 1472 bytes.
+    assert max(sizes) > BASE
+    big = sum(1 for s in sizes if s > BASE)
+    assert big > PAYLOAD // 1472 // 2, f"only {big} of {len(sizes)} datagrams > {BASE} B"
+
+
+@linux_only
+async def test_server_falls_back_on_a_narrower_path(caplog: pytest.LogCaptureFixture) -> None:
+    limit = 1400
+    caplog.set_level(logging.INFO, logger="quic_reverse.transport.qh3")
+    async with _pair_via_forwarder(drop_above=limit) as (client, server, forwarder):
+        # Bounded: the fallback takes a few probe timeouts (~100s of ms on loopback),
+        # far less than the connection's idle timeout.
+        await _download(client, server, LONG)
+        # ...and the connection keeps working in small datagrams.
+        await _download(client, server, LONG)
+        sizes = list(forwarder.server_sizes)
+        dropped = forwarder.dropped
+    assert dropped > 0, "the server never tried a datagram bigger than the path"
+    assert any("falling back to 1280 bytes" in r.getMessage() for r in caplog.records)
+    # After the fallback nothing bigger than the path is sent: the big ones are a
+    # short run at the start.
+    last_big = max(i for i, s in enumerate(sizes) if s > limit)
+    assert len(sizes) - last_big > 2 * PAYLOAD // BASE
+    assert dropped < PAYLOAD // 1472 // 4
+
+
+async def test_explicit_server_datagram_size_is_kept() -> None:
+    """A server configuration with its own ``max_datagram_size`` is left alone."""
+    cert, key = dev_certificate()
+    configuration = qh3_adapter.server_configuration(cert, key)
+    configuration.max_datagram_size = 1300
+    quic = qh3_adapter.SPEC.create(configuration, 16, bytes(8))
+    assert isinstance(quic, qh3_adapter._LimitedQuicConnection)
+    quic._qr_server_datagram_size((LOOPBACK, 4433))
+    assert quic._qr_max_datagram_size is None
+    assert not quic._qr_hole_armed
