@@ -357,7 +357,16 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         # (version negotiation, retry, coalesced packets, connection-id learning),
         # which only matters during the handshake; the batch path hands the datagram
         # straight to the native core (and itself falls back before the handshake).
-        if len(datagrams) == 1 and not self._handshake_complete:
+        # After the handshake, without a qlog logger, the core is called directly:
+        # qh3's receive_many_datagrams only adds a per-datagram logging call then.
+        core = self._core
+        if core is not None and self._handshake_complete and self._quic_logger is None:
+            if datagrams:
+                self._call_core(
+                    core.receive_many_datagrams, datagrams, self._normalize_address(addr), now
+                )
+                self._drain_core()
+        elif len(datagrams) == 1 and not self._handshake_complete:
             self.receive_datagram(datagrams[0], addr, now)
         else:
             self.receive_many_datagrams(datagrams, addr, now)
