@@ -158,10 +158,12 @@ async def test_server_sends_big_datagrams_where_the_path_carries_them() -> None:
     async with _pair_via_forwarder() as (client, server, forwarder):
         await _download(client, server, LONG)
         sizes = list(forwarder.server_sizes)
-    # qh3 alone: nothing above 1280. The client (qh3) accepts up to 1472 bytes.
-    assert max(sizes) > BASE
-    big = sum(1 for s in sizes if s > BASE)
-    assert big > PAYLOAD // 1472 // 2, f"only {big} of {len(sizes)} datagrams > {BASE} B"
+    # qh3 alone: nothing above 1280 (and its client announces it accepts 1472 bytes at
+    # most, whatever its route carries). On loopback both ends' routes carry 64 KiB, so
+    # the server goes up to the cap.
+    assert BASE < 1472 < max(sizes) <= qh3_adapter.MAX_DISCOVERED_DATAGRAM_SIZE
+    carried = sum(s for s in sizes if s > BASE)
+    assert carried > PAYLOAD * 9 // 10, f"{carried} B of {PAYLOAD} in datagrams > {BASE} B"
 
 
 @linux_only

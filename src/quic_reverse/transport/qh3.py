@@ -46,6 +46,7 @@ from qh3.quic.packet import (
     PACKET_MAX_SIZE,
     QuicErrorCode,
     QuicPacketType,
+    QuicTransportParameters,
     encode_quic_version_negotiation,
 )
 
@@ -159,6 +160,18 @@ def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
         setattr(module, name, original)
 
 
+class _ReceiveLimitParameters(QuicTransportParameters):
+    """Transport parameters whose ``max_udp_payload_size`` is at least
+    ``qr_receive_floor`` (qh3's client sets 1472 after creating them)."""
+
+    qr_receive_floor = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "max_udp_payload_size" and value is not None:
+            value = max(int(value), self.qr_receive_floor)
+        super().__setattr__(name, value)
+
+
 class _LimitedQuicConnection(StackHooks, QuicConnection):
     """qh3 QuicConnection advertising ``max_streams`` concurrent bidirectional streams,
     with the driver's ``qr_*`` hooks (:class:`~._stack.QuicStack`)."""
@@ -170,10 +183,12 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         #: Server: the stateless reset token to announce (see qr_set_reset_token).
         self._qr_reset_token: bytes | None = None
         #: Server: black-hole detection armed (big datagrams in use, see qr_path_check),
-        #: and the (bytes sent, packets lost) at the start of its loss window.
+        #: the (bytes sent, packets lost) at the start of its loss window, and the
+        #: core's loss count at the last check (nothing to do while it stays put).
         self._qr_hole_armed = False
         self._qr_hole_sent = 0
         self._qr_hole_lost = 0
+        self._qr_hole_seen = 0
         super().__init__(**kwargs)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
@@ -215,11 +230,19 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
     def _create_tls(self, remote_source_cid: bytes | None) -> Any:
         real = getattr(_qh3_tls_bridge_module, "QuicTransportParameters")  # noqa: B009
         limit = self._qr_max_streams
+        # A qh3 client announces max_udp_payload_size 1472 whatever it can receive;
+        # where its route carries more (loopback), announce that (up to the cap), so a
+        # server can send datagrams as big as this client sends.
+        receive_limit = self._qr_max_datagram_size if self._is_client else None
 
         def parameters_factory(*args: Any, **kwargs: Any) -> Any:
             if "initial_max_streams_bidi" in kwargs:
                 kwargs["initial_max_streams_bidi"] = limit
-            return real(*args, **kwargs)
+            if receive_limit is None:
+                return real(*args, **kwargs)
+            parameters = _ReceiveLimitParameters(*args, **kwargs)
+            parameters.qr_receive_floor = receive_limit
+            return parameters
 
         with _swapped(_qh3_tls_bridge_module, "QuicTransportParameters", parameters_factory):
             bridge = super()._create_tls(remote_source_cid)
@@ -289,8 +312,9 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
             return
         pto = core.pto_count
         lost = core.loss_total
-        if pto < BLACK_HOLE_PTOS and lost == self._qr_hole_lost:
+        if pto < BLACK_HOLE_PTOS and lost == self._qr_hole_seen:
             return
+        self._qr_hole_seen = lost
         path = core.active_path
         size = int(path[5])
         if size <= PACKET_MAX_SIZE:
