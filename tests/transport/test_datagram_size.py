@@ -197,3 +197,82 @@ async def test_explicit_server_datagram_size_is_kept() -> None:
     quic._qr_server_datagram_size((LOOPBACK, 4433))
     assert quic._qr_max_datagram_size is None
     assert not quic._qr_hole_armed
+
+
+class _Core:
+    """The few read-outs of qh3's native core that the black-hole check uses, set by
+    the test (the real core cannot be made to lose packets on demand)."""
+
+    def __init__(self, size: int) -> None:
+        self.pto_count = 0
+        self.loss_total = 0
+        self.bytes_in_flight = 0
+        self.sent = 0
+        self.size = size
+        self.applied: list[tuple[object, ...]] = []
+
+    @property
+    def active_path(self) -> tuple[object, ...]:
+        return (0, ("0.0.0.0", 0), (LOOPBACK, 4433), self.sent, 0, self.size)
+
+    def apply_peer_transport_parameters(self, *args: object) -> None:
+        self.applied.append(args)
+        self.size = min(self.size, int(args[-1]))  # type: ignore[call-overload]
+
+    def send(self, datagrams: int, lost: int) -> None:
+        self.sent += datagrams * self.size
+        self.loss_total += lost
+
+
+def _server_with(core: _Core) -> qh3_adapter._LimitedQuicConnection:
+    cert, key = dev_certificate()
+    quic = qh3_adapter.SPEC.create(qh3_adapter.server_configuration(cert, key), 16, bytes(8))
+    assert isinstance(quic, qh3_adapter._LimitedQuicConnection)
+    quic._core = core  # type: ignore[assignment]
+    quic._applied_transport_parameters = qh3_adapter._ReceiveLimitParameters(
+        initial_max_data=1 << 20, max_udp_payload_size=1472
+    )
+    quic._qr_hole_armed = True
+    return quic
+
+
+def test_black_hole_by_loss_share_falls_back() -> None:
+    """Small packets get through (no probe timeouts), big ones are all lost."""
+    core = _Core(1472)
+    quic = _server_with(core)
+    for _ in range(10):
+        core.send(datagrams=8, lost=7)
+        quic.qr_path_check()
+    assert [args[-1] for args in core.applied] == [BASE]
+    assert args_max_data(core) == 1 << 20  # the peer's own values, re-applied
+    assert not quic._qr_hole_armed
+
+
+def test_random_loss_and_congestion_keep_big_datagrams() -> None:
+    """5 % random loss, then a slow-start overshoot losing half of a burst: no fallback."""
+    core = _Core(1472)
+    quic = _server_with(core)
+    for _ in range(40):
+        core.send(datagrams=20, lost=1)
+        quic.qr_path_check()
+    core.send(datagrams=64, lost=32)
+    quic.qr_path_check()
+    core.pto_count = 1  # one probe timeout (a tail loss) is not a black hole
+    core.bytes_in_flight = 3000
+    quic.qr_path_check()
+    assert core.applied == []
+    assert quic._qr_hole_armed
+
+
+def test_probe_timeouts_with_data_in_flight_fall_back() -> None:
+    core = _Core(4096)
+    quic = _server_with(core)
+    core.send(datagrams=10, lost=0)
+    core.bytes_in_flight = 10 * 4096
+    core.pto_count = qh3_adapter.BLACK_HOLE_PTOS
+    quic.qr_path_check()
+    assert [args[-1] for args in core.applied] == [BASE]
+
+
+def args_max_data(core: _Core) -> object:
+    return core.applied[0][0]
