@@ -26,6 +26,13 @@ way). Topology, identical for the tunnel and for SSH::
   control vs aioquic's NewReno, one process, 64 MiB (``--quick`` 16), 5 interleaved
   runs: what loss tolerance costs where nothing is lost.
 
+* after each stack's transfers, one line on stderr gives the CPU the relay and the edge
+  spent per MiB moved, per direction (``/proc/<pid>/stat``): on this two-core machine
+  the relay, the edge, the bench client and the services share the CPU, so CPU per
+  byte is what bounds the tunnel, and it is far less sensitive to other load than
+  MiB/s. ``QR_BENCH_PROFILE=<dir>`` runs the relay and the edge under cProfile
+  (``<stack>-relay.prof`` / ``<stack>-edge.prof`` in ``<dir>``).
+
 Goal (issue 11): tunnel >= 1.0x ``ssh -N -R`` on every path, both directions.
 Needs root (namespaces, TUN) and ``sshd``; elsewhere one row says why it was skipped.
 Run alone: ``.venv/bin/python -m bench.paths [--quick] [--path veth|rtt50|loss1|loss5]
