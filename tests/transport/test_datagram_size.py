@@ -208,12 +208,13 @@ class _Core:
         self.loss_total = 0
         self.bytes_in_flight = 0
         self.sent = 0
+        self.received = 0
         self.size = size
         self.applied: list[tuple[object, ...]] = []
 
     @property
     def active_path(self) -> tuple[object, ...]:
-        return (0, ("0.0.0.0", 0), (LOOPBACK, 4433), self.sent, 0, self.size)
+        return (0, ("0.0.0.0", 0), (LOOPBACK, 4433), self.sent, self.received, self.size)
 
     def apply_peer_transport_parameters(self, *args: object) -> None:
         self.applied.append(args)
@@ -264,13 +265,36 @@ def test_random_loss_and_congestion_keep_big_datagrams() -> None:
     assert quic._qr_hole_armed
 
 
-def test_probe_timeouts_with_data_in_flight_fall_back() -> None:
+def test_probe_timeouts_fall_back_only_while_the_peer_sends() -> None:
+    """Probe timeouts in a row with data in flight: a black hole if the peer keeps
+    sending meanwhile (alive, but none of our packets acknowledged); if it is silent
+    (an outage, a peer starved of CPU), only after a much longer run."""
     core = _Core(4096)
     quic = _server_with(core)
     core.send(datagrams=10, lost=0)
     core.bytes_in_flight = 10 * 4096
-    core.pto_count = qh3_adapter.BLACK_HOLE_PTOS
+    for pto in range(1, qh3_adapter.BLACK_HOLE_SILENT_PTOS):
+        core.pto_count = pto
+        quic.qr_path_check()
+    assert core.applied == []
+    core.pto_count = 0  # the peer answered: the run ends
     quic.qr_path_check()
+    for pto in range(1, qh3_adapter.BLACK_HOLE_PTOS + 1):
+        core.pto_count = pto
+        quic.qr_path_check()
+        core.received += 60  # e.g. the peer's keep-alive, acknowledging nothing new
+    quic.qr_path_check()
+    assert [args[-1] for args in core.applied] == [BASE]
+
+
+def test_long_silent_run_of_probe_timeouts_falls_back() -> None:
+    core = _Core(4096)
+    quic = _server_with(core)
+    core.send(datagrams=10, lost=0)
+    core.bytes_in_flight = 10 * 4096
+    for pto in range(1, qh3_adapter.BLACK_HOLE_SILENT_PTOS + 1):
+        core.pto_count = pto
+        quic.qr_path_check()
     assert [args[-1] for args in core.applied] == [BASE]
 
 

@@ -141,9 +141,13 @@ _QUIC_TRANSPORT_PARAMETERS = _qh3_tls_module.ExtensionType.QUIC_TRANSPORT_PARAME
 MAX_DISCOVERED_DATAGRAM_SIZE = 4096
 
 #: Server black-hole detection (see :meth:`_LimitedQuicConnection.qr_path_check`):
-#: consecutive probe timeouts with big datagrams in flight after which the server
-#: falls back to :data:`PACKET_MAX_SIZE` datagrams.
-BLACK_HOLE_PTOS = 2
+#: consecutive probe timeouts with big datagrams in flight, while the peer kept
+#: sending, after which the server falls back to :data:`PACKET_MAX_SIZE` datagrams.
+BLACK_HOLE_PTOS = 3
+#: ... or this many whatever the peer does (a pure bulk sender's peer may have
+#: nothing to say; a run this long outlasts any CPU starvation: the probe timeout
+#: doubles each time, 31 timeouts' worth in all).
+BLACK_HOLE_SILENT_PTOS = 5
 #: ... or the share of (big) datagrams declared lost over a window of at least
 #: :data:`BLACK_HOLE_WINDOW` datagrams (random loss and congestion stay far below).
 BLACK_HOLE_LOSS_SHARE = 0.75
@@ -189,6 +193,9 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         self._qr_hole_sent = 0
         self._qr_hole_lost = 0
         self._qr_hole_seen = 0
+        #: Bytes received on the path when the current run of probe timeouts began
+        #: (-1: no run).
+        self._qr_hole_rx = -1
         super().__init__(**kwargs)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
@@ -297,31 +304,46 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
 
         Cheap unless something was lost. The evidence, either of:
 
-        * :data:`BLACK_HOLE_PTOS` probe timeouts in a row with data in flight (every
-          big packet, probes included, vanishes: a bulk sender on a black hole);
+        * :data:`BLACK_HOLE_PTOS` probe timeouts in a row with data in flight while
+          datagrams from the peer kept arriving (it is alive, yet acknowledges none of
+          our packets: every big one, probes included, vanishes — a bulk sender on a
+          black hole), or :data:`BLACK_HOLE_SILENT_PTOS` in a row in any case. A
+          shorter run with a silent peer is not evidence (an outage, a peer starved
+          of CPU, a NAT rebinding), and falling back on a false alarm is not free
+          (see below);
         * at least :data:`BLACK_HOLE_LOSS_SHARE` of the datagrams sent in a window of
           :data:`BLACK_HOLE_WINDOW` or more declared lost (small packets get through
           and are acknowledged, the big ones are lost).
 
         Falling back is for the rest of the connection (the core cannot raise a
-        path's datagram size again); a peer that goes silent (an outage, a NAT
-        rebinding) also trips the first rule, which costs only the bigger datagrams.
+        path's datagram size again). qh3 2.1's core does not always survive the
+        change: with hundreds of streams in flight it was seen to fail with "packet
+        builder capacity exhausted" and stall; on a real black hole the connection
+        is lost without it anyway, hence the strict evidence.
         """
         core = self._core
         if core is None:
             return
         pto = core.pto_count
         lost = core.loss_total
-        if pto < BLACK_HOLE_PTOS and lost == self._qr_hole_seen:
-            return
+        if not pto:
+            self._qr_hole_rx = -1
+            if lost == self._qr_hole_seen:
+                return
         self._qr_hole_seen = lost
         path = core.active_path
         size = int(path[5])
         if size <= PACKET_MAX_SIZE:
             self._qr_hole_armed = False
             return
+        if pto and self._qr_hole_rx < 0:
+            self._qr_hole_rx = int(path[4])  # a run of probe timeouts begins
         sent_bytes = int(path[3])
-        if pto >= BLACK_HOLE_PTOS and core.bytes_in_flight > 0:
+        if (
+            pto >= BLACK_HOLE_PTOS
+            and core.bytes_in_flight > 0
+            and (pto >= BLACK_HOLE_SILENT_PTOS or int(path[4]) > self._qr_hole_rx)
+        ):
             self._qr_fall_back(size, f"{pto} probe timeouts in a row")
             return
         sent = (sent_bytes - self._qr_hole_sent) // size
