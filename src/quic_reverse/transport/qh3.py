@@ -46,7 +46,6 @@ from qh3.quic.packet import (
     PACKET_MAX_SIZE,
     QuicErrorCode,
     QuicPacketType,
-    QuicTransportParameters,
     encode_quic_version_negotiation,
 )
 
@@ -140,6 +139,13 @@ _QUIC_TRANSPORT_PARAMETERS = _qh3_tls_module.ExtensionType.QUIC_TRANSPORT_PARAME
 #: at 6 KiB).
 MAX_DISCOVERED_DATAGRAM_SIZE = 4096
 
+#: Cap on the datagram size a qh3 server (the relay) sends: an Ethernet MTU's UDP
+#: payload, the common path. Bigger server datagrams cost CPU on every small exchange
+#: in qh3's core (loopback, sequential stream open + 1-byte echo: 157 us of CPU per
+#: open at 1472 bytes, 167 at 2048, 192 at 3000, 214 at 4096), more than they save in
+#: bulk sends.
+MAX_SERVER_DATAGRAM_SIZE = 1472
+
 #: Server black-hole detection (see :meth:`_LimitedQuicConnection.qr_path_check`):
 #: consecutive probe timeouts with big datagrams in flight, while the peer kept
 #: sending, after which the server falls back to :data:`PACKET_MAX_SIZE` datagrams.
@@ -162,18 +168,6 @@ def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
         yield
     finally:
         setattr(module, name, original)
-
-
-class _ReceiveLimitParameters(QuicTransportParameters):
-    """Transport parameters whose ``max_udp_payload_size`` is at least
-    ``qr_receive_floor`` (qh3's client sets 1472 after creating them)."""
-
-    qr_receive_floor = 0
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "max_udp_payload_size" and value is not None:
-            value = max(int(value), self.qr_receive_floor)
-        super().__setattr__(name, value)
 
 
 class _LimitedQuicConnection(StackHooks, QuicConnection):
@@ -237,19 +231,11 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
     def _create_tls(self, remote_source_cid: bytes | None) -> Any:
         real = getattr(_qh3_tls_bridge_module, "QuicTransportParameters")  # noqa: B009
         limit = self._qr_max_streams
-        # A qh3 client announces max_udp_payload_size 1472 whatever it can receive;
-        # where its route carries more (loopback), announce that (up to the cap), so a
-        # server can send datagrams as big as this client sends.
-        receive_limit = self._qr_max_datagram_size if self._is_client else None
 
         def parameters_factory(*args: Any, **kwargs: Any) -> Any:
             if "initial_max_streams_bidi" in kwargs:
                 kwargs["initial_max_streams_bidi"] = limit
-            if receive_limit is None:
-                return real(*args, **kwargs)
-            parameters = _ReceiveLimitParameters(*args, **kwargs)
-            parameters.qr_receive_floor = receive_limit
-            return parameters
+            return real(*args, **kwargs)
 
         with _swapped(_qh3_tls_bridge_module, "QuicTransportParameters", parameters_factory):
             bridge = super()._create_tls(remote_source_cid)
@@ -277,9 +263,10 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         ``max_udp_payload_size``) without probing. The native core cannot raise the
         size of a path later, only lower it (re-applying the peer's transport
         parameters takes the minimum). So the server starts at the size its own route
-        to the client allows (capped at :data:`MAX_DISCOVERED_DATAGRAM_SIZE`, and by
-        what the client says it accepts) and :meth:`qr_path_check` falls back to
-        :data:`PACKET_MAX_SIZE` if big datagrams turn out not to get through.
+        to the client allows (capped at :data:`MAX_SERVER_DATAGRAM_SIZE`, and by what
+        the client says it accepts: 1472 for a qh3 client) and :meth:`qr_path_check`
+        falls back to :data:`PACKET_MAX_SIZE` if big datagrams turn out not to get
+        through.
         """
         configuration = self._configuration
         if (
@@ -292,7 +279,7 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         route = route_max_udp_payload(family, (host, remote_addr[1]))
         if route is None:
             return
-        size = min(route, MAX_DISCOVERED_DATAGRAM_SIZE)
+        size = min(route, MAX_SERVER_DATAGRAM_SIZE)
         if size > PACKET_MAX_SIZE:
             self._qr_max_datagram_size = size
             self._qr_hole_armed = True
