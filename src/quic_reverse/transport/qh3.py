@@ -17,6 +17,10 @@ qh3 traps handled here (see ``QUIC-STACKS.md``):
 * qh3 hard-codes a limit of 100 concurrent bidirectional streams in its transport
   parameters; this adapter raises it (``max_streams``) by patching the advertised
   value and the native core's limit consistently;
+* path MTU discovery runs on the client only: a qh3 server sends 1280-byte
+  datagrams whatever the path carries. The server here starts at what its route to
+  the client carries (up to :data:`MAX_SERVER_DATAGRAM_SIZE`) and falls back to 1280
+  bytes if big datagrams vanish (:meth:`_LimitedQuicConnection.qr_path_check`);
 * the native core grants flow-control credit as data is delivered, so the
   receive gate (:class:`~._gate.ReceiveGate`) stops feeding the core past the
   high-water mark;
