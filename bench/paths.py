@@ -26,6 +26,13 @@ way). Topology, identical for the tunnel and for SSH::
   control vs aioquic's NewReno, one process, 64 MiB (``--quick`` 16), 5 interleaved
   runs: what loss tolerance costs where nothing is lost.
 
+* after each stack's transfers, one line on stderr gives the CPU the relay and the edge
+  spent per MiB moved, per direction (``/proc/<pid>/stat``): on this two-core machine
+  the relay, the edge, the bench client and the services share the CPU, so CPU per
+  byte is what bounds the tunnel, and it is far less sensitive to other load than
+  MiB/s. ``QR_BENCH_PROFILE=<dir>`` runs the relay and the edge under cProfile
+  (``<stack>-relay.prof`` / ``<stack>-edge.prof`` in ``<dir>``).
+
 Goal (issue 11): tunnel >= 1.0x ``ssh -N -R`` on every path, both directions.
 Needs root (namespaces, TUN) and ``sshd``; elsewhere one row says why it was skipped.
 Run alone: ``.venv/bin/python -m bench.paths [--quick] [--path veth|rtt50|loss1|loss5]
@@ -66,6 +73,10 @@ SSH_SINK, SSH_SOURCE = 20001, 20002
 #: matches by accident).
 BLOCK_LEN = 1_000_003
 CHUNK = 256 * 1024
+#: Set to a directory to run the relay and edge under cProfile, one
+#: ``<stack>-relay.prof`` / ``<stack>-edge.prof`` there per run (read them with
+#: ``python -m pstats``); the figures are then not comparable.
+PROFILE_ENV = "QR_BENCH_PROFILE"
 
 
 @dataclass(frozen=True)
@@ -290,8 +301,11 @@ def start_services(lab: Lab) -> subprocess.Popen[Any]:
 
 
 @contextlib.contextmanager
-def tunnel(lab: Lab, tmp: Path, stack: str) -> Iterator[tuple[int, int]]:
+def tunnel(
+    lab: Lab, tmp: Path, stack: str, processes: dict[str, int] | None = None
+) -> Iterator[tuple[int, int]]:
     """The real relay (relay_ns) and edge (edge_ns) CLIs; yields the forward ports.
+    Their pids are put in ``processes`` (``"relay"``, ``"edge"``) if given.
 
     ``stack`` is both processes' ``--stack``; ``"aioquic-edge"``: only the edge runs
     aioquic and the relay keeps its default, following the edge's stack per connection
@@ -307,11 +321,19 @@ def tunnel(lab: Lab, tmp: Path, stack: str) -> Iterator[tuple[int, int]]:
     (d / "tokens.toml").chmod(0o600)
     write_token_file(d / "bench.token", token)
     py = [sys.executable, "-m", "quic_reverse"]
+    profile_dir = os.environ.get(PROFILE_ENV)
+
+    def cli(role: str) -> list[str]:
+        if not profile_dir:
+            return py
+        out = Path(profile_dir) / f"{stack}-{role}.prof"
+        return [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "quic_reverse"]
+
     relay = _popen_logged(
         lab,
         lab.relay_ns,
         [
-            *py, "relay", "--stack", relay_stack,
+            *cli("relay"), "relay", "--stack", relay_stack,
             "--listen", f"{lab.relay_ns.address}:{QUIC_PORT}",
             "--self-signed", "--state-dir", str(d / "state"), "--tokens", str(d / "tokens.toml"),
             "--forward", "127.0.0.1:0=bench/sink", "--forward", "127.0.0.1:0=bench/source",
@@ -329,7 +351,7 @@ def tunnel(lab: Lab, tmp: Path, stack: str) -> Iterator[tuple[int, int]]:
             lab,
             lab.edge_ns,
             [
-                *py, "edge", "--stack", edge_stack,
+                *cli("edge"), "edge", "--stack", edge_stack,
                 "--relay", f"{lab.relay_ns.address}:{QUIC_PORT}", "--name", "bench",
                 "--token-file", str(d / "bench.token"), "--fingerprint", fp.group(1),
                 "--expose", f"sink=127.0.0.1:{SINK_PORT}",
@@ -339,6 +361,8 @@ def tunnel(lab: Lab, tmp: Path, stack: str) -> Iterator[tuple[int, int]]:
         )  # fmt: skip
         try:
             _wait_log(d / "edge.log", r"authenticated to relay", edge, "edge")
+            if processes is not None:  # ip netns exec execs: the same pid
+                processes.update(relay=relay.pid, edge=edge.pid)
             yield fwd["sink"], fwd["source"]
         finally:
             _stop(edge)
@@ -440,14 +464,42 @@ def _ssh(lab: Lab, tmp: Path, sshd: str) -> Iterator[tuple[int, int]]:
 class Figures:
     up: list[float] = field(default_factory=list)  # MiB/s per transfer
     down: list[float] = field(default_factory=list)
+    #: CPU milliseconds per MiB moved, per process ("relay up", "edge down", ...).
+    cpu: dict[str, list[float]] = field(default_factory=dict)
 
 
-def _measure(lab: Lab, ports: tuple[int, int], size: int, cap: float, runs: int) -> Figures:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(
+    lab: Lab,
+    ports: tuple[int, int],
+    size: int,
+    cap: float,
+    runs: int,
+    processes: dict[str, int] | None = None,
+) -> Figures:
+    """Upload then download, ``runs`` times. With ``processes`` (role -> pid), also the
+    CPU each of them spent per MiB moved (the relay and edge share two cores with the
+    bench client and the services, so CPU per byte is what bounds the tunnel here)."""
     sink, source = ports
     figures = Figures()
+    processes = processes or {}
     for i in range(runs):
-        figures.up.append(upload(lab, sink, size, cap, seed=2 * i + 1).mib_per_s)
-        figures.down.append(download(lab, source, size, cap, seed=2 * i + 2).mib_per_s)
+        for direction in ("up", "down"):
+            before = {role: _cpu_seconds(pid) for role, pid in processes.items()}
+            if direction == "up":
+                t = upload(lab, sink, size, cap, seed=2 * i + 1)
+            else:
+                t = download(lab, source, size, cap, seed=2 * i + 2)
+            getattr(figures, direction).append(t.mib_per_s)
+            mib = t.nbytes / (1 << 20)
+            for role, pid in processes.items():
+                used = _cpu_seconds(pid) - before[role]
+                figures.cpu.setdefault(f"{role} {direction}", []).append(1000 * used / mib)
     return figures
 
 
@@ -489,8 +541,13 @@ def run(
             with _ssh(lab, tmp, sshd) as ports:
                 results["ssh"] = _measure(lab, ports, spec.size, cap, runs)
             for stack in stacks:
-                with tunnel(lab, tmp, stack) as ports:
-                    results[stack] = _measure(lab, ports, spec.size, cap, runs)
+                processes: dict[str, int] = {}
+                with tunnel(lab, tmp, stack, processes) as ports:
+                    results[stack] = _measure(lab, ports, spec.size, cap, runs, processes)
+                cpu = ", ".join(
+                    f"{role} {_median(xs):.1f}" for role, xs in results[stack].cpu.items()
+                )
+                print(f"[paths] {spec.name} {stack}: CPU ms per MiB: {cpu}", file=sys.stderr)
         rows += _rows(spec, results, cc, stacks)
     return rows
 

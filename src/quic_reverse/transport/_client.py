@@ -68,11 +68,20 @@ class _ClientEndpoint:
             self._token_known = True
             self._reset_token = conn._quic.qr_peer_reset_token()
         token = self._reset_token
-        if token is not None:
-            for data in datagrams:
-                if is_stateless_reset(data, token):
-                    _reset_by_peer(conn)
-                    return
+        # A server that lost the connection answers each of our packets with a reset,
+        # so a reset is the last datagram of its batch (the datagrams of one read from
+        # one address), or the first of a later one: only those two are checked (a
+        # constant-time compare per datagram costs ~6 % of a bulk receiver's CPU).
+        if (
+            token is not None
+            and datagrams
+            and (
+                is_stateless_reset(datagrams[-1], token)
+                or (len(datagrams) > 1 and is_stateless_reset(datagrams[0], token))
+            )
+        ):
+            _reset_by_peer(conn)
+            return
         conn.datagrams_received(datagrams, addr)
 
     def connection_lost(self, exc: Exception | None) -> None:

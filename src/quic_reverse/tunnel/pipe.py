@@ -23,8 +23,10 @@ What :func:`pipe` guarantees:
   a view of it goes straight to ``stream.send`` (which copies into the QUIC send
   queue before returning).
 * **Small when idle**: receive buffers are allocated when bytes arrive (16 KiB first,
-  doubling up to the chunk size while reads fill them) and released whenever the
-  consumer has to wait for more, so an idle leg holds no buffer at all.
+  doubling up to the chunk size while reads fill them) and released once the consumer
+  has waited :data:`IDLE_RELEASE` seconds for more, so an idle leg holds no buffer at
+  all, while a busy one (whose consumer often catches up with the socket for a moment)
+  does not allocate, zero and free a chunk-sized buffer per read.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ CHUNK_SIZE = 256 * 1024
 #: Size of a TCP receive buffer when bytes arrive on an idle leg; it doubles (up to the
 #: chunk size) whenever a read fills it, so bulk transfers get big reads.
 FIRST_BUFFER_SIZE = 16 * 1024
+#: Seconds the consumer of a leg waits for bytes before its receive buffers are freed.
+IDLE_RELEASE = 0.5
 #: asyncio StreamReader limit for TCP connections made with asyncio streams (kept for
 #: callers of the old interface; the tunnel itself uses :class:`TcpLeg`).
 TCP_READ_LIMIT = 256 * 1024
@@ -161,6 +165,7 @@ class TcpLeg(asyncio.BufferedProtocol):
         self._error: BaseException | None = None
         self._lost = False
         self._waiter: asyncio.Future[None] | None = None
+        self._release_timer: asyncio.TimerHandle | None = None
         self._drain_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._write_paused = False
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -209,6 +214,7 @@ class TcpLeg(asyncio.BufferedProtocol):
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
+        self._cancel_release()
         self._wake()
         while self._drain_waiters:
             fut = self._drain_waiters.popleft()
@@ -249,14 +255,17 @@ class TcpLeg(asyncio.BufferedProtocol):
                 raise self._error
             if self._eof:
                 return b""
-            # Nothing to hand over: release the buffers while waiting (idle legs hold
-            # none); the next bytes get a fresh one of the current size.
-            self._fill = self._spare = None
-            self._waiter = asyncio.get_running_loop().create_future()
+            # Nothing to hand over: the buffers are released if the wait lasts (idle
+            # legs hold none); the next bytes then get a fresh one of the current size.
+            loop = asyncio.get_running_loop()
+            if self._release_timer is None:
+                self._release_timer = loop.call_later(IDLE_RELEASE, self._release_idle)
+            self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+        self._cancel_release()
         if self._error is not None:
             raise self._error
         full, n = self._fill, self._filled
@@ -268,6 +277,16 @@ class TcpLeg(asyncio.BufferedProtocol):
             if not self._lost:
                 self.transport.resume_reading()
         return memoryview(full)[:n]
+
+    def _release_idle(self) -> None:
+        self._release_timer = None
+        if not self._filled:
+            self._fill = self._spare = None
+
+    def _cancel_release(self) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
 
     def give_back(self, data: memoryview | bytes) -> None:
         """Return the buffer behind a view from :meth:`take` for reuse."""
