@@ -512,6 +512,8 @@ class Edge:
                 )
             if self._stop.is_set() and link.forwards and not events.done():
                 await asyncio.wait(set(link.forwards), timeout=self.config.grace)
+            elif not events.done():
+                await self._delivered(link.handle)
             log.info(
                 "relay %s:%d: the drained %s session is closed (%s)",
                 relay[0],
@@ -524,6 +526,19 @@ class Edge:
             await self._end_link(link, "edge switched stack")
             link.conn.close(0, b"")
             self._kept.discard(link.conn)
+
+    async def _delivered(self, handle: SessionHandle) -> None:
+        """Wait (at most ``linger``) until QUIC has nothing in flight: the last stream's
+        final bytes and FIN reached the relay before the session closes (the relay
+        aborts what still runs on a session that closes). Polled at the path's RTT
+        (at least 10 ms): a bounded wait at the end of a drained session only."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.linger
+        while loop.time() < deadline:
+            stats = handle.path_stats()
+            if not stats.bytes_in_flight:  # 0, or unknown (memory transport)
+                return
+            await asyncio.sleep(max(stats.smoothed_rtt or 0.0, 0.01))
 
     async def _end_link(self, link: _Link, reason: str | None = None) -> None:
         """Stop serving ``link``: abort its streams, close its session."""
