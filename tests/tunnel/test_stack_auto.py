@@ -269,3 +269,38 @@ def test_auto_is_an_edge_setting_only(tmp_path: Path, monkeypatch: pytest.Monkey
             build_edge_config({}, None, _edge_flags(stack="aioquic", token_file=str(token)))
         )
     assert checked_edge(cfg)
+
+
+async def test_stopping_while_a_switched_session_drains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop during the drain: the old session's running connection gets the grace
+    period like any other, then both sessions close; nothing is left running."""
+    monkeypatch.setattr(losshint, "MIN_SECONDS", 0.0)
+    monkeypatch.setattr(losshint, "CHECK_INTERVAL", 0.0)
+    async with relay_setup(tmp_path) as setup, echo_service() as (echo_port, conns):
+        client, server = setup.link()
+        client.path_stats = lossy_qh3()
+        dialer = Dialer(setup)
+        edge = setup.edge_on((client, server), {"echo": echo_port}, stack="auto", grace=200 * MS)
+        monkeypatch.setattr(edge, "_connect", dialer)
+        pool = setup.pool()
+        await until(pool, lambda: len(pool.replicas) == 1)
+        old = pool.replicas[0]
+        early = await Echo.open(setup.port())
+        await early.roundtrip(b"before")
+        async with asyncio.timeout(LONG):
+            while len(pool.replicas) < 2:
+                await old.handle.ping()
+                await asyncio.sleep(MS)
+        (drain,) = edge._drains
+        await early.roundtrip(b"during")
+        edge.stop()
+        async with asyncio.timeout(LONG):
+            await drain  # the grace passes with the connection still open
+            await client.wait_closed()
+            await dialer.conns[0].wait_closed()
+            await conns.none.wait()
+        assert not edge._drains and not edge._draining and not edge._kept
+        await until(pool, lambda: not pool.replicas)
+        early.writer.close()
