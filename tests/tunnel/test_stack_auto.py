@@ -17,7 +17,7 @@ import pytest
 
 from quic_reverse.errors import ConfigError
 from quic_reverse.transport.base import Connection, PathStats
-from quic_reverse.tunnel import losshint
+from quic_reverse.tunnel import api, losshint
 from quic_reverse.tunnel.auth import generate_token, write_token_file
 from quic_reverse.tunnel.config import build_edge_config, build_relay_config
 from quic_reverse.tunnel.reload import checked_edge
@@ -269,6 +269,16 @@ def test_auto_is_an_edge_setting_only(tmp_path: Path, monkeypatch: pytest.Monkey
             build_edge_config({}, None, _edge_flags(stack="aioquic", token_file=str(token)))
         )
     assert checked_edge(cfg)
+    # The library API shares the settings: auto there too.
+    api_edge = api.Edge(
+        relay="127.0.0.1:4433",
+        name="edgeA",
+        token_file=token,
+        expose=["ssh=127.0.0.1:22"],
+        fingerprint="ab" * 32,
+        stack="auto",
+    )
+    assert api_edge.config.stack == "auto" and not api_edge.runner._auto
 
 
 async def test_stopping_while_a_switched_session_drains(
