@@ -36,7 +36,7 @@ way). Topology, identical for the tunnel and for SSH::
 Goal (issue 11): tunnel >= 1.0x ``ssh -N -R`` on every path, both directions.
 Needs root (namespaces, TUN) and ``sshd``; elsewhere one row says why it was skipped.
 Run alone: ``.venv/bin/python -m bench.paths [--quick] [--path veth|rtt50|loss1|loss5]
-[--stack qh3|aioquic]`` (repeatable).
+[--stack qh3|aioquic|aioquic-edge|auto]`` (repeatable).
 """
 
 from __future__ import annotations
@@ -309,9 +309,12 @@ def tunnel(
 
     ``stack`` is both processes' ``--stack``; ``"aioquic-edge"``: only the edge runs
     aioquic and the relay keeps its default, following the edge's stack per connection
-    (transport/_stackhint.py).
+    (transport/_stackhint.py); ``"auto"``: the relay keeps its default, the edge runs
+    ``--stack auto`` and is warmed up (:func:`_warm_up`) before the ports are yielded.
     """
-    relay_stack, edge_stack = ("qh3", "aioquic") if stack == "aioquic-edge" else (stack, stack)
+    relay_stack, edge_stack = {"aioquic-edge": ("qh3", "aioquic"), "auto": ("qh3", "auto")}.get(
+        stack, (stack, stack)
+    )
     from quic_reverse.tunnel.auth import generate_token, write_token_file
 
     d = tmp / f"tunnel-{stack}"
@@ -363,11 +366,39 @@ def tunnel(
             _wait_log(d / "edge.log", r"authenticated to relay", edge, "edge")
             if processes is not None:  # ip netns exec execs: the same pid
                 processes.update(relay=relay.pid, edge=edge.pid)
+            if stack == "auto":
+                _warm_up(lab, fwd["source"], d / "edge.log")
             yield fwd["sink"], fwd["source"]
         finally:
             _stop(edge)
     finally:
         _stop(relay)
+
+
+#: ``auto``'s warm-up cap (s): the edge's loss hint judges a window of >= 10 s at its
+#: keep-alive events (every 5 s), so a lossy path switches within about 15 s.
+AUTO_WARMUP = 25.0
+
+
+def _warm_up(lab: Lab, source: int, log: Path) -> None:
+    """``auto``: one download (the edge sends) until the edge's log shows the switch to
+    aioquic, or :data:`AUTO_WARMUP` passed (a clean path never switches). The measured
+    transfers come after it, each a new connection: on the session the edge settled on
+    (a transfer that started before a switch would stay on qh3 to its end)."""
+    sock = _connect(lab, source, STARTUP)
+    with sock:
+        sock.settimeout(1.0)
+        sock.sendall(f"{1 << 40} 1\n".encode())
+        t0 = look = time.perf_counter()
+        while (now := time.perf_counter()) - t0 < AUTO_WARMUP:
+            with contextlib.suppress(TimeoutError):
+                if not sock.recv(CHUNK):
+                    break
+            if now >= look:  # the log, twice a second
+                look = now + 0.5
+                if "switched to aioquic" in log.read_text(errors="replace"):
+                    break
+    print(f"[paths] auto warm-up: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
@@ -681,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two small paths, small sizes")
     parser.add_argument("--path", action="append", help="only these paths (veth, rtt50, ...)")
     parser.add_argument(
-        "--stack", action="append", help="only these stacks (qh3, aioquic, aioquic-edge)"
+        "--stack", action="append", help="only these stacks (qh3, aioquic, aioquic-edge, auto)"
     )
     parser.add_argument("--services", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

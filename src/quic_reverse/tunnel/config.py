@@ -243,6 +243,9 @@ class Setting:
 
 
 STACKS = ("qh3", "aioquic")
+#: The edge's ``--stack``: also ``auto`` (qh3, switching a relay's session to aioquic
+#: once its path proves lossy: tunnel/edge.py).
+EDGE_STACKS = (*STACKS, "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -255,7 +258,10 @@ _COMMON = (
         help="log verbosity on stderr",
     ),
     Setting(name="alpn", kind="str", default=DEFAULT_ALPN, help="ALPN protocol id"),
-    Setting(name="stack", kind="choice", choices=STACKS, default="qh3", help="QUIC stack"),
+)
+#: The edge's ``stack`` accepts more (:data:`EDGE_STACKS`).
+_STACK = Setting(name="stack", kind="choice", choices=STACKS, default="qh3", help="QUIC stack")
+_COMMON_TAIL = (
     Setting(
         name="log_format",
         kind="choice",
@@ -447,6 +453,8 @@ RELAY_TABLE: tuple[Setting, ...] = (
         help="fleet: pin peer relays' certificate (instead of --fleet-ca)",
     ),
     *_COMMON,
+    _STACK,
+    *_COMMON_TAIL,
 )
 
 #: The edge's settings, in ``--help`` order.
@@ -550,6 +558,15 @@ EDGE_TABLE: tuple[Setting, ...] = (
         "exposed service before its bytes (repeatable)",
     ),
     *_COMMON,
+    Setting(
+        name="stack",
+        kind="choice",
+        choices=EDGE_STACKS,
+        default="qh3",
+        help="QUIC stack; auto: qh3, switching a relay's session to aioquic (without "
+        "dropping connections) once the path proves lossy",
+    ),
+    *_COMMON_TAIL,
 )
 
 #: Settings of the ``[relay]`` table; the same names are the relay CLI flags.
@@ -909,7 +926,7 @@ class EdgeConfig:
                 raise ConfigError("relay: port 0 cannot be dialled")
         if len(set(self.relays)) != len(self.relays):
             raise ConfigError("relay: the same relay is given twice")
-        check_choice("stack", self.stack, STACKS)
+        check_choice("stack", self.stack, EDGE_STACKS)
         check_choice("log_level", self.log_level, LOG_LEVELS)
         if not self.alpn:
             raise ConfigError("alpn: must not be empty")
@@ -964,8 +981,9 @@ def check_fleet(cfg: RelayConfig) -> None:
 
 
 def check_stack_installed(flag: str, stack: str) -> None:
-    """``--stack aioquic`` needs the optional extra: say how to get it, at start."""
-    if importlib.util.find_spec(stack) is None:
+    """``--stack aioquic`` needs the optional extra: say how to get it, at start
+    (``auto`` does not: without aioquic it stays on qh3, tunnel/edge.py)."""
+    if stack != "auto" and importlib.util.find_spec(stack) is None:
         raise ConfigError(
             f"{flag} {stack}: the {stack} package is not installed; "
             f"pip install 'quic-reverse[{stack}]'"

@@ -26,17 +26,30 @@ losing one relay never disturbs the others. After a session that had authenticat
 ends, the edge reconnects at once (:meth:`Backoff.after_session`); while a relay does
 not answer at all, a fresh handshake is tried every ``probe_interval`` (jittered), so a
 path that comes back is noticed within about one interval, not after a long timeout.
+
+``--stack auto``: every session starts on qh3 (fast on clean paths). When the lossy-path
+hint (:mod:`.losshint`) decides that a relay's session meets sustained loss, the edge
+moves that relay to aioquic (delivery-rate congestion control) *make-before-break*: it
+opens a second session to the same relay on aioquic under a new instance id (so the
+relay adds it as a replica, :mod:`.registry`), and once that one is authenticated the
+old session drains: new opens on it are rejected ``SERVICE_UNAVAILABLE`` "stopping"
+(the relay marks it draining and retries the open on the new replica) while its
+running streams go on until each ends; then it is closed. No timer: the decision is
+taken where the hint is polled (the session's event loop). The choice is kept for
+that relay for the life of the process (reconnects use aioquic).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import random
 import re
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar, cast
 
@@ -82,6 +95,25 @@ class _NoAnswer(TransportError):
     relay not running): keep probing, no backoff needed (a probe is one datagram)."""
 
 
+@dataclass(eq=False)
+class _Link:
+    """One authenticated session to a relay and what runs on it."""
+
+    conn: Connection
+    handle: SessionHandle
+    stack: str
+    forwards: set[asyncio.Task[None]] = field(default_factory=set)
+    events: asyncio.Task[None] | None = None
+    hint: LossHint | None = None
+    #: Set by the event loop once the hint found the path lossy (``--stack auto``).
+    lossy: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def running(self) -> asyncio.Task[None]:
+        """The session's event loop (started by :meth:`Edge._open_link`)."""
+        assert self.events is not None
+        return self.events
+
+
 class Edge:
     """A running edge; :meth:`run` loops (connect, authenticate, serve) until ``stop``."""
 
@@ -102,6 +134,25 @@ class Edge:
         self.observer = Observer()
         #: One lossy-path hint per relay per hour at most (:mod:`.losshint`).
         self._loss_hints = HintLimiter()
+        #: ``--stack auto`` may still switch (aioquic installed and usable).
+        self._auto = config.stack == "auto"
+        if self._auto and importlib.util.find_spec("aioquic") is None:
+            log.info(
+                "--stack auto: aioquic is not installed, so every session stays on qh3 "
+                "(pip install 'quic-reverse[aioquic]' lets lossy paths switch to it)"
+            )
+            self._auto = False
+        first = "qh3" if config.stack == "auto" else config.stack
+        #: The stack of each relay's next session (``auto``: qh3 until switched, then
+        #: aioquic for the life of the process) ...
+        self._stacks: dict[tuple[str, int], str] = dict.fromkeys(config.relays, first)
+        #: ... and the instance id it authenticates with (a switch draws a new one).
+        self._instances: dict[tuple[str, int], str] = {}
+        #: Sessions draining after a switch: new opens get "stopping".
+        self._draining: set[SessionHandle] = set()
+        #: Their drain tasks, and the connections those own.
+        self._drains: set[asyncio.Task[None]] = set()
+        self._kept: set[Connection] = set()
         #: Flow requests for ``udp:`` services (tunnel/udp.py).
         self.udp = UdpExpose(idle_timeout=config.udp_idle_timeout, max_flows=config.max_udp_flows)
         if config.insecure:
@@ -139,10 +190,12 @@ class Edge:
         ]
         try:
             outcomes = await asyncio.gather(*loops)
+            # Draining sessions finish on their own (stopping: within the grace).
+            await asyncio.gather(*self._drains, return_exceptions=True)
         finally:
-            for task in loops:
+            for task in [*loops, *self._drains]:
                 task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await asyncio.gather(*loops, *self._drains, return_exceptions=True)
         log.info("edge stopped")
         failed = [o for o in outcomes if o is not EdgeExit.STOPPED]
         return failed[0] if failed and len(failed) == len(outcomes) else EdgeExit.STOPPED
@@ -225,7 +278,7 @@ class Edge:
             return None
         return task.result()
 
-    async def _connect(self, host: str, port: int) -> Connection:
+    async def _connect(self, host: str, port: int, stack: str = "qh3") -> Connection:
         """Handshake with the relay: fresh attempts of about ``probe_interval`` each
         (jittered, so a fleet of edges does not probe in lock-step) until one is
         answered or ``connect_timeout`` has passed. A long single attempt would back its
@@ -252,7 +305,7 @@ class Edge:
                     host,
                     port,
                     tls=self._client_tls(),
-                    stack=cast(quic.Stack, cfg.stack),
+                    stack=cast(quic.Stack, stack),
                     options=options,
                 )
             except CertificateError:
@@ -280,14 +333,17 @@ class Edge:
     async def _session_once(self, host: str, port: int, backoff: Backoff) -> bool:
         """One connection to one relay; True if it authenticated."""
         cfg = self.config
-        log.info("connecting to relay %s:%d as %r", host, port, cfg.name)
-        conn = await self._unless_stopped(self._connect(host, port))
+        stack = self._stacks[(host, port)]
+        shown = f" ({stack})" if cfg.stack == "auto" else ""
+        log.info("connecting to relay %s:%d as %r%s", host, port, cfg.name, shown)
+        conn = await self._unless_stopped(self._connect(host, port, stack))
         if conn is None:
             return False
         try:
             return await self.serve_connection(conn, relay=(host, port), backoff=backoff)
         finally:
-            conn.close(0, b"")
+            if conn not in self._kept:  # else its drain closes it
+                conn.close(0, b"")
 
     async def serve_connection(
         self,
@@ -299,72 +355,221 @@ class Edge:
         """Negotiate, authenticate and serve one connection to the relay (``relay``,
         default the first one: for logs) until it ends or the edge is stopped (also
         usable over any transport, e.g. in tests). Returns True if it authenticated
-        (``backoff``, default the edge's, is then reset)."""
+        (``backoff``, default the edge's, is then reset). With ``--stack auto`` the
+        session may be replaced by its aioquic successor (:meth:`_switch`), which is
+        then served here in its place."""
         cfg = self.config
-        host, port = relay if relay is not None else cfg.relay
+        key = relay if relay is not None else cfg.relay
+        stack = self._stacks.get(key, "qh3" if cfg.stack == "auto" else cfg.stack)
+        link = await self._open_link(conn, key, stack, self._instances.get(key, self.instance))
+        if link is None:
+            return False
+        (backoff or self._backoff).reset()
+        try:
+            while True:
+                lossy = asyncio.create_task(link.lossy.wait())
+                await self._unless_stopped(
+                    asyncio.wait({link.running(), lossy}, return_when=asyncio.FIRST_COMPLETED)
+                )
+                lossy.cancel()
+                await asyncio.gather(lossy, return_exceptions=True)
+                if self._stop.is_set() or link.running().done():
+                    break
+                successor = await self._switch(link, key)
+                if successor is not None:
+                    self._drain_later(link, key)
+                    link = successor
+            if self._stop.is_set() and not link.running().done() and link.forwards:
+                # Stopping: new opens are answered SERVICE_UNAVAILABLE (the relay tries
+                # another replica at once) while running streams get the grace period.
+                log.info(
+                    "stopping: %d stream(s) get %.1fs to finish", len(link.forwards), cfg.grace
+                )
+                await asyncio.wait(set(link.forwards), timeout=cfg.grace)
+        finally:
+            await self._end_link(link)
+        return True
+
+    async def _open_link(
+        self, conn: Connection, relay: tuple[str, int], stack: str, instance: str
+    ) -> _Link | None:
+        """Negotiate and authenticate on ``conn`` as ``instance``, then start serving
+        its events; ``None`` if stopped meanwhile.
+
+        Raises:
+            AuthRejected, QuicReverseError: as :func:`authenticate_to_relay`.
+        """
+        cfg = self.config
+        host, port = relay
         session = Session(conn, Role.CLIENT, self.session_config())
         handle = await self._unless_stopped(session.start())
         if handle is None:
-            return False
-        events: asyncio.Task[None] | None = None
-        forwards: set[asyncio.Task[None]] = set()
-        authenticated = False
+            return None
+        link = _Link(conn, handle, stack)
         try:
             await self._unless_stopped(
-                authenticate_to_relay(handle, cfg.name, self._token, self.instance)
+                authenticate_to_relay(handle, cfg.name, self._token, instance)
             )
-            if self._stop.is_set():
-                return False
-            authenticated = True
-            (backoff or self._backoff).reset()
-            self.observer.session_up(handle, f"{host}:{port}")
-            exposed = ", ".join(
-                f"{e.service}={'udp:' if e.protocol == 'udp' else ''}{e.host}:{e.port}"
-                for e in cfg.expose
+        except BaseException:
+            await self._end_link(link)
+            raise
+        if self._stop.is_set():
+            await self._end_link(link)
+            return None
+        self.observer.session_up(handle, f"{host}:{port}")
+        exposed = ", ".join(
+            f"{e.service}={'udp:' if e.protocol == 'udp' else ''}{e.host}:{e.port}"
+            for e in cfg.expose
+        )
+        log.info(
+            "authenticated to relay %s:%d as %r%s; exposing %s",
+            host,
+            port,
+            cfg.name,
+            f" ({stack})" if cfg.stack == "auto" else "",
+            exposed,
+        )
+        # auto: the hint's decision starts a switch (said in one INFO line) instead of
+        # a warning that names the remedy.
+        switching = self._auto and stack != "aioquic"
+        link.hint = LossHint(f"relay {host}:{port}", limiter=self._loss_hints, warn=not switching)
+        link.events = asyncio.create_task(
+            self._serve_events(handle, link.forwards, link, switching),
+            name=f"edge events {host}:{port}",
+        )
+        return link
+
+    async def _switch(self, link: _Link, relay: tuple[str, int]) -> _Link | None:
+        """``--stack auto`` found ``link``'s path lossy: open and authenticate its
+        successor on aioquic under a new instance id (a replica beside it on the relay,
+        not its replacement). ``None`` if that failed (logged; the old session goes on
+        and the hint judges it again after another window) or the edge is stopping."""
+        host, port = relay
+        # Sticky: this relay's sessions use aioquic from now on (reconnects too).
+        self._stacks[relay] = "aioquic"
+        instance = new_instance_id()
+        successor: _Link | None = None
+        conn: Connection | None = None
+        try:
+            conn = await self._unless_stopped(self._connect(host, port, "aioquic"))
+            if conn is not None:
+                successor = await self._open_link(conn, relay, "aioquic", instance)
+        except ConfigError as exc:
+            # aioquic cannot run here after all: stay on qh3 for good.
+            log.warning(
+                "relay %s:%d: cannot switch to aioquic (%s); staying on qh3", host, port, exc
             )
-            log.info(
-                "authenticated to relay %s:%d as %r; exposing %s",
+            self._auto = False
+            self._stacks[relay] = link.stack
+        except (QuicReverseError, OSError) as exc:
+            log.warning(
+                "relay %s:%d: switching to aioquic failed (%s); staying on %s for now",
                 host,
                 port,
-                cfg.name,
-                exposed,
+                str(exc) or type(exc).__name__,
+                link.stack,
             )
-            hint = LossHint(f"relay {host}:{port}", limiter=self._loss_hints)
-            events = asyncio.create_task(
-                self._serve_events(handle, forwards, hint), name=f"edge events {host}:{port}"
-            )
-            await self._unless_stopped(asyncio.shield(events))
-            if self._stop.is_set() and not events.done() and forwards:
-                # Stopping: new opens are answered SERVICE_UNAVAILABLE (the relay tries
-                # another replica at once) while running streams get the grace period.
-                log.info("stopping: %d stream(s) get %.1fs to finish", len(forwards), cfg.grace)
-                await asyncio.wait(set(forwards), timeout=cfg.grace)
+            # Judged again after another whole window (no retry loop of its own).
+            link.hint = LossHint(f"relay {host}:{port}", warn=False)
+            link.lossy.clear()
         finally:
-            self.observer.session_down(handle)
-            if events is not None:
-                events.cancel()
-                await asyncio.gather(events, return_exceptions=True)
-            await self._finish(handle, forwards)
-        return authenticated
+            if successor is None and conn is not None:
+                conn.close(0, b"")
+        if successor is None:
+            return None
+        self._instances[relay] = instance
+        loss = link.hint.loss if link.hint is not None else None
+        log.info(
+            "relay %s:%d: switched to aioquic: %s on %s (loss-based); new connections go to "
+            "the new session, %d running stay on the %s session until they end",
+            host,
+            port,
+            loss.describe() if loss is not None else "lossy path",
+            loss.congestion_control if loss is not None else link.stack,
+            len(link.forwards),
+            link.stack,
+        )
+        return successor
+
+    def _drain_later(self, link: _Link, relay: tuple[str, int]) -> None:
+        """Let ``link`` drain in the background (:meth:`_drain`)."""
+        self._draining.add(link.handle)
+        self._kept.add(link.conn)
+        task = asyncio.create_task(self._drain(link, relay), name=f"drain {relay[0]}:{relay[1]}")
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, link: _Link, relay: tuple[str, int]) -> None:
+        """Serve ``link`` (rejecting new opens "stopping") until its last stream ends,
+        its session is lost (keep-alive) or the edge stops (then the grace period);
+        then close it gracefully."""
+        events = link.running()
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            while link.forwards and not events.done() and not self._stop.is_set():
+                await asyncio.wait(
+                    {*link.forwards, events, stop_wait}, return_when=asyncio.FIRST_COMPLETED
+                )
+            if self._stop.is_set() and link.forwards and not events.done():
+                await asyncio.wait(set(link.forwards), timeout=self.config.grace)
+            elif not events.done():
+                await self._delivered(link.handle)
+            log.info(
+                "relay %s:%d: the drained %s session is closed (%s)",
+                relay[0],
+                relay[1],
+                link.stack,
+                "session lost" if events.done() else "its last connection ended",
+            )
+        finally:
+            stop_wait.cancel()
+            await self._end_link(link, "edge switched stack")
+            link.conn.close(0, b"")
+            self._kept.discard(link.conn)
+
+    async def _delivered(self, handle: SessionHandle) -> None:
+        """Wait (at most ``linger``) until QUIC has nothing in flight: the last stream's
+        final bytes and FIN reached the relay before the session closes (the relay
+        aborts what still runs on a session that closes). Polled at the path's RTT
+        (at least 10 ms): a bounded wait at the end of a drained session only."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.linger
+        while loop.time() < deadline:
+            stats = handle.path_stats()
+            if not stats.bytes_in_flight:  # 0, or unknown (memory transport)
+                return
+            await asyncio.sleep(max(stats.smoothed_rtt or 0.0, 0.01))
+
+    async def _end_link(self, link: _Link, reason: str | None = None) -> None:
+        """Stop serving ``link``: abort its streams, close its session."""
+        self.observer.session_down(link.handle)
+        self._draining.discard(link.handle)
+        if link.events is not None:
+            link.events.cancel()
+            await asyncio.gather(link.events, return_exceptions=True)
+        await self._finish(link.handle, link.forwards, reason)
 
     async def _serve_events(
         self,
         handle: SessionHandle,
         forwards: set[asyncio.Task[None]] | None = None,
-        hint: LossHint | None = None,
+        link: _Link | None = None,
+        switching: bool = False,
     ) -> None:
-        """The event loop of :meth:`_serve` (one task for the whole session, not one
-        per event: a relay open costs no extra task switch). Every event (at least the
-        keep-alive Ping/Pong every ``ping_interval``) also lets ``hint`` look at the
-        path (:mod:`.losshint`)."""
+        """The event loop of a session (one task for the whole session, not one per
+        event: a relay open costs no extra task switch). Every event (at least the
+        keep-alive Ping/Pong every ``ping_interval``) also lets ``link``'s hint look at
+        the path (:mod:`.losshint`); ``switching``: its decision sets ``link.lossy``."""
         while True:
             try:
                 event = await handle.process_message()
             except QuicReverseError as exc:
                 log.warning("session with the relay lost: %s", exc)
                 return
-            if hint is not None:
-                hint.poll(handle.path_stats, time.monotonic())
+            hint = link.hint if link is not None else None
+            lossy = hint is not None and hint.poll(handle.path_stats, time.monotonic()) is not None
+            if lossy and switching and link is not None:
+                link.lossy.set()
             if event is None:
                 log.warning("relay closed the connection")
                 return
@@ -398,7 +603,7 @@ class Edge:
             log.info("relay asked for a UDP flow to %r%s: %s; rejected", service, asked, why)
             await self._reject(handle, rid, RejectCode.UNSUPPORTED_SERVICE, why)
             return
-        if self._stop.is_set():
+        if self._stop.is_set() or handle in self._draining:
             await self._reject(handle, rid, RejectCode.SERVICE_UNAVAILABLE, "stopping")
             return
         await self.udp.serve_flow(handle, request, (entry.host, entry.port), asked)
@@ -419,8 +624,9 @@ class Edge:
             log.info("relay asked for a stream to UDP service %r%s; rejected", service, asked)
             await self._reject(handle, rid, RejectCode.UNSUPPORTED_SERVICE, "a UDP service")
             return
-        if self._stop.is_set():
-            log.info("relay asked for %r%s while stopping; rejected", service, asked)
+        if self._stop.is_set() or handle in self._draining:
+            why = "while stopping" if self._stop.is_set() else "on a draining session"
+            log.info("relay asked for %r%s %s; rejected", service, asked, why)
             await self._reject(handle, rid, RejectCode.SERVICE_UNAVAILABLE, "stopping")
             return
         target = f"{entry.host}:{entry.port}"
@@ -508,7 +714,10 @@ class Edge:
                 self._local_ends.discard(ends)
 
     async def _finish(
-        self, handle: SessionHandle, forwards: set[asyncio.Task[None]] | None = None
+        self,
+        handle: SessionHandle,
+        forwards: set[asyncio.Task[None]] | None = None,
+        reason: str | None = None,
     ) -> None:
         """Abort what still runs on this session (``forwards``; default: every
         session's), then close the session (bounded by the session's ``close_timeout``)."""
@@ -516,6 +725,7 @@ class Edge:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        reason = "edge shutting down" if self._stop.is_set() else "edge reconnecting"
+        if reason is None or self._stop.is_set():
+            reason = "edge shutting down" if self._stop.is_set() else "edge reconnecting"
         with contextlib.suppress(QuicReverseError):
             await handle.close(CloseCode.NORMAL, reason)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..transport.base import PathStats
 
@@ -35,6 +36,7 @@ __all__ = [
     "MIN_SECONDS",
     "REPEAT_AFTER",
     "HintLimiter",
+    "Loss",
     "LossHint",
 ]
 
@@ -82,13 +84,36 @@ class HintLimiter:
         return True
 
 
+@dataclass(frozen=True)
+class Loss:
+    """The window on which :class:`LossHint` decided that a path is lossy."""
+
+    #: ``losses / packets``.
+    ratio: float
+    losses: int
+    packets: int
+    #: Length of the window (seconds).
+    elapsed: float
+    rtt: float | None
+    congestion_control: str
+
+    def describe(self) -> str:
+        """``"1.2% of QUIC packets lost (24 of 2,000 in the last 12 s), RTT 51 ms"``."""
+        rtt = "unknown" if self.rtt is None else f"{self.rtt * 1e3:.0f} ms"
+        return (
+            f"{self.ratio:.1%} of QUIC packets lost ({self.losses:,} of {self.packets:,} "
+            f"in the last {self.elapsed:.0f} s), RTT {rtt}"
+        )
+
+
 class LossHint:
     """Watches one session's path statistics (see the module docstring).
 
     ``peer`` names the other end in the log line (``"relay 203.0.113.7:4433"``,
     ``"edge 'office' (198.51.100.2:50123)"``); ``key`` (default ``peer``) is what the
     ``limiter`` remembers across sessions (an edge's name: its address changes when it
-    reconnects).
+    reconnects). ``warn=False``: decide (:attr:`loss`, :attr:`message`) but log nothing
+    (``--stack auto``, which acts on the decision and says so itself).
     """
 
     def __init__(
@@ -101,6 +126,7 @@ class LossHint:
         min_packets: int | None = None,
         min_seconds: float | None = None,
         check_interval: float | None = None,
+        warn: bool = True,
     ) -> None:
         self.peer = peer
         self.key = peer if key is None else key
@@ -110,10 +136,13 @@ class LossHint:
         self.min_packets = MIN_PACKETS if min_packets is None else min_packets
         self.min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
         self.check_interval = CHECK_INTERVAL if check_interval is None else check_interval
+        self.warn = warn
         #: True once this session was judged for good (hinted, or never to be hinted).
         self.done = False
         #: The warning logged (or suppressed by the limiter), if any.
         self.message: str | None = None
+        #: The figures of the window that decided it, if any.
+        self.loss: Loss | None = None
         self._next_check = float("-inf")
         self._window: tuple[float, int, int] | None = None  # (start, sent, lost)
 
@@ -150,14 +179,16 @@ class LossHint:
         if ratio < self.threshold:
             return None
         self.done = True
-        rtt = stats.smoothed_rtt
-        rtt_text = "unknown" if rtt is None else f"{rtt * 1e3:.0f} ms"
+        self.loss = Loss(
+            ratio, losses, packets, elapsed, stats.smoothed_rtt, stats.congestion_control
+        )
         self.message = (
-            f"{self.peer}: {ratio:.1%} of QUIC packets lost ({losses:,} of {packets:,} "
-            f"in the last {elapsed:.0f} s), RTT {rtt_text}; "
+            f"{self.peer}: {self.loss.describe()}; "
             f"{stats.congestion_control} congestion control (loss-based) slows down sharply "
             f"on such a path: {REMEDY}"
         )
+        if not self.warn:
+            return self.message
         if self.limiter is None or self.limiter.allow(self.key, now):
             log.warning("%s", self.message)
         else:
