@@ -253,7 +253,8 @@ def _edge_flags(**over: Any) -> dict[str, Any]:
 def test_auto_is_an_edge_setting_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_edge_config({}, None, _edge_flags(stack="auto")).stack == "auto"
     assert build_edge_config({"stack": "auto"}, None, _edge_flags()).stack == "auto"
-    assert build_edge_config({}, None, _edge_flags()).stack == "qh3"  # the default
+    assert build_edge_config({}, None, _edge_flags()).stack == "auto"  # the default
+    assert build_edge_config({}, None, _edge_flags(stack="qh3")).stack == "qh3"
     with pytest.raises(ConfigError, match="stack"):
         build_edge_config({}, None, _edge_flags(stack="fastest"))
     relay = {"tokens": "/tmp/tokens.toml", "self_signed": True, "stack": "auto"}

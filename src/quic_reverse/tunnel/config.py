@@ -562,9 +562,9 @@ EDGE_TABLE: tuple[Setting, ...] = (
         name="stack",
         kind="choice",
         choices=EDGE_STACKS,
-        default="qh3",
-        help="QUIC stack; auto: qh3, switching a relay's session to aioquic (without "
-        "dropping connections) once the path proves lossy",
+        default="auto",
+        help="QUIC stack; auto (default): qh3, switching a relay's session to aioquic "
+        "(without dropping connections) once the path proves lossy, if aioquic is installed",
     ),
     *_COMMON_TAIL,
 )
@@ -867,7 +867,7 @@ class EdgeConfig:
     linger: float = 5.0
     log_level: str = "info"
     alpn: str = DEFAULT_ALPN
-    stack: str = "qh3"
+    stack: str = "auto"
     log_format: str = "text"
     metrics: tuple[str, int] | None = None
     proxy_protocol: tuple[str, ...] = ()

@@ -61,7 +61,8 @@ LOSS_BASED_CONTROLLERS = frozenset({"qh3-reno", "reno", "cubic"})
 
 #: Where the remedy is explained.
 REMEDY = (
-    "run this edge with --stack aioquic (its delivery-rate congestion control keeps "
+    "an edge on --stack auto (the default) moves to aioquic by itself, one pinned to "
+    "qh3 needs --stack aioquic or auto (aioquic's delivery-rate congestion control keeps "
     "lossy paths full; a relay with the aioquic extra follows the edge's stack; "
     'docs/TUNNEL.md, "Lossy and long paths: choose the stack")'
 )
