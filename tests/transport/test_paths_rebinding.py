@@ -189,7 +189,7 @@ async def _echo_through(
 #: fail if marked non-strict); the limitation is documented in docs/TUNNEL.md.
 
 
-@pytest.mark.parametrize("stack", ["aioquic"])
+@pytest.mark.parametrize("stack", ["qh3", "aioquic"])
 def test_edge_address_change_keeps_session_and_connections(tmp_path: Path, stack: str) -> None:
     with _tunnel(tmp_path, stack) as (relay, nat, edge):
         port = relay.forwards["edgeA/echo"]
