@@ -72,6 +72,7 @@ class _Stats:
     from_new_datagrams: int = 0
     from_new_packets: int = 0  # packets the server authenticated from it (qh3 only)
     delivered: int = 0  # stream bytes the client received after the change
+    followed: bool = False  # the qh3 adapter authenticated packets from the new address
     sent_to: dict[int, int] = field(default_factory=dict)  # port -> datagrams
 
 
@@ -123,6 +124,9 @@ class _Sim:
             server.receive_datagram(data, addr, self.now)
         elif self.kind == "qh3-adapter":
             server.qr_feed([data], addr, self.now)
+            follow = server._qr_follow
+            if self.counting and follow is not None and tuple(follow[:2]) == addr:
+                self.stats.followed = True
         elif not server._handshake_complete:
             server.receive_datagram(data, addr, self.now)
         else:
@@ -241,6 +245,49 @@ def test_server_validates_the_new_address_and_delivers_everything(kind: str) -> 
     assert stats.delivered == STREAMS * STREAM_BYTES, stats
     if kind == "qh3-adapter":
         assert sim.server._qr_follow is None, "nothing left to redirect once validated"
+
+
+#: qh3 2.1's core keeps at most this many paths per connection and never frees one
+#: (``MAX_PATHS`` in its ``path.rs``): the original plus three new addresses.
+QH3_MAX_PATHS = 4
+
+
+def _successive_changes(kind: str, changes: int) -> list[tuple[bool, bool]]:
+    """The client's address changes ``changes`` times, each time while the server has
+    data to deliver; per change: (everything delivered?, did the qh3 adapter see
+    authenticated packets from the new address?)."""
+    sim = _Sim(kind)
+    sim.handshake()
+    results = []
+    for n in range(1, changes + 1):
+        new = (LOOPBACK, OLD[1] + n)
+        sim.reachable = {new}
+        sim.client_addr = new
+        sim.counting = True
+        sim.stats = _Stats()
+        sim.server_writes(1, 100_000)
+        sim.client.send_ping(n)
+        deadline = sim.now + 5.0
+        for _ in range(ROUNDS):
+            if sim.now > deadline or sim.stats.delivered >= 100_000:
+                break
+            sim.step()
+            sim.advance()
+        results.append((sim.stats.delivered == 100_000, sim.stats.followed))
+    return results
+
+
+def test_qh3_connection_survives_three_address_changes_not_four() -> None:
+    """qh3's path limit: the fourth new address gets no path, its packets are dropped
+    unread (nothing authenticated, so nothing to follow) and the connection ends by
+    idle timeout; the edge then reconnects. aioquic has no such limit."""
+    results = _successive_changes("qh3-adapter", QH3_MAX_PATHS)
+    assert results == [(True, True)] * (QH3_MAX_PATHS - 1) + [(False, False)], results
+
+
+def test_aioquic_connection_survives_many_address_changes() -> None:
+    results = _successive_changes("aioquic", 2 * QH3_MAX_PATHS)
+    assert all(ok for ok, _ in results), results
 
 
 def _adapter_pair() -> _Sim:
