@@ -25,6 +25,12 @@ would wait for many small packets from a silent peer). The challenge thus reache
 peer, the peer answers, the core validates the new path and switches to it by itself;
 from then on nothing is redirected. An authenticated packet from the active address
 again ends the redirection (the peer did not move: reordering or a forwarded copy).
+
+A limit this cannot lift: qh3's core keeps at most four paths per connection and never
+frees one, so packets from a fifth address (the fourth change) are dropped unread and
+the connection ends by idle timeout (the tunnel's edge then reconnects). Lifting it
+would mean hiding every address change from the core and validating new addresses in
+the adapter instead.
 """
 
 from __future__ import annotations
