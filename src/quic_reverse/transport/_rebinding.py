@@ -2,35 +2,39 @@
 
 When a client's NAT mapping changes (same process, new source port), its packets
 reach the server from a new address. RFC 9000 §9.3: the server must send to the new
-address from then on, validating it with PATH_CHALLENGE and sending no more than three
-times what it received from it until validated. qh3 2.1's native core detects the new
-address and queues a PATH_CHALLENGE for it, but if it is congestion-limited at that
-moment with stream data already reserved (which is the normal state after a rebinding:
-everything it sent since the change went to the dead mapping and is never acknowledged),
-``poll_transmit`` moves the challenge into the packet builder's shared queue and returns
-early; the challenge then leaves in the next packet built, addressed to the *active*
-path, the old address. No challenge ever reaches the new address, the path is never
-validated, the core keeps sending to the dead mapping and the connection dies by idle
-timeout (or its application's keep-alive) although the peer is alive and reachable.
-``tests/transport/test_migration.py`` reproduces this with two bare qh3 connections.
+address from then on, after validating it, and send no more than three times what it
+received from it until validated (§8). qh3 2.1's native core cannot be relied on for
+this, for two reasons (``tests/transport/test_migration.py`` shows both with bare qh3
+connections):
 
-:class:`FollowingQuicConnection` works around it without touching the core's path
-logic: once the core *authenticated* packets from an address other than its active
-path's (a forged or replayed datagram is not counted: the core drops it before path
-handling), datagrams the core addresses to the old address go to the new one instead,
-within the anti-amplification budget of RFC 9000 §8 (three times the bytes received
-from the new address) but at least one datagram per authenticated datagram received
-from it (the budget in datagrams; without it a challenge stranded in a full-size packet
-would wait for many small packets from a silent peer). The challenge thus reaches the
-peer, the peer answers, the core validates the new path and switches to it by itself;
-from then on nothing is redirected. An authenticated packet from the active address
-again ends the redirection (the peer did not move: reordering or a forwarded copy).
+* it detects the new address and queues a PATH_CHALLENGE for it, but if it is
+  congestion-limited at that moment with stream data already reserved (the normal
+  state after a rebinding: everything it sent since the change went to the dead mapping
+  and is never acknowledged), ``poll_transmit`` moves the challenge into the packet
+  builder's shared queue and returns early; the challenge then leaves in the next
+  packet built, addressed to the old path. The new address is never validated, the
+  core keeps sending to the dead mapping and the connection dies, although the peer
+  is alive and reachable;
+* it keeps at most four paths per connection and never frees one: packets from a fifth
+  address (the fourth change) are dropped unread.
 
-A limit this cannot lift: qh3's core keeps at most four paths per connection and never
-frees one, so packets from a fifth address (the fourth change) are dropped unread and
-the connection ends by idle timeout (the tunnel's edge then reconnects). Lifting it
-would mean hiding every address change from the core and validating new addresses in
-the adapter instead.
+:class:`FollowingQuicConnection` therefore keeps address changes away from the core
+(it always sees the handshake address) and does the migration itself:
+
+* a batch from another address whose packets the core *authenticated* (forged
+  datagrams fail to decrypt and replayed ones are duplicates: neither counts) makes
+  that address the *candidate*; the core is asked to send a PING;
+* while a candidate is being validated, outgoing datagrams go to it within the
+  anti-amplification budget (three times the bytes received from it, and at least one
+  datagram per authenticated datagram from it, so a full-size packet is not held back
+  by a silent peer's small ones) and are dropped beyond it (QUIC retransmits them); none
+  go to the old address, so the PING can only have reached the peer *at the candidate*;
+* the candidate is validated when the core reports that PING acknowledged by a packet
+  from the candidate: the peer received what was sent only there. From then on every
+  datagram goes to it. Unacknowledged, the PING is repeated (backing off) a few times,
+  then the candidate is abandoned;
+* an authenticated packet from the validated address ends the candidate (the peer did
+  not move: reordering, or a copy forwarded by someone else, RFC 9000 §9.3.3).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from qh3.quic.connection import QuicConnectionError
+from qh3.quic.events import PingAcknowledged
 
 from .qh3 import _LimitedQuicConnection
 
@@ -48,6 +52,17 @@ logger = logging.getLogger("quic_reverse.transport.qh3")
 
 #: RFC 9000 §8: bytes an endpoint may send to an unvalidated address per byte received.
 AMPLIFICATION_FACTOR = 3
+#: Validation PINGs sent to one candidate before it is abandoned (the peer neither
+#: answers there nor speaks from its validated address: the connection is dying).
+PROBE_ATTEMPTS = 10
+#: Wait for a PING's acknowledgement before sending another (seconds), doubled with
+#: every attempt up to PROBE_TIMEOUT_MAX. (A congestion-limited core may hold a PING
+#: until its next probe timeout; any PING sent for a candidate validates it.)
+PROBE_TIMEOUT = 0.2
+PROBE_TIMEOUT_MAX = 2.0
+#: Seconds after a move during which packets from the address the peer left do not
+#: start a validation back to it (stragglers sent before the change).
+MOVE_GRACE = 1.0
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -56,74 +71,138 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class FollowingQuicConnection(_LimitedQuicConnection):
-    """qh3 server connection that follows its peer to a new address (see the module
-    docstring)."""
+    """qh3 server connection that follows its peer to new addresses itself (see the
+    module docstring)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        #: The address the peer now sends from while the core still sends elsewhere.
-        self._qr_follow: Any = None
-        self._qr_follow_bytes = 0  # budget left, bytes
-        self._qr_follow_datagrams = 0  # budget left, datagrams
+        #: The handshake address: the only peer address the core ever sees.
+        self._qr_core_addr: Any = None
+        #: The validated address the peer is reached at.
+        self._qr_peer: Any = None
+        self._qr_moved = False  # the peer is not at the core's address any more
+        #: An address the peer sends from, being validated (None: no migration).
+        self._qr_candidate: Any = None
+        self._qr_budget_bytes = 0
+        self._qr_budget_datagrams = 0
+        self._qr_probe_uids: set[int] = set()  # PINGs sent for the candidate
+        self._qr_probe_attempts = 0
+        self._qr_probe_deadline: float | None = None
+        self._qr_next_uid = 1 << 40  # apart from any uid the application might use
+        self._qr_left: Any = None  # the address the peer moved away from, and when
+        self._qr_moved_at = 0.0
+        #: Address changes validated (diagnostics, tests).
+        self.qr_migrations = 0
 
-    def _active_remote(self) -> Any:
-        core = self._core
-        return None if core is None else core.active_path[2]
+    @property
+    def qr_peer_address(self) -> Any:
+        """The validated address the peer is reached at."""
+        return self._qr_peer
+
+    # -- receive -----------------------------------------------------------------
 
     def qr_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
         core = self._core
         if core is None or not self._handshake_complete:
             super().qr_feed(datagrams, addr, now)
+            if self._qr_core_addr is None and self._core is not None:
+                self._qr_core_addr = self._qr_peer = self._normalize_address(addr)
             return
-        # qh3's receive_many_datagrams without dropping the core's report, whose
-        # third field counts the packets it authenticated and processed.
         address = self._normalize_address(addr)
-        report = self._call_core(core.receive_many_datagrams, datagrams, address, now)
+        # qh3's receive_many_datagrams, always from the core's one address, keeping
+        # the core's report (its third field counts the packets it authenticated).
+        if self._quic_logger is not None:
+            for data in datagrams:
+                self._log_datagram("datagrams_received", data)
+        before = len(self._events)
+        report = self._call_core(core.receive_many_datagrams, datagrams, self._qr_core_addr, now)
         self._drain_core()
         if not report[2]:
             return
-        active = self._active_remote()
-        if _same(address, active):
-            if self._qr_follow is not None:
-                logger.debug("qh3: peer on the core's path %s; not redirecting", active)
-                self._qr_follow = None
+        if _same(address, self._qr_peer):
+            if self._qr_candidate is not None:
+                logger.debug("qh3: peer still at %s; %s abandoned", address, self._qr_candidate)
+                self._end_probe()
             return
-        if not _same(address, self._qr_follow):
-            logger.debug("qh3: peer now sends from %s (core path: %s)", address, active)
-            self._qr_follow = address
-            self._qr_follow_bytes = 0
-            self._qr_follow_datagrams = 0
-        self._qr_follow_bytes += AMPLIFICATION_FACTOR * report[1]
-        self._qr_follow_datagrams += min(report[0], report[2])
+        if _same(address, self._qr_left) and now - self._qr_moved_at < MOVE_GRACE:
+            return
+        if not _same(address, self._qr_candidate):
+            logger.debug("qh3: peer sends from %s (was %s): validating", address, self._qr_peer)
+            self._end_probe()
+            self._qr_candidate = address
+        self._qr_budget_bytes += AMPLIFICATION_FACTOR * report[1]
+        self._qr_budget_datagrams += min(report[0], report[2])
+        if self._probe_acknowledged(before):
+            logger.info("qh3: peer moved from %s to %s", self._qr_peer, address)
+            self._qr_left, self._qr_moved_at = self._qr_peer, now
+            self._qr_peer = address
+            self._qr_moved = not _same(address, self._qr_core_addr)
+            self.qr_migrations += 1
+            self._end_probe()
+        elif not self._qr_probe_uids:
+            self._probe(now)
+
+    def _probe_acknowledged(self, first_event: int) -> bool:
+        """Did the batch just fed acknowledge a PING sent for the candidate?"""
+        uids = self._qr_probe_uids
+        return bool(uids) and any(
+            isinstance(event, PingAcknowledged) and event.uid in uids
+            for event in list(self._events)[first_event:]
+        )
+
+    def _probe(self, now: float) -> None:
+        self._qr_next_uid += 1
+        self._qr_probe_uids.add(self._qr_next_uid)
+        wait = min(PROBE_TIMEOUT * (1 << self._qr_probe_attempts), PROBE_TIMEOUT_MAX)
+        self._qr_probe_deadline = now + wait
+        self._qr_probe_attempts += 1
+        self.send_ping(self._qr_next_uid)
+
+    def _end_probe(self) -> None:
+        self._qr_candidate = None
+        self._qr_budget_bytes = self._qr_budget_datagrams = 0
+        self._qr_probe_uids = set()
+        self._qr_probe_attempts = 0
+        self._qr_probe_deadline = None
+
+    # -- timers ------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        timer = super().get_timer()
+        deadline = self._qr_probe_deadline
+        if deadline is None or (timer is not None and timer <= deadline):
+            return timer
+        return deadline
+
+    def handle_timer(self, now: float) -> None:
+        deadline = self._qr_probe_deadline
+        if deadline is not None and now >= deadline:
+            if self._qr_probe_attempts >= PROBE_ATTEMPTS:
+                logger.debug(
+                    "qh3: %s did not answer; staying at %s", self._qr_candidate, self._qr_peer
+                )
+                self._end_probe()
+            else:
+                self._probe(now)
+        super().handle_timer(now)
+
+    # -- send --------------------------------------------------------------------
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
-        follow = self._qr_follow
-        try:
-            out = super().datagrams_to_send(now)
-        except QuicConnectionError as exc:
-            if follow is None or "capacity" not in exc.reason_phrase:
-                raise
-            # While the core probes the new path it builds for that path's small
-            # anti-amplification allowance and fails when a queued frame is bigger;
-            # nothing is lost for good (the frames stay queued). Expected here: not
-            # worth the driver's warning.
-            logger.debug("qh3: building for the new path to %s: %s", follow, exc)
-            return []
-        if follow is None or not out:
-            return out
-        active = self._active_remote()
-        if _same(follow, active):
-            logger.debug("qh3: path to %s validated", follow)
-            self._qr_follow = None
-            return out
-        redirected: list[tuple[bytes, Any]] = []
-        for data, addr in out:
-            if _same(addr, active):
-                if len(data) <= self._qr_follow_bytes:
-                    self._qr_follow_bytes -= len(data)
-                    addr = follow
-                elif self._qr_follow_datagrams > 0:
-                    self._qr_follow_datagrams -= 1
-                    addr = follow
-            redirected.append((data, addr))
-        return redirected
+        out = super().datagrams_to_send(now)
+        candidate = self._qr_candidate
+        if candidate is None:
+            if not self._qr_moved:
+                return out
+            peer = self._qr_peer
+            return [(data, peer) for data, _ in out]
+        sent: list[tuple[bytes, Any]] = []
+        for data, _ in out:
+            if len(data) <= self._qr_budget_bytes:
+                self._qr_budget_bytes -= len(data)
+            elif self._qr_budget_datagrams > 0:
+                self._qr_budget_datagrams -= 1
+            else:
+                continue  # over the budget: dropped, not sent to the old address
+            sent.append((data, candidate))
+        return sent
