@@ -3,18 +3,19 @@
 Two layers:
 
 * **Stack level, deterministic** (a simulated clock, datagrams handed over in memory,
-  no sockets): the exact situation after a rebinding. The server has data in flight to
-  the old address, which is now dead, and keeps writing; then the client speaks from
-  its new address. Bare qh3 2.1 never sends a single datagram to the new address (its
-  native core strands the PATH_CHALLENGE, see ``transport/_rebinding.py``): that test
-  asserts qh3's real behaviour and fails the day qh3 fixes it, so the workaround can go.
-  The qh3 adapter's server connection and bare aioquic both validate the new path and
-  deliver everything. The workaround only ever follows *authenticated* packets:
-  forged and replayed datagrams from another address redirect nothing.
+  no sockets). Bare qh3 2.1 has two limits, asserted as they are (these tests fail the
+  day qh3 lifts them, so ``transport/_rebinding.py`` can be simplified): when the change
+  finds the server congestion-limited (its data since the change went to the dead
+  mapping) its core never sends a single datagram to the new address; and a connection
+  survives three address changes, not four (the core's path limit). The qh3 adapter's
+  server connection (which keeps address changes away from the core and validates new
+  addresses itself) and bare aioquic deliver everything in both cases. Forged and
+  replayed datagrams from another address divert nothing; an unvalidated address gets
+  no more than the anti-amplification budget.
 * **Real UDP** on 127.0.0.1 through :class:`tests.support.nat.Nat`, both stacks and
   the cross-stack pairs: server-opened streams push data that the client echoes; the
   NAT changes its source port halfway; every stream completes intact on the same
-  connection and the server's stack ends up on the new address.
+  connection and the server ends up sending to the new address.
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ def _rebinding(kind: str) -> tuple[_Sim, _Stats]:
 
 def test_bare_qh3_core_never_reaches_the_new_address() -> None:
     """qh3 2.1 as it is: the peer's packets from the new address are authenticated,
-    yet the core sends nothing there, stays on the dead path and delivers nothing."""
+    yet the core sends nothing there (its PATH_CHALLENGE leaves on the old path), stays
+    on the dead path and delivers nothing."""
     sim, stats = _rebinding("qh3")
     assert stats.from_new_packets > 0, "the server must have authenticated the peer"
     assert stats.to_new == 0, f"qh3 sends to the new address now ({stats.sent_to}): drop the fix?"

@@ -106,8 +106,8 @@ async def _echo_through(
 
 #: Both stacks, both ends. qh3's native core alone would lose the session here about
 #: one run in two (it strands the PATH_CHALLENGE for the new address when it is
-#: congestion-limited, see ``transport/_rebinding.py``); the qh3 adapter's server side
-#: follows the peer until the core has validated the new path.
+#: congestion-limited); the qh3 adapter's server keeps address changes away from the
+#: core and validates the new address itself (``transport/_rebinding.py``).
 
 
 @pytest.mark.parametrize("stack", ["qh3", "aioquic"])

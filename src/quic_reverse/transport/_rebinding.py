@@ -119,7 +119,7 @@ class FollowingQuicConnection(_LimitedQuicConnection):
         self._drain_core()
         if not report[2]:
             return
-        if _same(address, self._qr_peer):
+        if address == self._qr_peer or _same(address, self._qr_peer):
             if self._qr_candidate is not None:
                 logger.debug("qh3: peer still at %s; %s abandoned", address, self._qr_candidate)
                 self._end_probe()
