@@ -58,7 +58,7 @@ PROBE_ATTEMPTS = 10
 #: Wait for a PING's acknowledgement before sending another (seconds), doubled with
 #: every attempt up to PROBE_TIMEOUT_MAX. (A congestion-limited core may hold a PING
 #: until its next probe timeout; any PING sent for a candidate validates it.)
-PROBE_TIMEOUT = 0.2
+PROBE_TIMEOUT = 0.05
 PROBE_TIMEOUT_MAX = 2.0
 #: Seconds after a move during which packets from the address the peer left do not
 #: start a validation back to it (stragglers sent before the change).
@@ -139,7 +139,7 @@ class FollowingQuicConnection(_LimitedQuicConnection):
             self._qr_moved = not _same(address, self._qr_core_addr)
             self.qr_migrations += 1
             self._end_probe()
-        elif not self._qr_probe_uids:
+        elif not self._qr_probe_uids and self._close_event is None:
             self._probe(now)
 
     def _probe_acknowledged(self, first_event: int) -> bool:
@@ -176,7 +176,9 @@ class FollowingQuicConnection(_LimitedQuicConnection):
 
     def handle_timer(self, now: float) -> None:
         deadline = self._qr_probe_deadline
-        if deadline is not None and now >= deadline:
+        if deadline is not None and self._close_event is not None:
+            self._end_probe()  # closing: nothing more to validate
+        elif deadline is not None and now >= deadline:
             if self._qr_probe_attempts >= PROBE_ATTEMPTS:
                 logger.debug(
                     "qh3: %s did not answer; staying at %s", self._qr_candidate, self._qr_peer
