@@ -14,8 +14,9 @@ Two layers:
   no more than the anti-amplification budget.
 * **Real UDP** on 127.0.0.1 through :class:`tests.support.nat.Nat`, both stacks and
   the cross-stack pairs: server-opened streams push data that the client echoes; the
-  NAT changes its source port halfway; every stream completes intact on the same
-  connection and the server ends up sending to the new address.
+  NAT changes its source port halfway (or the client itself continues from a new
+  socket); every stream completes intact on the same connection and the server ends
+  up sending to the new address.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ from qh3.quic.connection import QuicConnection as Qh3Connection
 from qh3.quic.connection import QuicConnectionError as Qh3Error
 
 from quic_reverse.transport import qh3 as qh3_adapter
+from quic_reverse.transport._client import _ClientEndpoint
+from quic_reverse.transport._driver import StackConnection
 from quic_reverse.transport._rebinding import AMPLIFICATION_FACTOR, FollowingQuicConnection
+from quic_reverse.transport._udp import open_udp_endpoint
 from quic_reverse.transport.base import Connection
 from quic_reverse.transport.quic import ClientTLS, connect
 from tests.support.nat import LOOPBACK, Nat
@@ -496,3 +500,67 @@ async def test_streams_survive_a_client_address_change(kind: str) -> None:
         # The server validates the new address (it may finish after the data did:
         # until then it sends there within the anti-amplification budget).
         await eventually(lambda: _stack_peer(server) == new, LONG, "server on the new address")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_streams_survive_the_client_moving_to_a_new_socket(kind: str) -> None:
+    """The client itself continues from a new UDP socket (what an edge does after a
+    network change): its driver sends through the new socket and takes whatever
+    arrives there; the server sees an address change like a NAT rebinding."""
+    client_stack, server_stack = stacks_of(kind)
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[Connection] = loop.create_future()
+
+    async def on_connection(conn: Connection) -> None:
+        if not accepted.done():
+            accepted.set_result(conn)
+        await conn.wait_closed()
+
+    cert, _ = dev_certificate()
+    async with quic_server(on_connection, stack=server_stack) as quic:
+        host, port = quic.address
+        client = await connect(host, port, tls=ClientTLS(cafile=cert), stack=client_stack)
+        assert isinstance(client, StackConnection)
+        new_socket: asyncio.DatagramTransport | None = None
+        try:
+            async with asyncio.timeout(LONG):
+                server = await accepted
+            echoing = asyncio.create_task(_echo_all(client))
+            payloads = [os.urandom(PAYLOAD) for _ in range(CONNECTIONS)]
+            halfway = [asyncio.Event() for _ in payloads]
+            moved = asyncio.Event()
+            pushes = [
+                asyncio.create_task(_push(server, p, h, moved))
+                for p, h in zip(payloads, halfway, strict=True)
+            ]
+            try:
+                async with asyncio.timeout(LONG):
+                    await asyncio.gather(*(h.wait() for h in halfway))
+                old_socket = client._transport
+                assert old_socket is not None
+                new_socket, addr = await open_udp_endpoint(
+                    _ClientEndpoint(client, None), host, port, remote=True
+                )
+                client.attach(new_socket, addr)
+                old_socket.close()
+                new_port = int(new_socket.get_extra_info("sockname")[1])
+                moved.set()
+                keepalive, _ = await client.open_bi()
+                await keepalive.write(b"ping")
+                await keepalive.finish()
+                async with asyncio.timeout(LONG * 2):
+                    results = await asyncio.gather(*pushes)
+            finally:
+                for task in (*pushes, echoing):
+                    task.cancel()
+            for i, (sent, got) in enumerate(zip(payloads, results, strict=True)):
+                assert hashlib.sha256(got).digest() == hashlib.sha256(sent).digest(), i
+            assert client.is_open and server.is_open
+            await eventually(lambda: _stack_peer(server) == new_port, LONG, "server on new socket")
+        finally:
+            client.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LONG / 2):
+                    await client.wait_closed()
+            if new_socket is not None:
+                new_socket.close()
