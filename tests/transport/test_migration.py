@@ -545,6 +545,7 @@ async def test_streams_survive_the_client_moving_to_a_new_socket(kind: str) -> N
                 old_socket.close()
                 new_port = int(new_socket.get_extra_info("sockname")[1])
                 moved.set()
+                await asyncio.sleep(50 * MS)  # as above: the server writes first
                 keepalive, _ = await client.open_bi()
                 await keepalive.write(b"ping")
                 await keepalive.finish()
