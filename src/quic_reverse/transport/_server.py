@@ -67,7 +67,10 @@ class StackServer:
 
     Batches arrive grouped by source address (see :mod:`._udp`), are routed by
     destination connection id and handed to the connection in one call, so one
-    connection processes a whole burst of packets before it transmits once.
+    connection processes a whole burst of packets before it transmits once. Routing
+    never looks at the source address: a peer whose address changed (NAT rebinding)
+    reaches its connection, whose stack validates the new address and sends there
+    (qh3 with help, see :mod:`._rebinding`).
     """
 
     def __init__(

@@ -506,7 +506,9 @@ def _create(
 ) -> QuicStack:
     if original_dcid is None:
         return _LimitedQuicConnection(max_streams=max_streams, configuration=configuration)
-    return _LimitedQuicConnection(
+    from ._rebinding import FollowingQuicConnection  # subclass of _LimitedQuicConnection
+
+    return FollowingQuicConnection(
         max_streams=max_streams,
         configuration=configuration,
         original_destination_connection_id=original_dcid,
