@@ -48,9 +48,23 @@ class ControlWriter:
 
     ``queued``/``written`` count bytes since the start: a caller's bytes are out once
     ``written`` reaches the ``queued`` value seen right after they were appended.
+
+    How bytes leave the outbox, always whole and in order:
+
+    * **at the transmit** (writer parked): the first bytes of a loop turn register
+      one callback with the transport (``SendStream.call_before_send``) that runs right
+      before its next transmit, the one that would carry a write made now, and hands
+      everything the turn queued to the transport at once with the non-blocking,
+      all-or-nothing ``SendStream.try_write``: one transport write per turn for all
+      its frames, and no loop turn of latency for a lone open;
+    * **synchronously**, on a transport without that callback: ``try_write`` at once;
+    * **by the writer task** when the stream has no room (or before it is known): the
+      task awaits ``write`` with everything queued.
     """
 
     __slots__ = (
+        "_busy",
+        "_flush_pending",
         "_idle",
         "_ready",
         "_send",
@@ -67,42 +81,63 @@ class ControlWriter:
         self.written = 0
         #: Once the session's shutdown is done nothing is written any more.
         self.discarding = False
-        self._ready = asyncio.Event()  # the buffer has bytes for the writer
+        self._ready = asyncio.Event()  # the buffer has bytes for the writer task
         self._idle = asyncio.Event()  # everything queued was written (or dropped)
         self._idle.set()
+        #: The writer task owns the outbox (it has bytes to write or is writing).
+        self._busy = False
+        #: A flush is registered with the transport (see the class docstring).
+        self._flush_pending = False
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-        #: The stream, while the writer task is running (for the fast path).
+        #: The stream, while the writer task is running (for the fast paths).
         self._send: SendStream | None = None
 
     def __len__(self) -> int:
         return len(self.buffer)
 
     def filled(self, added: int) -> None:
-        """``added`` bytes were appended to :attr:`buffer`: write them now or wake the
-        writer.
-
-        Fast path: when the writer is parked (outbox was empty, no write in progress)
-        and the stream takes all of it without waiting (``try_write``), the bytes are
-        handed to the transport here, synchronously, as the writer would have: same
-        order, whole or not at all, nothing to cancel. This saves the loop turn the
-        writer task would take to wake up. Otherwise the writer task writes them.
+        """``added`` bytes were appended to :attr:`buffer`: hand them over at the
+        transport's next transmit, now, or by the writer task (see the class
+        docstring). Never awaits: nothing a cancellation could cut.
         """
         buffer = self.buffer
         if self.discarding:
             buffer.clear()
             return
         self.queued += added
-        idle = self._idle
+        if self._busy or self._flush_pending:
+            return  # they go after the bytes already waiting, by the same path
+        self._idle.clear()
         send = self._send
-        if send is not None and idle.is_set() and len(buffer) == added:
-            data = bytes(buffer)
-            if send.try_write(data):
-                buffer.clear()
-                self.written += added
-                if self._waiters:
-                    self._wake(self.written)
+        if send is not None:
+            self._flush_pending = True
+            if send.call_before_send(self._flush):
                 return
-        idle.clear()
+            self._flush()
+            return
+        self._start_task()
+
+    def _flush(self) -> None:
+        """Hand the whole outbox to the transport, or leave it to the writer task."""
+        if not self._flush_pending:
+            return  # stopped meanwhile
+        self._flush_pending = False
+        buffer = self.buffer
+        if self._busy or not buffer:
+            return
+        send = self._send
+        if send is not None and send.try_write(bytes(buffer)):
+            self.written += len(buffer)
+            buffer.clear()
+            if self._waiters:
+                self._wake(self.written)
+            self._idle.set()
+            return
+        self._start_task()
+
+    def _start_task(self) -> None:
+        self._busy = True
+        self._idle.clear()
         self._ready.set()
 
     async def flushed(self) -> None:
@@ -129,8 +164,10 @@ class ControlWriter:
         self._send = send
         try:
             while True:
-                if not buffer:
-                    self._idle.set()
+                if not buffer or not self._busy:
+                    self._busy = False
+                    if not buffer:
+                        self._idle.set()
                     ready.clear()
                     await ready.wait()
                     continue
@@ -146,6 +183,8 @@ class ControlWriter:
     def stop(self) -> None:
         """No more writes: drop what is queued and release every waiter."""
         self.discarding = True
+        self._busy = False
+        self._flush_pending = False
         self.buffer.clear()
         self._wake(None)
         self._idle.set()

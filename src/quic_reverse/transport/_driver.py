@@ -125,6 +125,8 @@ class StackConnection(Connection):
         self._timer: asyncio.Handle | None = None
         self._timer_armed_at = 0.0  # the loop time self._timer runs at
         self._transmit_handle: asyncio.Handle | None = None
+        #: One-shot callbacks run at the next transmit, before packets are built.
+        self.before_transmit: list[Callable[[], None]] = []
         self._table = StreamTable(is_client=is_client)
         self._open_waiters: list[asyncio.Future[None]] = []
         self._blocked_writers: set[StreamState] = set()
@@ -248,6 +250,11 @@ class StackConnection(Connection):
             self._transmit_handle = self._loop.call_soon(self._transmit)
 
     def _transmit(self) -> None:
+        if self.before_transmit:  # their writes join this transmit (see call_before_send)
+            callbacks = self.before_transmit
+            self.before_transmit = []
+            for callback in callbacks:
+                callback()
         self._transmit_handle = None
         self._send_datagrams()
         if self._flush_needed is not None and self._flush_needed():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import StreamReset, StreamStopped, UsageError
@@ -207,6 +208,14 @@ class QuicSendStream(SendStream):
             conn._stack_send(state, data, False)
         except Exception:
             return False  # the stack refused it whole: write() reports why
+        conn._transmit_soon()
+        return True
+
+    def call_before_send(self, callback: Callable[[], None]) -> bool:
+        conn = self._conn
+        if not conn.is_open:
+            return False
+        conn.before_transmit.append(callback)
         conn._transmit_soon()
         return True
 

@@ -106,6 +106,18 @@ class SendStream(abc.ABC):
         """
         return False
 
+    def call_before_send(self, callback: Callable[[], None]) -> bool:
+        """Call ``callback()`` once, right before the transport next builds packets for
+        this stream's connection (within the loop turn that follows, the one in which
+        bytes written now would leave). Bytes it hands over with :meth:`try_write` go
+        out with that same transmit, so writes made in one turn can be collected and
+        handed over together at no cost in latency. ``callback`` must not raise.
+
+        Returns False, and never calls ``callback``, when the transport has no such
+        point (or the connection is closed).
+        """
+        return False
+
 
 class RecvStream(abc.ABC):
     """The receiving half of a QUIC stream."""
