@@ -83,8 +83,8 @@ from .wire import (
     MetadataValue,
     OpenFlags,
     RejectCode,
-    StreamBind,
 )
+from .wire.bind import bind_header
 
 __all__ = ["Handler", "MetadataLike", "Session", "SessionHandle"]
 
@@ -203,7 +203,7 @@ class SessionHandle:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._ready: asyncio.Future[None] = self._loop.create_future()
-        self._open_waiters: dict[int, tuple[asyncio.Future[Stream], str]] = {}
+        self._open_waiters: dict[int, tuple[asyncio.Future[Stream], str, Metadata]] = {}
         self._ping_waiters: dict[int, asyncio.Future[float]] = {}
         self._events_ready = asyncio.Event()
         self._ended = asyncio.Event()  # the core reached CLOSED
@@ -345,10 +345,10 @@ class SessionHandle:
         sent = Metadata.of(metadata)
         rid = self._core.open_request(service, sent, flags, self._loop.time())
         fut: asyncio.Future[Stream] = self._loop.create_future()
-        self._open_waiters[rid] = (fut, service)
+        self._open_waiters[rid] = (fut, service, sent)
         self._pump()
         try:
-            return self._describe(await fut, sent)
+            return await fut
         except asyncio.CancelledError:
             self._open_waiters.pop(rid, None)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -400,7 +400,7 @@ class SessionHandle:
                 self._core.stream_released(lsid)
                 self._pump()
 
-        header = StreamBind(logical_stream_id=lsid).encode()
+        header = bind_header(lsid)
         try:
             if not pair[0].try_write(header):  # the usual case takes it without waiting
                 await pair[0].write(header)
@@ -411,14 +411,15 @@ class SessionHandle:
             self._abandon_accepted(lsid, CloseCode.RESET, "accept did not complete")
             release()
             raise
-        send, recv = pair
-        stream = Stream(send, recv, logical_stream_id=lsid, service=service, on_release=release)
-        return self._describe(stream, None)
-
-    def _describe(self, stream: Stream, metadata: Metadata | None) -> Stream:
-        """Fill in what ``stream.get_extra_info()`` reports from the session."""
-        stream._extra.update(peername=self._conn.remote_address, metadata=metadata, role=self._role)
-        return stream
+        return Stream(
+            pair[0],
+            pair[1],
+            logical_stream_id=lsid,
+            service=service,
+            on_release=release,
+            connection=self._conn,
+            role=self._role,
+        )
 
     async def open_flow(
         self,
@@ -613,7 +614,7 @@ class SessionHandle:
         except QuicReverseError as exc:
             logger.warning("%s: could not accept %r: %s", self._role.value, service, exc)
             return
-        stream._extra["metadata"] = metadata
+        stream._metadata = metadata
         try:
             await handler(stream)
         except asyncio.CancelledError:
@@ -680,8 +681,8 @@ class SessionHandle:
             self._acceptor_task = self._spawn(self._acceptor.run(), "stream-acceptor")
 
     def _dispatch(self, output: Output) -> None:
-        if self._flows.dispatch(output):  # datagram flows (extension)
-            return
+        if type(output) is not OpenResolved and self._flows.dispatch(output):
+            return  # datagram flows (extension); OpenResolved, the common one, is not theirs
         if isinstance(output, OpenResolved):
             pair = self._acceptor.take(output.token)
             waiter = self._open_waiters.pop(output.request_id, None)
@@ -695,10 +696,17 @@ class SessionHandle:
                 self._core.stream_released(None)
                 reset_pair(pair)
                 return
-            fut, service = waiter
+            fut, service, metadata = waiter
             fut.set_result(
                 Stream(
-                    pair[0], pair[1], logical_stream_id=lsid, service=service, on_release=release
+                    pair[0],
+                    pair[1],
+                    logical_stream_id=lsid,
+                    service=service,
+                    on_release=release,
+                    connection=self._conn,
+                    metadata=metadata,
+                    role=self._role,
                 )
             )
         elif isinstance(output, OpenFailed):
@@ -798,7 +806,7 @@ class SessionHandle:
         waiter_error: QuicReverseError = error
         if end.clean and not isinstance(error, SessionClosed):
             waiter_error = SessionClosed(str(error))
-        for fut, _ in self._open_waiters.values():
+        for fut, _, _ in self._open_waiters.values():
             if not fut.done():
                 fut.set_exception(waiter_error)
         self._open_waiters.clear()

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
+from .config import Role
 from .errors import (
     ConnectionClosed,
     IncompleteReadError,
@@ -34,8 +35,8 @@ from .errors import (
     StreamReset,
     UsageError,
 )
-from .transport.base import RecvStream, SendStream
-from .wire import CloseCode
+from .transport.base import Connection, RecvStream, SendStream
+from .wire import CloseCode, Metadata
 
 __all__ = ["Stream"]
 
@@ -61,6 +62,9 @@ class Stream:
         logical_stream_id: int,
         service: str | None,
         on_release: Callable[[], None] | None = None,
+        connection: Connection | None = None,
+        metadata: Metadata | None = None,
+        role: Role | None = None,
     ) -> None:
         self._send = send
         self._recv = recv
@@ -74,8 +78,10 @@ class Stream:
         self._released = False
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
-        #: get_extra_info() values the session knows (peername, metadata, role).
-        self._extra: dict[str, Any] = {}
+        # What get_extra_info() reports from the session (peername: asked when needed).
+        self._connection = connection
+        self._metadata = metadata
+        self._role = role
 
     def __repr__(self) -> str:
         return (
@@ -127,7 +133,16 @@ class Stream:
             return self._send.stream_id
         if name == "stream":
             return self
-        return self._extra.get(name, default)
+        connection = self._connection
+        if connection is None:  # not made by a session
+            return default
+        if name == "peername":
+            return connection.remote_address
+        if name == "metadata":
+            return self._metadata
+        if name == "role":
+            return self._role
+        return default
 
     # ------------------------------------------------------------------ reading
 

@@ -17,7 +17,7 @@ import logging
 from .. import events as ev
 from ..config import Config, Role
 from ..errors import SessionClosed
-from ..wire import Message, encode_message_frame
+from ..wire import Message, OpenResponse, encode_message_frame
 from .outputs import CoreState, Output, SessionEnded
 from .timers import Deadlines
 
@@ -46,7 +46,8 @@ class CoreBase:
     _tag: str  # for log lines (enum .value is a slow property)
     _out: bytearray
     _outputs: list[Output]
-    _events: collections.deque[ev.ControlEvent]
+    # OpenResponse: an OpenResponseReceived not built yet (see next_user_event)
+    _events: collections.deque[ev.ControlEvent | OpenResponse]
     _info_events: int
     _deadlines: Deadlines
 
@@ -59,7 +60,7 @@ class CoreBase:
         """Send an already encoded frame (an OpenRequest encoded when it was queued)."""
         self._out += frame
 
-    def _push_info(self, event: ev.ControlEvent) -> None:
+    def _push_info(self, event: ev.ControlEvent | OpenResponse) -> None:
         """Queue an informational event, dropping the oldest one past the limit."""
         self._events.append(event)
         self._info_events += 1

@@ -26,7 +26,8 @@ from ..errors import (
     StreamReset,
     TimeoutKind,
 )
-from ..wire import CloseCode, Metadata, OpenFlags, OpenRequest, OpenResponse, encode_message_frame
+from ..wire import CloseCode, Metadata, OpenFlags, OpenResponse
+from ..wire.framing import open_request_frame
 from .base import CoreBase, logger
 from .outputs import OpenFailed, OpenResolved, StreamRefused
 from .timers import TimerKind
@@ -107,9 +108,7 @@ class LocalOpens(CoreBase):
                 f"{self.config.max_inflight_opens} in-flight slots (max_queued_opens)"
             )
         rid = self._next_request_id
-        frame = encode_message_frame(
-            OpenRequest(request_id=rid, service=service, metadata=metadata, flags=flags)
-        )
+        frame = open_request_frame(rid, service, metadata, flags)
         self._next_request_id += 1
         rec = LocalOpen(rid, frame, _QUEUED, now + self.config.open_timeout)
         self._local[rid] = rec

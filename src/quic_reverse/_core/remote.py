@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .. import events as ev
 from ..errors import EncodeError, ProtocolError, UsageError
 from ..wire import OpenFlags, OpenRequest, OpenResponse, OpenStatus, RejectCode
+from ..wire.framing import open_response_accepted_frame
 from .base import OPEN, CoreBase, logger
 from .timers import TimerKind
 
@@ -158,9 +159,7 @@ class RemoteOpens(CoreBase):
             self._next_lsid = lsid + 1 if lsid < _U64_MAX else 1
         else:
             lsid = logical_stream_id
-        self._send(
-            OpenResponse(request_id=request_id, status=OpenStatus.ACCEPTED, logical_stream_id=lsid)
-        )
+        self._send_frame(open_response_accepted_frame(request_id, lsid))
         del self._incoming[request_id]
         self._used_lsids.add(lsid)
         self.active_streams += 1
