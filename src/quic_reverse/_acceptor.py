@@ -118,7 +118,9 @@ class StreamAcceptor:
 
     async def _read_header(self, token: int, recv: RecvStream) -> None:
         try:
-            header = await recv.read_exactly(STREAM_BIND_SIZE)
+            header = await recv.read(STREAM_BIND_SIZE)  # all of it, when it is buffered
+            if len(header) < STREAM_BIND_SIZE:
+                header += await recv.read_exactly(STREAM_BIND_SIZE - len(header))
         except (TransportError, IncompleteReadError) as exc:
             logger.warning("%s: data stream lost before its StreamBind: %s", self._tag, exc)
             self.header_tasks.pop(token, None)

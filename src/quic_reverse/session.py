@@ -660,20 +660,23 @@ class SessionHandle:
         the writer's outbox (see :class:`ControlWriter` for who writes them).
         """
         core = self._core
-        take_output = self._channel.take_output
-        take_output()
-        if core.has_outputs:
+        # The core's queues are read directly (not through has_outputs & co.): this
+        # runs after every input, several times per open.
+        if core._out:
+            self._channel.take_output()
+        if core._outputs:
             for output in core.outputs():
                 self._dispatch(output)
-        if core.has_events:
+        if core._events:
             if self._serve_handlers is not None:
                 self._route_events()
-                take_output()
+                if core._out:
+                    self._channel.take_output()
             else:
                 self._events_ready.set()
         if core.end is not None:
             self._events_ready.set()
-        if core.has_new_deadline:
+        if core._deadlines._new is not None:
             self._rearm_timer()
 
     def _start_acceptor(self) -> None:
@@ -687,11 +690,6 @@ class SessionHandle:
             pair = self._acceptor.take(output.token)
             waiter = self._open_waiters.pop(output.request_id, None)
             lsid = output.logical_stream_id
-
-            def release() -> None:
-                self._core.stream_released(None)
-                self._pump()
-
             if waiter is None or waiter[0].done():
                 self._core.stream_released(None)
                 reset_pair(pair)
@@ -703,7 +701,7 @@ class SessionHandle:
                     pair[1],
                     logical_stream_id=lsid,
                     service=service,
-                    on_release=release,
+                    on_release=self._release_opened,
                     connection=self._conn,
                     metadata=metadata,
                     role=self._role,
@@ -736,6 +734,11 @@ class SessionHandle:
             self._start_acceptor()
         elif isinstance(output, SessionEnded):
             self._on_end(output)
+
+    def _release_opened(self) -> None:
+        """A stream we opened is done in both directions: its slot is free."""
+        self._core.stream_released(None)
+        self._pump()
 
     def _rearm_timer(self) -> None:
         """Arm the timer if the core added a deadline earlier than the armed one.

@@ -49,6 +49,7 @@ class CoreBase:
     # OpenResponse: an OpenResponseReceived not built yet (see next_user_event)
     _events: collections.deque[ev.ControlEvent | OpenResponse]
     _info_events: int
+    _dropped_events: int  # informational events dropped unread (queue full)
     _deadlines: Deadlines
 
     # ------------------------------------------------------------------ output path
@@ -69,7 +70,14 @@ class CoreBase:
                 if not isinstance(old, ev.OpenRequestReceived):
                     del self._events[i]
                     self._info_events -= 1
-                    logger.debug("%s: event queue full, dropped %r", self._tag, old)
+                    self._dropped_events += 1
+                    if self._dropped_events & (self._dropped_events - 1) == 0:  # 1, 2, 4...
+                        logger.debug(
+                            "%s: event queue full, dropped %r (%d dropped so far)",
+                            self._tag,
+                            old,
+                            self._dropped_events,
+                        )
                     break
 
     def _require_open(self) -> None:

@@ -97,6 +97,7 @@ class SessionCore(StreamPairing, RemoteOpens, FlowCore):
         self._outputs: list[Output] = []
         self._events: collections.deque[ev.ControlEvent | OpenResponse] = collections.deque()
         self._info_events = 0
+        self._dropped_events = 0
         self._deadlines = Deadlines(self._timer_live)
         self._last_activity = 0.0
 
