@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar, cast
 
-from ._acceptor import StreamAcceptor, reset_pair
+from ._acceptor import Pair, StreamAcceptor, reset_pair
 from ._control import ControlChannel
 from ._core import (
     Negotiated,
@@ -385,12 +385,28 @@ class SessionHandle:
                 core.reject(request_id, RejectCode.SERVICE_UNAVAILABLE, "accept did not complete")
                 self._pump()
             raise
+        stream, header = self._accepted(request_id, logical_stream_id, service, pair)
+        self._pump()
+        if header is not None:
+            try:
+                await pair[0].write(header)
+            except BaseException:
+                self._abandon_header(stream)
+                raise
+        return stream
+
+    def _accepted(
+        self, request_id: int, logical_stream_id: int | None, service: str, pair: Pair
+    ) -> tuple[Stream, bytes | None]:
+        """Answer the peer's request with the data stream ``pair`` (already open):
+        OpenResponse(Accepted) queued in the core (the caller pumps), the StreamBind
+        handed to the stream. Returns the stream, and its header if the stream had no
+        room for it now (the caller writes it or gives up, :meth:`_abandon_header`)."""
         try:
-            lsid = core.accept(request_id, logical_stream_id)
+            lsid = self._core.accept(request_id, logical_stream_id)
         except BaseException:
             reset_pair(pair)  # another accept answered it, or the session ended
             raise
-        self._pump()
         released = False
 
         def release() -> None:
@@ -400,18 +416,7 @@ class SessionHandle:
                 self._core.stream_released(lsid)
                 self._pump()
 
-        header = bind_header(lsid)
-        try:
-            if not pair[0].try_write(header):  # the usual case takes it without waiting
-                await pair[0].write(header)
-        except BaseException:
-            # The peer was told "accepted": tell it the stream will not come (its open
-            # fails at once instead of at its bind deadline).
-            reset_pair(pair)
-            self._abandon_accepted(lsid, CloseCode.RESET, "accept did not complete")
-            release()
-            raise
-        return Stream(
+        stream = Stream(
             pair[0],
             pair[1],
             logical_stream_id=lsid,
@@ -420,6 +425,17 @@ class SessionHandle:
             connection=self._conn,
             role=self._role,
         )
+        header = bind_header(lsid)
+        if pair[0].try_write(header):  # the usual case takes it without waiting
+            return stream, None
+        return stream, header
+
+    def _abandon_header(self, stream: Stream) -> None:
+        """The StreamBind of an accepted stream could not be written. The peer was
+        told "accepted": tell it the stream will not come (its open fails at once
+        instead of at its bind deadline), reset the stream, free its slot."""
+        self._abandon_accepted(stream.logical_stream_id, CloseCode.RESET, "accept did not complete")
+        stream.reset(CloseCode.RESET)
 
     async def open_flow(
         self,
@@ -575,8 +591,23 @@ class SessionHandle:
                         f"unknown service {event.service!r}",
                     )
                 continue
-            run = self._run_handler(event.request_id, event.service, handler, event.metadata)
-            self._spawn(run, "handler")
+            pair = self._conn.try_open_bi()
+            if pair is None:  # no free stream slot now: the task waits for one
+                run = self._run_handler(event.request_id, event.service, handler, event.metadata)
+                self._spawn(run, "handler")
+                continue
+            # Accepted here, in this loop turn (the caller pumps the OpenResponse out):
+            # the handler's task starts with its stream.
+            try:
+                stream, header = self._accepted(event.request_id, None, event.service, pair)
+            except QuicReverseError as exc:
+                logger.warning("%s: could not accept %r: %s", self._role.value, event.service, exc)
+                continue
+            if header is not None:  # no room for 13 bytes on a new stream: closing
+                self._abandon_header(stream)
+                continue
+            stream._metadata = event.metadata
+            self._spawn(self._serve_stream(stream, event.service, handler), "handler")
 
     def _route_flow(self, event: OpenRequestReceived) -> None:
         flow_handler = self._serve_flow_handlers.get(event.service)
@@ -615,6 +646,10 @@ class SessionHandle:
             logger.warning("%s: could not accept %r: %s", self._role.value, service, exc)
             return
         stream._metadata = metadata
+        await self._serve_stream(stream, service, handler)
+
+    async def _serve_stream(self, stream: Stream, service: str, handler: Handler) -> None:
+        """Run ``handler`` on an accepted stream; close or reset the stream after it."""
         try:
             await handler(stream)
         except asyncio.CancelledError:

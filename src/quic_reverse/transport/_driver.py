@@ -626,6 +626,19 @@ class StackConnection(Connection):
                 self._open_waiters.remove(fut)
         with stack_call("open_bi"):
             stream_id = quic.qr_allocate_bidi()
+        return self._opened(stream_id)
+
+    def try_open_bi(self) -> tuple[SendStream, RecvStream] | None:
+        quic = self._quic
+        if not self._is_open or not quic.qr_bidi_slot_available():
+            return None
+        try:
+            stream_id = quic.qr_allocate_bidi()
+        except Exception:  # open_bi() reports why
+            return None
+        return self._opened(stream_id)
+
+    def _opened(self, stream_id: int) -> tuple[SendStream, RecvStream]:
         state = self._table.add_local(stream_id)
         logger.debug("%s: opened stream %d", self.stack_name, stream_id)
         return QuicSendStream(self, state), QuicRecvStream(self, state)

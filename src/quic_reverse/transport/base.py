@@ -181,6 +181,15 @@ class Connection(abc.ABC):
             ConnectionClosed: the connection is (or becomes) closed.
         """
 
+    def try_open_bi(self) -> tuple[SendStream, RecvStream] | None:
+        """Open a bidirectional stream now if that needs no waiting (a slot is free
+        under the peer's stream limit and the connection is open), as :meth:`open_bi`
+        would; otherwise open nothing and return ``None`` (the caller then uses
+        :meth:`open_bi`, which waits or raises as usual). Never raises. A transport
+        without a non-blocking path returns ``None``.
+        """
+        return None
+
     @abc.abstractmethod
     async def accept_bi(self) -> tuple[SendStream, RecvStream] | None:
         """Wait for the next peer-opened bidirectional stream; ``None`` once closing.
