@@ -66,9 +66,12 @@ class CoreBase:
         self._events.append(event)
         self._info_events += 1
         if self._info_events > self.config.max_buffered_events:
-            for i, old in enumerate(self._events):
+            for i, old in enumerate(self._events):  # nearly always i == 0
                 if not isinstance(old, ev.OpenRequestReceived):
-                    del self._events[i]
+                    if i:
+                        del self._events[i]
+                    else:
+                        self._events.popleft()
                     self._info_events -= 1
                     self._dropped_events += 1
                     if self._dropped_events & (self._dropped_events - 1) == 0:  # 1, 2, 4...
