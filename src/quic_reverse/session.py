@@ -607,7 +607,7 @@ class SessionHandle:
                 self._abandon_header(stream)
                 continue
             stream._metadata = event.metadata
-            self._spawn(self._serve_stream(stream, event.service, handler), "handler")
+            self._spawn_handler(self._serve_stream(stream, event.service, handler))
 
     def _route_flow(self, event: OpenRequestReceived) -> None:
         flow_handler = self._serve_flow_handlers.get(event.service)
@@ -646,10 +646,20 @@ class SessionHandle:
             logger.warning("%s: could not accept %r: %s", self._role.value, service, exc)
             return
         stream._metadata = metadata
-        await self._serve_stream(stream, service, handler)
+        await self._run_on(stream, service, handler)
 
     async def _serve_stream(self, stream: Stream, service: str, handler: Handler) -> None:
-        """Run ``handler`` on an accepted stream; close or reset the stream after it."""
+        """Run ``handler`` on an accepted stream; close or reset the stream after it.
+
+        Run by :meth:`_spawn_handler`'s tasks, which leave ``self._tasks`` here."""
+        try:
+            await self._run_on(stream, service, handler)
+        except Exception as exc:  # a bug here, not in the handler: as _task_done does
+            self._internal_failure("handler", exc)
+        finally:
+            self._tasks.discard(asyncio.current_task())
+
+    async def _run_on(self, stream: Stream, service: str, handler: Handler) -> None:
         try:
             await handler(stream)
         except asyncio.CancelledError:
@@ -814,14 +824,25 @@ class SessionHandle:
         task.add_done_callback(self._task_done)
         return task
 
+    def _spawn_handler(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A task for :meth:`_serve_stream`, which removes it from ``self._tasks`` and
+        reports its failures itself: no done callback, one loop callback less per open."""
+        self._tasks.add(self._loop.create_task(coro, name=self._task_prefix + "handler"))
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            logger.error("%s: internal task %s failed: %r", self._role.value, task.get_name(), exc)
-            error = exc if isinstance(exc, QuicReverseError) else TransportError(repr(exc))
-            self._core.abort(error)
-            self._pump()
+            assert exc is not None
+            self._internal_failure(task.get_name(), exc)
+
+    def _internal_failure(self, name: str, exc: BaseException) -> None:
+        """An internal task failed: a bug, or a transport error nobody caught. The
+        session ends with it."""
+        logger.error("%s: internal task %s failed: %r", self._role.value, name, exc)
+        error = exc if isinstance(exc, QuicReverseError) else TransportError(repr(exc))
+        self._core.abort(error)
+        self._pump()
 
     # ------------------------------------------------------------------ ending
 
@@ -893,4 +914,6 @@ class SessionHandle:
                     await self._conn.wait_closed()
         finally:
             self._channel.writer.stop()
+            # Handler tasks cancelled before they first ran never removed themselves.
+            self._tasks = {task for task in self._tasks if not task.done()}
             self._closed.set()

@@ -370,7 +370,8 @@ class Stream:
         self._closing = True
         try:
             if not self._write_done:
-                await self.drain()
+                if self._buffer:
+                    await self.drain()
                 await self._send.finish()
                 self._write_done = True
         except QuicReverseError as exc:
