@@ -231,12 +231,7 @@ class StackConnection(Connection):
         if self._closed.is_set():
             return
         self._gate.receive(datagrams, addr)
-        # One transmit, queued behind every task these datagrams woke: the stack's
-        # ACKs and answers leave with what the application writes in reaction, in
-        # the same packets, instead of in packets of their own first.
-        if self._transmit_handle is not None:
-            self._transmit_handle.cancel()
-        self._transmit_handle = self._loop.call_soon(self._transmit)
+        self._transmit()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         """Single-datagram entry point (asyncio.DatagramProtocol compatible)."""
