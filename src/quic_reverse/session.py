@@ -342,7 +342,7 @@ class SessionHandle:
         """
         if type(flags) is not OpenFlags:
             flags = _open_flags(flags)
-        sent = Metadata.of(metadata)
+        sent = Metadata.EMPTY if metadata is None else Metadata.of(metadata)
         rid = self._core.open_request(service, sent, flags, self._loop.time())
         fut: asyncio.Future[Stream] = self._loop.create_future()
         self._open_waiters[rid] = (fut, service, sent)
@@ -413,8 +413,8 @@ class SessionHandle:
             nonlocal released
             if not released:
                 released = True
-                self._core.stream_released(lsid)
-                self._pump()
+                if self._core.stream_released(lsid):
+                    self._pump()
 
         stream = Stream(
             pair[0],
@@ -782,8 +782,8 @@ class SessionHandle:
 
     def _release_opened(self) -> None:
         """A stream we opened is done in both directions: its slot is free."""
-        self._core.stream_released(None)
-        self._pump()
+        if self._core.stream_released(None):
+            self._pump()
 
     def _rearm_timer(self) -> None:
         """Arm the timer if the core added a deadline earlier than the armed one.

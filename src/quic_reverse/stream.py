@@ -73,15 +73,18 @@ class Stream:
         self._on_release = on_release
         self._buffer = bytearray()  # written, not yet drained
         self._rbuf = bytearray()  # read from the transport, not yet returned
-        self._write_done = False  # FIN sent or reset
-        self._read_done = False  # EOF/reset received, or stopped
-        self._released = False
-        self._closing = False
-        self._close_task: asyncio.Task[None] | None = None
         # What get_extra_info() reports from the session (peername: asked when needed).
         self._connection = connection
         self._metadata = metadata
         self._role = role
+
+    # Flags that start False/None are class attributes until first set (one store
+    # less each per stream: streams are made on every open).
+    _write_done = False  # FIN sent or reset
+    _read_done = False  # EOF/reset received, or stopped
+    _released = False
+    _closing = False
+    _close_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return (

@@ -186,13 +186,16 @@ class RemoteOpens(CoreBase):
             RejectCode(code).name,
         )
 
-    def stream_released(self, local_lsid: int | None) -> None:
-        """An active stream (bound or accepted) is done; frees its slot and local id."""
+    def stream_released(self, local_lsid: int | None) -> bool:
+        """An active stream (bound or accepted) is done; frees its slot and local id.
+        Returns True if that admitted waiting requests (events to hand out)."""
         self.active_streams = max(0, self.active_streams - 1)
         if local_lsid is not None:
             self._used_lsids.discard(local_lsid)
         if self._waiting and self.state is OPEN:
             self._admit_waiting()
+            return True
+        return False
 
     # ------------------------------------------------------------------ deadlines
 
