@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -37,6 +38,8 @@ from .errors import ConnectionClosed, QuicReverseError, TransportError
 from .transport.base import Connection, RecvStream, SendStream
 
 __all__ = ["ControlChannel", "ControlWriter"]
+
+logger = logging.getLogger("quic_reverse.session")
 
 _READ_SIZE = 65536
 #: Pause reading the control stream while this much is waiting to be written to it.
@@ -225,6 +228,7 @@ class ControlChannel:
         self._loop = asyncio.get_running_loop()
         self.writer = ControlWriter()
         self._send: SendStream | None = None
+        self._recv: RecvStream | None = None
 
     def take_output(self) -> None:
         """Move the core's control bytes to the outbox (wakes the writer)."""
@@ -247,9 +251,31 @@ class ControlChannel:
                 send, recv = pair
             self._send = send
             self._spawn(self._write(send), "control-writer")
+            self._recv = recv
+            recv.set_data_callback(self._on_data)
             await self._read(recv)
         except TransportError as exc:
             self._lost(exc)
+
+    def _on_data(self) -> None:
+        """Control bytes arrived (called from the transport's receive path): feed them
+        to the core now, in this loop turn, rather than in the reader task's next step.
+        What is left (outbox over its high-water mark, FIN, errors) the task reads."""
+        core = self._core
+        recv = self._recv
+        if recv is None:
+            return
+        try:
+            while not core.is_closed and len(self.writer) <= _OUTBOX_HIGH_WATER:
+                data = recv.take_buffered(_READ_SIZE)
+                if not data:
+                    return
+                core.receive_data(data, self._loop.time())
+                self._pump()
+        except Exception as exc:  # a bug: end the session as a failed task would
+            logger.error("%s: control stream input failed: %r", self._role.value, exc)
+            core.abort(TransportError(repr(exc)))
+            self._pump()
 
     async def _read(self, recv: RecvStream) -> None:
         core = self._core

@@ -438,7 +438,13 @@ class StackConnection(Connection):
             self._gate.delivered(len(data))
         if event.end_stream:
             state.fin_received = True
-        wake(state.read_waiter)
+        callback = state.data_callback
+        if callback is not None and data:
+            callback()  # may take the data now (see RecvStream.set_data_callback)
+            if state.recv_buffered or state.fin_received:
+                wake(state.read_waiter)
+        else:
+            wake(state.read_waiter)
         self._recv_activity.set()
 
     def _on_stream_reset(self, event: _StreamCodeEvent) -> None:

@@ -163,6 +163,20 @@ class RecvStream(abc.ABC):
         Never raises.
         """
 
+    def set_data_callback(self, callback: Callable[[], None] | None) -> bool:
+        """Have ``callback()`` called synchronously, from the transport's receive path,
+        each time data arrives for this stream (read it there with
+        :meth:`take_buffered`); ``None`` removes it. Data the callback leaves, FIN and
+        resets still wake :meth:`read` as usual. The callback must not raise or block.
+        Returns False (and never calls it) when the transport has no such path.
+        """
+        return False
+
+    def take_buffered(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes`` already received, without waiting; ``b""`` when none is
+        buffered (not EOF: FIN and resets are reported by :meth:`read`). Never raises."""
+        return b""
+
     @property
     @abc.abstractmethod
     def buffered_bytes(self) -> int:
