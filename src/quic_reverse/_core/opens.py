@@ -110,9 +110,15 @@ class LocalOpens(CoreBase):
         rid = self._next_request_id
         frame = open_request_frame(rid, service, metadata, flags)
         self._next_request_id += 1
-        rec = LocalOpen(rid, frame, _QUEUED, now + self.config.open_timeout)
+        config = self.config
+        rec = LocalOpen(rid, frame, _QUEUED, now + config.open_timeout)
         self._local[rid] = rec
-        self._deadlines.schedule(rec.deadline, _T_OPEN, rid)
+        # One heap entry per open, at the earliest its deadline can be: the bind
+        # deadline set on acceptance is never earlier, so acceptance schedules
+        # nothing; an entry that finds its open's deadline later moves to it.
+        self._deadlines.schedule(
+            now + min(config.open_timeout, config.stream_bind_timeout), _T_OPEN, rid
+        )
         if not must_queue:
             self._send_open(rec)
         else:
@@ -243,8 +249,7 @@ class LocalOpens(CoreBase):
             return
         rec.state = _AWAIT_BIND
         rec.logical_stream_id = lsid
-        rec.deadline = now + self.config.stream_bind_timeout
-        self._deadlines.schedule(rec.deadline, _T_OPEN, rid)
+        rec.deadline = now + self.config.stream_bind_timeout  # its entry is due earlier
         self._by_lsid[lsid] = rid
         logger.debug("%s: open %d accepted as lsid %d, awaiting stream", self._tag, rid, lsid)
 
@@ -269,10 +274,18 @@ class LocalOpens(CoreBase):
 
     def _open_live(self, rid: int, deadline: float) -> bool:
         rec = self._local.get(rid)
-        return rec is not None and rec.deadline == deadline
+        return rec is not None and deadline <= rec.deadline
+
+    def _open_due(self, rid: int, entry: float) -> float | None:
+        """The deadline of open ``rid`` if its heap entry (at ``entry``) is early."""
+        deadline = self._local[rid].deadline
+        return deadline if deadline > entry else None
 
     def _open_expired(self, rid: int, now: float) -> None:
         rec = self._local[rid]
+        if now < rec.deadline:  # an early entry (see open_request): move it
+            self._deadlines.schedule(rec.deadline, _T_OPEN, rid)
+            return
         if rec.state is _AWAIT_BIND:
             error = OperationTimeout(
                 TimeoutKind.STREAM_BIND,

@@ -205,15 +205,22 @@ class SessionCore(StreamPairing, RemoteOpens, FlowCore):
 
     def next_deadline(self) -> float | None:
         """The earliest time at which :meth:`handle_timer` has work to do."""
-        top = self._deadlines.peek()
-        if top is not None and top[1] is _T_KEEPALIVE:
-            # The keep-alive entry moves lazily (traffic pushes it later): report the
-            # true time, rescheduled, rather than a wake-up that would find nothing due.
-            due = self._keepalive_due()
-            if due is not None and due > top[0]:
-                self._deadlines.pop()
-                self._deadlines.schedule(due, _T_KEEPALIVE)
-                return self._deadlines.next()
+        deadlines = self._deadlines
+        while (top := deadlines.peek()) is not None:
+            # Entries that move lazily (keep-alive: traffic pushes it later; an open's
+            # single entry: its bind deadline comes later): report the true time,
+            # rescheduled, rather than a wake-up that would find nothing due.
+            kind = top[1]
+            if kind is _T_KEEPALIVE:
+                due = self._keepalive_due()
+            elif kind is _T_OPEN:
+                due = self._open_due(top[2], top[0])
+            else:
+                break
+            if due is None or due <= top[0]:
+                break
+            deadlines.pop()
+            deadlines.schedule(due, kind, top[2])
         return top[0] if top is not None else None
 
     @property
