@@ -1,26 +1,34 @@
-"""The control channel: the control stream's read loop and its only writer.
+"""The control channel: the control stream's reader and its only writer.
 
 :class:`ControlChannel` opens (client) or accepts (server) the control stream, feeds
 what it reads to the core, and runs the writer task. A transport failure ends the
 session through the core; a peer that closes the connection with code 0 (no error)
 without a session close first ends it gracefully (``peer_closed_connection``).
 
-The writer: an ordered outbox drained by one task.
+Reading: where the transport offers it (``RecvStream.set_data_callback``), control
+bytes are fed to the core from the transport's receive path, in the loop turn their
+datagram arrives, so an answer (an OpenResponse) leaves with that same turn's transmit;
+the reader task takes what that path leaves (FIN, errors, input held back while the
+outbox is over its high-water mark) and is the whole reader on other transports.
+
+The writer: an ordered outbox, handed to the transport without awaiting.
 
 Bytes for the control stream come from the sans-IO core (:meth:`SessionCore.move_data_to`)
-in whatever task fed it an input. They are appended to :class:`ControlWriter`'s outbox
-and written in order by the writer task (:meth:`ControlWriter.run`), or, when the writer
-is parked with an empty outbox and the stream has room, handed to the transport at once
-by a synchronous, non-blocking ``try_write`` (:meth:`ControlWriter.filled`): no await,
-so nothing a cancellation could cut. A caller
-that needs to know its bytes left (``close_stream``, ``reject_open``, ``accept_open``)
-awaits :meth:`ControlWriter.flushed`: a cancelled caller abandons the wait, never the
-bytes, so the peer never reads a torn frame.
+in whatever task or callback fed it an input. They are appended to
+:class:`ControlWriter`'s outbox. While the writer is parked, the first bytes of a loop
+turn register one callback that runs right before the transport's next transmit
+(``SendStream.call_before_send``) and hands everything queued by then to the transport
+at once with the non-blocking, all-or-nothing ``SendStream.try_write``: one transport
+write per turn, leaving with the transmit a write made at once would have joined. When
+the stream has no room, the writer task writes the outbox in order. A caller that needs
+to know its bytes left (``close_stream``, ``reject_open``) awaits
+:meth:`ControlWriter.flushed`: a cancelled caller abandons the wait, never the bytes,
+so the peer never reads a torn frame.
 
 Why one writer: a transport ``write()`` cancelled while it waits for room may have
 queued a prefix of its data (see ``transport/base.py``). Only the writer task awaits a
 write, and it is cancelled only when the session is over, so no frame is ever cut short;
-the fast path never awaits and takes a frame whole or not at all.
+the hand-over at the transmit never awaits and takes the outbox whole or not at all.
 """
 
 from __future__ import annotations

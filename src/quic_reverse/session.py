@@ -12,11 +12,15 @@ What the driver owns, and nothing more:
 * the public API (:class:`Session`, :class:`SessionHandle`, :data:`Handler`) and the
   *pump*: after every input to the core, carry out what it produced (bytes to the
   writer, actions to waiters, events to ``process_message()``/``serve()``, timer);
-* the **control channel** (:mod:`quic_reverse._control`): one reader task for the
-  control stream (the server accepts it first: it is the client's first
-  bidirectional stream) feeding the core, and one **writer** task, the only one that
-  writes the control stream; a caller that needs its bytes out awaits a "flushed"
-  mark, so a cancelled caller never tears a frame;
+* the **control channel** (:mod:`quic_reverse._control`): the control stream (the
+  server accepts it first: it is the client's first bidirectional stream) is read
+  from the transport's receive path where it offers one, else by a reader task, and
+  fed to the core; one **writer** is the only one that writes it (a turn's bytes are
+  handed over together right before the transport's transmit); a caller that needs
+  its bytes out awaits a "flushed" mark, so a cancelled caller never tears a frame;
+* ``serve()`` accepts a peer's open in the turn its request is read when the
+  transport can open the data stream without waiting (``Connection.try_open_bi``),
+  and starts the handler's task with the stream;
 * the **acceptor** (:mod:`quic_reverse._acceptor`): one task taking peer-opened data
   streams; a StreamBind already buffered is read inline, otherwise one short-lived
   task per stream reads it (the core bounds how many such streams exist and for how
