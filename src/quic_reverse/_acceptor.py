@@ -108,15 +108,12 @@ class StreamAcceptor:
                 continue
             self.held[token] = pair
             if header_ready:
-                # The header is already here: read it without a task (cannot block).
-                try:
-                    header = await pair[1].read(STREAM_BIND_SIZE)
-                except (TransportError, IncompleteReadError):
-                    header = b""
+                # The header is already here: take it without a task (cannot block).
+                header = pair[1].take_buffered(STREAM_BIND_SIZE)
                 if len(header) == STREAM_BIND_SIZE:
                     core.stream_header(token, header, self._loop.time())
                     self._pump()
-                else:  # a short read: the general path reads the rest or reports why not
+                else:  # not taken whole: the general path reads the rest or says why not
                     await self._read_header(token, pair[1], header)
                 continue
             self.header_tasks[token] = self._spawn(

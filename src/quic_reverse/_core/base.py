@@ -63,15 +63,16 @@ class CoreBase:
 
     def _push_info(self, event: ev.ControlEvent | OpenResponse) -> None:
         """Queue an informational event, dropping the oldest one past the limit."""
-        self._events.append(event)
+        events = self._events
+        events.append(event)
         self._info_events += 1
         if self._info_events > self.config.max_buffered_events:
-            for i, old in enumerate(self._events):  # nearly always i == 0
-                if not isinstance(old, ev.OpenRequestReceived):
+            for i, old in enumerate(events):  # nearly always i == 0
+                if type(old) is not ev.OpenRequestReceived:
                     if i:
-                        del self._events[i]
+                        del events[i]
                     else:
-                        self._events.popleft()
+                        events.popleft()
                     self._info_events -= 1
                     self._dropped_events += 1
                     if self._dropped_events & (self._dropped_events - 1) == 0:  # 1, 2, 4...

@@ -68,6 +68,7 @@ class LocalOpens(CoreBase):
     """The local-open part of the core (a mixin of ``SessionCore``)."""
 
     _early: dict[int, EarlyStream]  # owned by .pairing; read here
+    _flow_opens: set[int]  # owned by .flows: our unanswered flow opens; read here
 
     if TYPE_CHECKING:  # owned by .flows (the datagram-flow extension)
 
@@ -229,13 +230,13 @@ class LocalOpens(CoreBase):
                     )
             return
         self._awaiting_response -= 1
-        if not msg.status.accepted:
+        if msg.status.code is not None:  # rejected
             assert msg.status.code is not None
             logger.debug("%s: open %d rejected: %s", self._tag, rid, msg.status.code.name)
             self._drop_local(rid, now)
             self._outputs.append(OpenFailed(rid, StreamRejected(msg.status.code, msg.reason)))
             return
-        if self._flow_answered(rid, lsid, now):
+        if self._flow_opens and self._flow_answered(rid, lsid, now):
             return  # a datagram flow (extension): no data stream follows
         if not lsid or lsid in self._by_lsid:
             self._drop_local(rid, now)
