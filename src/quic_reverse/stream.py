@@ -43,6 +43,9 @@ __all__ = ["Stream"]
 logger = logging.getLogger("quic_reverse.stream")
 
 _CHUNK = 65536
+# Codes as plain ints (an Enum member lookup is slow; streams close on every open).
+_RESET = int(CloseCode.RESET)
+_NORMAL = int(CloseCode.NORMAL)
 
 #: Default ``limit`` of :meth:`Stream.readline`/:meth:`Stream.readuntil` (asyncio's too).
 DEFAULT_LIMIT = 2**16
@@ -348,7 +351,7 @@ class Stream:
     def _abort_write(self) -> None:
         self._buffer.clear()
         if not self._write_done:
-            self._send.reset(int(CloseCode.RESET))
+            self._send.reset(_RESET)
             self._write_done = True
             self._maybe_release()
 
@@ -379,14 +382,14 @@ class Stream:
                 self._write_done = True
         except QuicReverseError as exc:
             logger.debug("stream %d: close: %s", self._lsid, exc)
-            self._send.reset(int(CloseCode.RESET))
+            self._send.reset(_RESET)
             self._write_done = True
         finally:
             if not self._write_done:  # cancelled mid-close
-                self._send.reset(int(CloseCode.RESET))
+                self._send.reset(_RESET)
                 self._write_done = True
             if not self._read_done:
-                self._recv.stop(int(CloseCode.NORMAL))
+                self._recv.stop(_NORMAL)
                 self._read_done = True
             self._maybe_release()
 

@@ -120,8 +120,12 @@ class LocalOpens(CoreBase):
         self._deadlines.schedule(
             now + min(config.open_timeout, config.stream_bind_timeout), _T_OPEN, rid
         )
-        if not must_queue:
-            self._send_open(rec)
+        if not must_queue:  # _send_open(rec), inline: every open takes this path
+            rec.state = _AWAIT_RESPONSE
+            self._inflight += 1
+            self._awaiting_response += 1
+            self._send_frame(frame)
+            logger.debug("%s: OpenRequest %d sent", self._tag, rid)
         else:
             self._queued.append(rid)
             logger.debug("%s: open %d queued (%d in flight)", self._tag, rid, self._inflight)
