@@ -216,6 +216,9 @@ class SessionHandle:
         self._serve_handlers: Mapping[str, Handler] | None = None
         self._flows = FlowManager(connection, self._core, self._pump)  # datagram flows
         self._serve_flow_handlers: Mapping[str, FlowHandler] = {}
+        # Bound once: a bound method made per stream would be one more object per open.
+        self._on_opened_released = self._release_opened
+        self._on_accepted_released = self._release_accepted
 
     # ------------------------------------------------------------------ properties
 
@@ -411,21 +414,12 @@ class SessionHandle:
         except BaseException:
             reset_pair(pair)  # another accept answered it, or the session ended
             raise
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                if self._core.stream_released(lsid):
-                    self._pump()
-
         stream = Stream(
             pair[0],
             pair[1],
             logical_stream_id=lsid,
             service=service,
-            on_release=release,
+            on_release=self._on_accepted_released,
             connection=self._conn,
             role=self._role,
         )
@@ -650,48 +644,53 @@ class SessionHandle:
             logger.warning("%s: could not accept %r: %s", self._role.value, service, exc)
             return
         stream._metadata = metadata
-        await self._run_on(stream, service, handler)
+        await self._serve_stream(stream, service, handler)
 
     async def _serve_stream(self, stream: Stream, service: str, handler: Handler) -> None:
         """Run ``handler`` on an accepted stream; close or reset the stream after it.
 
-        Run by :meth:`_spawn_handler`'s tasks, which leave ``self._tasks`` here."""
+        The task running it leaves ``self._tasks`` here (:meth:`_spawn_handler` adds
+        no done callback), and a failure here (a bug, not the handler's) ends the
+        session as a failed task would."""
         try:
-            await self._run_on(stream, service, handler)
-        except Exception as exc:  # a bug here, not in the handler: as _task_done does
+            try:
+                await handler(stream)
+            except asyncio.CancelledError:
+                stream.reset(CloseCode.RESET)
+                raise
+            except (
+                StreamReset,
+                StreamStopped,
+                ConnectionClosed,
+                Disconnected,
+                SessionClosed,
+            ) as exc:
+                # The peer or the connection ended the stream under the handler: an
+                # outcome of the network, not a bug in the handler, so no traceback.
+                logger.info(
+                    "%s: handler for %r ended: %s; resetting stream %d",
+                    self._role.value,
+                    service,
+                    exc,
+                    stream.logical_stream_id,
+                )
+                stream.reset(CloseCode.ERROR)
+                self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "stream lost")
+            except Exception:
+                logger.exception(
+                    "%s: handler for %r failed; resetting stream %d",
+                    self._role.value,
+                    service,
+                    stream.logical_stream_id,
+                )
+                stream.reset(CloseCode.ERROR)
+                self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "service failed")
+            else:
+                await stream.aclose()
+        except Exception as exc:
             self._internal_failure("handler", exc)
         finally:
             self._tasks.discard(asyncio.current_task())
-
-    async def _run_on(self, stream: Stream, service: str, handler: Handler) -> None:
-        try:
-            await handler(stream)
-        except asyncio.CancelledError:
-            stream.reset(CloseCode.RESET)
-            raise
-        except (StreamReset, StreamStopped, ConnectionClosed, Disconnected, SessionClosed) as exc:
-            # The peer or the connection ended the stream under the handler: an outcome
-            # of the network, not a bug in the handler, so no traceback.
-            logger.info(
-                "%s: handler for %r ended: %s; resetting stream %d",
-                self._role.value,
-                service,
-                exc,
-                stream.logical_stream_id,
-            )
-            stream.reset(CloseCode.ERROR)
-            self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "stream lost")
-        except Exception:
-            logger.exception(
-                "%s: handler for %r failed; resetting stream %d",
-                self._role.value,
-                service,
-                stream.logical_stream_id,
-            )
-            stream.reset(CloseCode.ERROR)
-            self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "service failed")
-        else:
-            await stream.aclose()
 
     def _abandon_accepted(self, lsid: int, code: CloseCode, reason: str) -> None:
         """Send StreamClose(``lsid``) for a stream we accepted and then gave up, so an
@@ -750,7 +749,7 @@ class SessionHandle:
                     pair[1],
                     logical_stream_id=lsid,
                     service=service,
-                    on_release=self._release_opened,
+                    on_release=self._on_opened_released,
                     connection=self._conn,
                     metadata=metadata,
                     role=self._role,
@@ -784,9 +783,15 @@ class SessionHandle:
         elif isinstance(output, SessionEnded):
             self._on_end(output)
 
-    def _release_opened(self) -> None:
+    def _release_opened(self, stream: Stream) -> None:
         """A stream we opened is done in both directions: its slot is free."""
         if self._core.stream_released(None):
+            self._pump()
+
+    def _release_accepted(self, stream: Stream) -> None:
+        """A stream we accepted is done in both directions (or given up): its slot and
+        its logical id are free. Called once per stream (``Stream`` guarantees it)."""
+        if self._core.stream_released(stream.logical_stream_id):
             self._pump()
 
     def _rearm_timer(self) -> None:

@@ -64,7 +64,7 @@ class Stream:
         *,
         logical_stream_id: int,
         service: str | None,
-        on_release: Callable[[], None] | None = None,
+        on_release: Callable[[Stream], None] | None = None,
         connection: Connection | None = None,
         metadata: Metadata | None = None,
         role: Role | None = None,
@@ -430,4 +430,4 @@ class Stream:
         self._released = True
         if self._on_release is not None:
             callback, self._on_release = self._on_release, None
-            callback()
+            callback(self)
