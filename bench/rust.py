@@ -12,6 +12,11 @@ alternating with the Rust ones:
   ``open()`` serialized by a lock (its workaround, see below);
 * **one-stream upload** to a sink that acknowledges at EOF: MB/s.
 
+Beside them, **raw qh3** (``open_bi`` + the same 1-byte echo, ``bench.transport``'s
+operation, sequential and 64 concurrent) against the Rust crate: the ceiling of any
+session on qh3. Issue 11 asks the session for >= 0.3x the crate's current-thread rate
+at 64 concurrent; where raw qh3 itself is below that, no session on qh3 can meet it.
+
 Each Rust figure is measured under tokio's current-thread runtime (one thread, like
 asyncio) and under its multi-threaded runtime (one worker per core). Every row is a
 Rust figure; its baseline is the Python figure and its ratio says where Python stands:
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -46,11 +52,13 @@ from bench.session import (
     CONCURRENCY,
     Conc,
     concurrent,
+    quic_connection_pair,
     sequential,
     session_open_echo,
     session_pair,
     session_upload,
 )
+from bench.transport import open_echo, serve_echo
 
 #: tokio runtimes of the Rust figures: label -> ``bench`` options.
 RUNTIMES: dict[str, tuple[str, ...]] = {
@@ -100,6 +108,72 @@ async def python_sample(
     async with session_pair(certdir) as relay:
         upload, _ = await session_upload(relay, n_bytes)
     return seq, conc, upload
+
+
+async def raw_sample(certdir: Path, n_seq: int, n_conc: int) -> tuple[list[float], Conc]:
+    """Raw qh3 on the same operation (open_bi + 1-byte echo): (sequential, concurrent)."""
+    async with quic_connection_pair(certdir) as (client, server):
+        echo_server = asyncio.create_task(serve_echo(server))
+        try:
+            op = functools.partial(open_echo, client)
+            seq = await sequential(op, n_seq)
+            conc = await concurrent(op, n_conc, CONCURRENCY)
+        finally:
+            echo_server.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await echo_server
+    return seq, conc
+
+
+RAW = "raw qh3 (open_bi + 1-byte echo, FIN both ways)"
+
+
+def ceiling_rows(
+    rust: list[Figures],
+    seq: list[list[float]],
+    conc: list[Conc],
+    raw: tuple[list[list[float]], list[Conc]],
+) -> list[Row]:
+    """The session and raw qh3 as fractions of the Rust crate's current-thread rates."""
+    raw_seq, raw_conc = raw
+    rust_seq = summarize(r["seq"]["value"] for r in rust).median
+    rust_conc = summarize(r["conc"]["value"] for r in rust).median
+    crate = "Rust crate (current-thread tokio): reverse open + 1-byte echo"
+    echo = "reverse open + 1-byte echo"
+    return [
+        make_row(
+            f"{PYTHON}: {echo}, {CONCURRENCY} concurrent",
+            "opens/s",
+            [rate for rate, _, _ in conc],
+            goal=">= 0.3x the Rust crate, single-threaded (issue 11)",
+            baseline=f"{crate}, {CONCURRENCY} concurrent",
+            baseline_value=rust_conc,
+        ),
+        make_row(
+            f"{RAW}, {CONCURRENCY} concurrent",
+            "opens/s",
+            [rate for rate, _, _ in raw_conc],
+            goal="informational: the stack's ceiling (a session on qh3 stays below it)",
+            baseline=f"{crate}, {CONCURRENCY} concurrent",
+            baseline_value=rust_conc,
+        ),
+        make_row(
+            f"{PYTHON}: {echo}, sequential",
+            "opens/s",
+            [len(lat) / sum(lat) for lat in seq],
+            goal="informational",
+            baseline=f"{crate}, sequential",
+            baseline_value=rust_seq,
+        ),
+        make_row(
+            f"{RAW}, sequential",
+            "opens/s",
+            [len(lat) / sum(lat) for lat in raw_seq],
+            goal="informational: the stack's ceiling (a session on qh3 stays below it)",
+            baseline=f"{crate}, sequential",
+            baseline_value=rust_seq,
+        ),
+    ]
 
 
 def _row(
@@ -215,6 +289,8 @@ async def measure(binary: Path, quick: bool) -> list[Row]:
     seq: list[list[float]] = []
     conc: list[Conc] = []
     up: list[float] = []
+    raw_seq: list[list[float]] = []
+    raw_conc: list[Conc] = []
     with tempfile.TemporaryDirectory(prefix="qr-bench-rust-") as tmp:
         # Alternate Rust and Python samples so machine noise hits both alike.
         for _ in range(samples):
@@ -225,9 +301,13 @@ async def measure(binary: Path, quick: bool) -> list[Row]:
             seq.append(s)
             conc.append(c)
             up.append(u)
+            rs, rc = await raw_sample(Path(tmp), n_seq, n_conc)
+            raw_seq.append(rs)
+            raw_conc.append(rc)
     rows: list[Row] = []
     for runtime in RUNTIMES:
         rows += rows_for(runtime, rust[runtime], seq, conc, up, mib)
+    rows += ceiling_rows(rust["current-thread"], seq, conc, (raw_seq, raw_conc))
     return rows
 
 

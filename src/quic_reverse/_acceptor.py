@@ -108,17 +108,23 @@ class StreamAcceptor:
                 continue
             self.held[token] = pair
             if header_ready:
-                # The header is already here: read it without a task (cannot block).
-                await self._read_header(token, pair[1])
+                # The header is already here: take it without a task (cannot block).
+                header = pair[1].take_buffered(STREAM_BIND_SIZE)
+                if len(header) == STREAM_BIND_SIZE:
+                    core.stream_header(token, header, self._loop.time())
+                    self._pump()
+                else:  # not taken whole: the general path reads the rest or says why not
+                    await self._read_header(token, pair[1], header)
                 continue
             self.header_tasks[token] = self._spawn(
                 self._read_header(token, pair[1]), f"stream-header {token}"
             )
             self._pump()
 
-    async def _read_header(self, token: int, recv: RecvStream) -> None:
+    async def _read_header(self, token: int, recv: RecvStream, head: bytes = b"") -> None:
+        """Read the rest of stream ``token``'s StreamBind (``head`` is what was read)."""
         try:
-            header = await recv.read_exactly(STREAM_BIND_SIZE)
+            header = head + await recv.read_exactly(STREAM_BIND_SIZE - len(head))
         except (TransportError, IncompleteReadError) as exc:
             logger.warning("%s: data stream lost before its StreamBind: %s", self._tag, exc)
             self.header_tasks.pop(token, None)

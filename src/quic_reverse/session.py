@@ -12,11 +12,15 @@ What the driver owns, and nothing more:
 * the public API (:class:`Session`, :class:`SessionHandle`, :data:`Handler`) and the
   *pump*: after every input to the core, carry out what it produced (bytes to the
   writer, actions to waiters, events to ``process_message()``/``serve()``, timer);
-* the **control channel** (:mod:`quic_reverse._control`): one reader task for the
-  control stream (the server accepts it first: it is the client's first
-  bidirectional stream) feeding the core, and one **writer** task, the only one that
-  writes the control stream; a caller that needs its bytes out awaits a "flushed"
-  mark, so a cancelled caller never tears a frame;
+* the **control channel** (:mod:`quic_reverse._control`): the control stream (the
+  server accepts it first: it is the client's first bidirectional stream) is read
+  from the transport's receive path where it offers one, else by a reader task, and
+  fed to the core; one **writer** is the only one that writes it (a turn's bytes are
+  handed over together right before the transport's transmit); a caller that needs
+  its bytes out awaits a "flushed" mark, so a cancelled caller never tears a frame;
+* ``serve()`` accepts a peer's open in the turn its request is read when the
+  transport can open the data stream without waiting (``Connection.try_open_bi``),
+  and starts the handler's task with the stream;
 * the **acceptor** (:mod:`quic_reverse._acceptor`): one task taking peer-opened data
   streams; a StreamBind already buffered is read inline, otherwise one short-lived
   task per stream reads it (the core bounds how many such streams exist and for how
@@ -45,7 +49,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar, cast
 
-from ._acceptor import StreamAcceptor, reset_pair
+from ._acceptor import Pair, StreamAcceptor, reset_pair
 from ._control import ControlChannel
 from ._core import (
     Negotiated,
@@ -83,8 +87,8 @@ from .wire import (
     MetadataValue,
     OpenFlags,
     RejectCode,
-    StreamBind,
 )
+from .wire.bind import bind_header
 
 __all__ = ["Handler", "MetadataLike", "Session", "SessionHandle"]
 
@@ -203,7 +207,7 @@ class SessionHandle:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
         self._ready: asyncio.Future[None] = self._loop.create_future()
-        self._open_waiters: dict[int, tuple[asyncio.Future[Stream], str]] = {}
+        self._open_waiters: dict[int, tuple[asyncio.Future[Stream], str, Metadata]] = {}
         self._ping_waiters: dict[int, asyncio.Future[float]] = {}
         self._events_ready = asyncio.Event()
         self._ended = asyncio.Event()  # the core reached CLOSED
@@ -212,6 +216,9 @@ class SessionHandle:
         self._serve_handlers: Mapping[str, Handler] | None = None
         self._flows = FlowManager(connection, self._core, self._pump)  # datagram flows
         self._serve_flow_handlers: Mapping[str, FlowHandler] = {}
+        # Bound once: a bound method made per stream would be one more object per open.
+        self._on_opened_released = self._release_opened
+        self._on_accepted_released = self._release_accepted
 
     # ------------------------------------------------------------------ properties
 
@@ -348,13 +355,13 @@ class SessionHandle:
         """
         if type(flags) is not OpenFlags:
             flags = _open_flags(flags)
-        sent = Metadata.of(metadata)
+        sent = Metadata.EMPTY if metadata is None else Metadata.of(metadata)
         rid = self._core.open_request(service, sent, flags, self._loop.time())
         fut: asyncio.Future[Stream] = self._loop.create_future()
-        self._open_waiters[rid] = (fut, service)
+        self._open_waiters[rid] = (fut, service, sent)
         self._pump()
         try:
-            return self._describe(await fut, sent)
+            return await fut
         except asyncio.CancelledError:
             self._open_waiters.pop(rid, None)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -391,40 +398,48 @@ class SessionHandle:
                 core.reject(request_id, RejectCode.SERVICE_UNAVAILABLE, "accept did not complete")
                 self._pump()
             raise
+        stream, header = self._accepted(request_id, logical_stream_id, service, pair)
+        self._pump()
+        if header is not None:
+            try:
+                await pair[0].write(header)
+            except BaseException:
+                self._abandon_header(stream)
+                raise
+        return stream
+
+    def _accepted(
+        self, request_id: int, logical_stream_id: int | None, service: str, pair: Pair
+    ) -> tuple[Stream, bytes | None]:
+        """Answer the peer's request with the data stream ``pair`` (already open):
+        OpenResponse(Accepted) queued in the core (the caller pumps), the StreamBind
+        handed to the stream. Returns the stream, and its header if the stream had no
+        room for it now (the caller writes it or gives up, :meth:`_abandon_header`)."""
         try:
-            lsid = core.accept(request_id, logical_stream_id)
+            lsid = self._core.accept(request_id, logical_stream_id)
         except BaseException:
             reset_pair(pair)  # another accept answered it, or the session ended
             raise
-        self._pump()
-        released = False
+        stream = Stream(
+            pair[0],
+            pair[1],
+            logical_stream_id=lsid,
+            service=service,
+            on_release=self._on_accepted_released,
+            connection=self._conn,
+            role=self._role,
+        )
+        header = bind_header(lsid)
+        if pair[0].try_write(header):  # the usual case takes it without waiting
+            return stream, None
+        return stream, header
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._core.stream_released(lsid)
-                self._pump()
-
-        header = StreamBind(logical_stream_id=lsid).encode()
-        try:
-            if not pair[0].try_write(header):  # the usual case takes it without waiting
-                await pair[0].write(header)
-        except BaseException:
-            # The peer was told "accepted": tell it the stream will not come (its open
-            # fails at once instead of at its bind deadline).
-            reset_pair(pair)
-            self._abandon_accepted(lsid, CloseCode.RESET, "accept did not complete")
-            release()
-            raise
-        send, recv = pair
-        stream = Stream(send, recv, logical_stream_id=lsid, service=service, on_release=release)
-        return self._describe(stream, None)
-
-    def _describe(self, stream: Stream, metadata: Metadata | None) -> Stream:
-        """Fill in what ``stream.get_extra_info()`` reports from the session."""
-        stream._extra.update(peername=self._conn.remote_address, metadata=metadata, role=self._role)
-        return stream
+    def _abandon_header(self, stream: Stream) -> None:
+        """The StreamBind of an accepted stream could not be written. The peer was
+        told "accepted": tell it the stream will not come (its open fails at once
+        instead of at its bind deadline), reset the stream, free its slot."""
+        self._abandon_accepted(stream.logical_stream_id, CloseCode.RESET, "accept did not complete")
+        stream.reset(CloseCode.RESET)
 
     async def open_flow(
         self,
@@ -580,8 +595,23 @@ class SessionHandle:
                         f"unknown service {event.service!r}",
                     )
                 continue
-            run = self._run_handler(event.request_id, event.service, handler, event.metadata)
-            self._spawn(run, "handler")
+            pair = self._conn.try_open_bi()
+            if pair is None:  # no free stream slot now: the task waits for one
+                run = self._run_handler(event.request_id, event.service, handler, event.metadata)
+                self._spawn(run, "handler")
+                continue
+            # Accepted here, in this loop turn (the caller pumps the OpenResponse out):
+            # the handler's task starts with its stream.
+            try:
+                stream, header = self._accepted(event.request_id, None, event.service, pair)
+            except QuicReverseError as exc:
+                logger.warning("%s: could not accept %r: %s", self._role.value, event.service, exc)
+                continue
+            if header is not None:  # no room for 13 bytes on a new stream: closing
+                self._abandon_header(stream)
+                continue
+            stream._metadata = event.metadata
+            self._spawn_handler(self._serve_stream(stream, event.service, handler))
 
     def _route_flow(self, event: OpenRequestReceived) -> None:
         flow_handler = self._serve_flow_handlers.get(event.service)
@@ -619,35 +649,54 @@ class SessionHandle:
         except QuicReverseError as exc:
             logger.warning("%s: could not accept %r: %s", self._role.value, service, exc)
             return
-        stream._extra["metadata"] = metadata
+        stream._metadata = metadata
+        await self._serve_stream(stream, service, handler)
+
+    async def _serve_stream(self, stream: Stream, service: str, handler: Handler) -> None:
+        """Run ``handler`` on an accepted stream; close or reset the stream after it.
+
+        The task running it leaves ``self._tasks`` here (:meth:`_spawn_handler` adds
+        no done callback), and a failure here (a bug, not the handler's) ends the
+        session as a failed task would."""
         try:
-            await handler(stream)
-        except asyncio.CancelledError:
-            stream.reset(CloseCode.RESET)
-            raise
-        except (StreamReset, StreamStopped, ConnectionClosed, Disconnected, SessionClosed) as exc:
-            # The peer or the connection ended the stream under the handler: an outcome
-            # of the network, not a bug in the handler, so no traceback.
-            logger.info(
-                "%s: handler for %r ended: %s; resetting stream %d",
-                self._role.value,
-                service,
-                exc,
-                stream.logical_stream_id,
-            )
-            stream.reset(CloseCode.ERROR)
-            self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "stream lost")
-        except Exception:
-            logger.exception(
-                "%s: handler for %r failed; resetting stream %d",
-                self._role.value,
-                service,
-                stream.logical_stream_id,
-            )
-            stream.reset(CloseCode.ERROR)
-            self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "service failed")
-        else:
-            await stream.aclose()
+            try:
+                await handler(stream)
+            except asyncio.CancelledError:
+                stream.reset(CloseCode.RESET)
+                raise
+            except (
+                StreamReset,
+                StreamStopped,
+                ConnectionClosed,
+                Disconnected,
+                SessionClosed,
+            ) as exc:
+                # The peer or the connection ended the stream under the handler: an
+                # outcome of the network, not a bug in the handler, so no traceback.
+                logger.info(
+                    "%s: handler for %r ended: %s; resetting stream %d",
+                    self._role.value,
+                    service,
+                    exc,
+                    stream.logical_stream_id,
+                )
+                stream.reset(CloseCode.ERROR)
+                self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "stream lost")
+            except Exception:
+                logger.exception(
+                    "%s: handler for %r failed; resetting stream %d",
+                    self._role.value,
+                    service,
+                    stream.logical_stream_id,
+                )
+                stream.reset(CloseCode.ERROR)
+                self._abandon_accepted(stream.logical_stream_id, CloseCode.ERROR, "service failed")
+            else:
+                await stream.aclose()
+        except Exception as exc:
+            self._internal_failure("handler", exc)
+        finally:
+            self._tasks.discard(asyncio.current_task())
 
     def _abandon_accepted(self, lsid: int, code: CloseCode, reason: str) -> None:
         """Send StreamClose(``lsid``) for a stream we accepted and then gave up, so an
@@ -665,20 +714,23 @@ class SessionHandle:
         the writer's outbox (see :class:`ControlWriter` for who writes them).
         """
         core = self._core
-        take_output = self._channel.take_output
-        take_output()
-        if core.has_outputs:
+        # The core's queues are read directly (not through has_outputs & co.): this
+        # runs after every input, several times per open.
+        if core._out:
+            self._channel.take_output()
+        if core._outputs:
             for output in core.outputs():
                 self._dispatch(output)
-        if core.has_events:
+        if core._events:
             if self._serve_handlers is not None:
                 self._route_events()
-                take_output()
+                if core._out:
+                    self._channel.take_output()
             else:
                 self._events_ready.set()
         if core.end is not None:
             self._events_ready.set()
-        if core.has_new_deadline:
+        if core._deadlines._new is not None:
             self._rearm_timer()
 
     def _start_acceptor(self) -> None:
@@ -686,25 +738,27 @@ class SessionHandle:
             self._acceptor_task = self._spawn(self._acceptor.run(), "stream-acceptor")
 
     def _dispatch(self, output: Output) -> None:
-        if self._flows.dispatch(output):  # datagram flows (extension)
-            return
+        if type(output) is not OpenResolved and self._flows.dispatch(output):
+            return  # datagram flows (extension); OpenResolved, the common one, is not theirs
         if isinstance(output, OpenResolved):
             pair = self._acceptor.take(output.token)
             waiter = self._open_waiters.pop(output.request_id, None)
             lsid = output.logical_stream_id
-
-            def release() -> None:
-                self._core.stream_released(None)
-                self._pump()
-
             if waiter is None or waiter[0].done():
                 self._core.stream_released(None)
                 reset_pair(pair)
                 return
-            fut, service = waiter
+            fut, service, metadata = waiter
             fut.set_result(
                 Stream(
-                    pair[0], pair[1], logical_stream_id=lsid, service=service, on_release=release
+                    pair[0],
+                    pair[1],
+                    logical_stream_id=lsid,
+                    service=service,
+                    on_release=self._on_opened_released,
+                    connection=self._conn,
+                    metadata=metadata,
+                    role=self._role,
                 )
             )
         elif isinstance(output, OpenFailed):
@@ -734,6 +788,17 @@ class SessionHandle:
             self._start_acceptor()
         elif isinstance(output, SessionEnded):
             self._on_end(output)
+
+    def _release_opened(self, stream: Stream) -> None:
+        """A stream we opened is done in both directions: its slot is free."""
+        if self._core.stream_released(None):
+            self._pump()
+
+    def _release_accepted(self, stream: Stream) -> None:
+        """A stream we accepted is done in both directions (or given up): its slot and
+        its logical id are free. Called once per stream (``Stream`` guarantees it)."""
+        if self._core.stream_released(stream.logical_stream_id):
+            self._pump()
 
     def _rearm_timer(self) -> None:
         """Arm the timer if the core added a deadline earlier than the armed one.
@@ -774,14 +839,25 @@ class SessionHandle:
         task.add_done_callback(self._task_done)
         return task
 
+    def _spawn_handler(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A task for :meth:`_serve_stream`, which removes it from ``self._tasks`` and
+        reports its failures itself: no done callback, one loop callback less per open."""
+        self._tasks.add(self._loop.create_task(coro, name=self._task_prefix + "handler"))
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            logger.error("%s: internal task %s failed: %r", self._role.value, task.get_name(), exc)
-            error = exc if isinstance(exc, QuicReverseError) else TransportError(repr(exc))
-            self._core.abort(error)
-            self._pump()
+            assert exc is not None
+            self._internal_failure(task.get_name(), exc)
+
+    def _internal_failure(self, name: str, exc: BaseException) -> None:
+        """An internal task failed: a bug, or a transport error nobody caught. The
+        session ends with it."""
+        logger.error("%s: internal task %s failed: %r", self._role.value, name, exc)
+        error = exc if isinstance(exc, QuicReverseError) else TransportError(repr(exc))
+        self._core.abort(error)
+        self._pump()
 
     # ------------------------------------------------------------------ ending
 
@@ -804,7 +880,7 @@ class SessionHandle:
         waiter_error: QuicReverseError = error
         if end.clean and not isinstance(error, SessionClosed):
             waiter_error = SessionClosed(str(error))
-        for fut, _ in self._open_waiters.values():
+        for fut, _, _ in self._open_waiters.values():
             if not fut.done():
                 fut.set_exception(waiter_error)
         self._open_waiters.clear()
@@ -853,4 +929,6 @@ class SessionHandle:
                     await self._conn.wait_closed()
         finally:
             self._channel.writer.stop()
+            # Handler tasks cancelled before they first ran never removed themselves.
+            self._tasks = {task for task in self._tasks if not task.done()}
             self._closed.set()

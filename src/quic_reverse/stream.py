@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
+from .config import Role
 from .errors import (
     ConnectionClosed,
     IncompleteReadError,
@@ -34,14 +35,17 @@ from .errors import (
     StreamReset,
     UsageError,
 )
-from .transport.base import RecvStream, SendStream
-from .wire import CloseCode
+from .transport.base import Connection, RecvStream, SendStream
+from .wire import CloseCode, Metadata
 
 __all__ = ["Stream"]
 
 logger = logging.getLogger("quic_reverse.stream")
 
 _CHUNK = 65536
+# Codes as plain ints (an Enum member lookup is slow; streams close on every open).
+_RESET = int(CloseCode.RESET)
+_NORMAL = int(CloseCode.NORMAL)
 
 #: Default ``limit`` of :meth:`Stream.readline`/:meth:`Stream.readuntil` (asyncio's too).
 DEFAULT_LIMIT = 2**16
@@ -60,7 +64,10 @@ class Stream:
         *,
         logical_stream_id: int,
         service: str | None,
-        on_release: Callable[[], None] | None = None,
+        on_release: Callable[[Stream], None] | None = None,
+        connection: Connection | None = None,
+        metadata: Metadata | None = None,
+        role: Role | None = None,
     ) -> None:
         self._send = send
         self._recv = recv
@@ -69,13 +76,18 @@ class Stream:
         self._on_release = on_release
         self._buffer = bytearray()  # written, not yet drained
         self._rbuf = bytearray()  # read from the transport, not yet returned
-        self._write_done = False  # FIN sent or reset
-        self._read_done = False  # EOF/reset received, or stopped
-        self._released = False
-        self._closing = False
-        self._close_task: asyncio.Task[None] | None = None
-        #: get_extra_info() values the session knows (peername, metadata, role).
-        self._extra: dict[str, Any] = {}
+        # What get_extra_info() reports from the session (peername: asked when needed).
+        self._connection = connection
+        self._metadata = metadata
+        self._role = role
+
+    # Flags that start False/None are class attributes until first set (one store
+    # less each per stream: streams are made on every open).
+    _write_done = False  # FIN sent or reset
+    _read_done = False  # EOF/reset received, or stopped
+    _released = False
+    _closing = False
+    _close_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -127,7 +139,16 @@ class Stream:
             return self._send.stream_id
         if name == "stream":
             return self
-        return self._extra.get(name, default)
+        connection = self._connection
+        if connection is None:  # not made by a session
+            return default
+        if name == "peername":
+            return connection.remote_address
+        if name == "metadata":
+            return self._metadata
+        if name == "role":
+            return self._role
+        return default
 
     # ------------------------------------------------------------------ reading
 
@@ -330,7 +351,7 @@ class Stream:
     def _abort_write(self) -> None:
         self._buffer.clear()
         if not self._write_done:
-            self._send.reset(int(CloseCode.RESET))
+            self._send.reset(_RESET)
             self._write_done = True
             self._maybe_release()
 
@@ -355,19 +376,20 @@ class Stream:
         self._closing = True
         try:
             if not self._write_done:
-                await self.drain()
+                if self._buffer:
+                    await self.drain()
                 await self._send.finish()
                 self._write_done = True
         except QuicReverseError as exc:
             logger.debug("stream %d: close: %s", self._lsid, exc)
-            self._send.reset(int(CloseCode.RESET))
+            self._send.reset(_RESET)
             self._write_done = True
         finally:
             if not self._write_done:  # cancelled mid-close
-                self._send.reset(int(CloseCode.RESET))
+                self._send.reset(_RESET)
                 self._write_done = True
             if not self._read_done:
-                self._recv.stop(int(CloseCode.NORMAL))
+                self._recv.stop(_NORMAL)
                 self._read_done = True
             self._maybe_release()
 
@@ -408,4 +430,4 @@ class Stream:
         self._released = True
         if self._on_release is not None:
             callback, self._on_release = self._on_release, None
-            callback()
+            callback(self)

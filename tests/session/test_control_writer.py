@@ -1,10 +1,12 @@
-"""The control writer's synchronous fast path, over real QUIC.
+"""The control writer's hand-over at the transmit, over real QUIC.
 
-When the writer task is parked (outbox empty, no write pending) and the stream takes
-the bytes without waiting (``SendStream.try_write``), ``ControlWriter.filled`` hands
-them to the transport at once: an open's OpenRequest leaves with the current loop
-turn. Otherwise the bytes wait, in order, for the writer task. Either way the peer
-decodes every frame: a caller cancelled while its bytes wait never tears one.
+When the writer task is parked (outbox empty, no write pending), bytes queued during
+a loop turn are handed to the transport together, right before its next transmit
+(``SendStream.call_before_send`` + the all-or-nothing ``SendStream.try_write``): one
+transport write for all the frames of a turn, leaving with the transmit a write made
+at once would have joined. Otherwise the bytes wait, in order, for the writer task.
+Either way the peer decodes every frame: a caller cancelled while its bytes wait
+never tears one.
 """
 
 from __future__ import annotations
@@ -26,9 +28,17 @@ OPTS = {"stream_window": 4 * KiB, "connection_window": 16 * KiB, "send_buffer": 
 
 
 @pytest.mark.parametrize("stack", ["qh3", "aioquic"])
-async def test_parked_writer_hands_bytes_over_synchronously(stack: str) -> None:
+async def test_parked_writer_hands_a_turns_bytes_over_at_the_transmit(stack: str) -> None:
     async with quic_pair(stack, **OPTS) as (client, server):  # type: ignore[arg-type]
         send, _ = await client.open_bi()
+        handed: list[bytes] = []
+        try_write = send.try_write
+
+        def counting_try_write(data: bytes) -> bool:
+            handed.append(data)
+            return try_write(data)
+
+        send.try_write = counting_try_write  # type: ignore[method-assign]
         writer = ControlWriter()
         task = asyncio.create_task(writer.run(send))
         try:
@@ -37,21 +47,25 @@ async def test_parked_writer_hands_bytes_over_synchronously(stack: str) -> None:
                     break
                 await asyncio.sleep(0)
             assert writer._send is send
-            writer.buffer += b"first"
-            writer.filled(5)
-            # No await in between: the bytes are already the transport's.
-            assert writer.written == writer.queued == 5 and not writer.buffer
+            for frame in (b"first", b"second", b"third"):  # one loop turn
+                writer.buffer += frame
+                writer.filled(len(frame))
+            assert writer.written == 0 and handed == []  # nothing before the transmit
+            await asyncio.sleep(0)  # the transmit scheduled by the first frame runs first
+            assert handed == [b"firstsecondthird"], "one transport write for the turn"
+            assert writer.written == writer.queued == 16 and not writer.buffer
             await writer.flushed()  # returns at once
 
             # The peer does not read: the stream's budget fills, then bytes queue.
             peer = await server.accept_bi()
             assert peer is not None
-            sent = bytearray(b"first")
+            sent = bytearray(b"firstsecondthird")
             for i in range(200):
                 chunk = bytes([i]) * 512
                 writer.buffer += chunk
                 writer.filled(len(chunk))
                 sent += chunk
+                await asyncio.sleep(0)
                 if writer.written < writer.queued:
                     break
             assert writer.written < writer.queued, "the stream never ran out of room"

@@ -17,7 +17,7 @@ import logging
 from .. import events as ev
 from ..config import Config, Role
 from ..errors import SessionClosed
-from ..wire import Message, encode_message_frame
+from ..wire import Message, OpenResponse, encode_message_frame
 from .outputs import CoreState, Output, SessionEnded
 from .timers import Deadlines
 
@@ -46,8 +46,10 @@ class CoreBase:
     _tag: str  # for log lines (enum .value is a slow property)
     _out: bytearray
     _outputs: list[Output]
-    _events: collections.deque[ev.ControlEvent]
+    # OpenResponse: an OpenResponseReceived not built yet (see next_user_event)
+    _events: collections.deque[ev.ControlEvent | OpenResponse]
     _info_events: int
+    _dropped_events: int  # informational events dropped unread (queue full)
     _deadlines: Deadlines
 
     # ------------------------------------------------------------------ output path
@@ -59,16 +61,27 @@ class CoreBase:
         """Send an already encoded frame (an OpenRequest encoded when it was queued)."""
         self._out += frame
 
-    def _push_info(self, event: ev.ControlEvent) -> None:
+    def _push_info(self, event: ev.ControlEvent | OpenResponse) -> None:
         """Queue an informational event, dropping the oldest one past the limit."""
-        self._events.append(event)
+        events = self._events
+        events.append(event)
         self._info_events += 1
         if self._info_events > self.config.max_buffered_events:
-            for i, old in enumerate(self._events):
-                if not isinstance(old, ev.OpenRequestReceived):
-                    del self._events[i]
+            for i, old in enumerate(events):  # nearly always i == 0
+                if type(old) is not ev.OpenRequestReceived:
+                    if i:
+                        del events[i]
+                    else:
+                        events.popleft()
                     self._info_events -= 1
-                    logger.debug("%s: event queue full, dropped %r", self._tag, old)
+                    self._dropped_events += 1
+                    if self._dropped_events & (self._dropped_events - 1) == 0:  # 1, 2, 4...
+                        logger.debug(
+                            "%s: event queue full, dropped %r (%d dropped so far)",
+                            self._tag,
+                            old,
+                            self._dropped_events,
+                        )
                     break
 
     def _require_open(self) -> None:

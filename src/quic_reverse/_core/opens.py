@@ -26,7 +26,8 @@ from ..errors import (
     StreamReset,
     TimeoutKind,
 )
-from ..wire import CloseCode, Metadata, OpenFlags, OpenRequest, OpenResponse, encode_message_frame
+from ..wire import CloseCode, Metadata, OpenFlags, OpenResponse
+from ..wire.framing import open_request_frame
 from .base import CoreBase, logger
 from .outputs import OpenFailed, OpenResolved, StreamRefused
 from .timers import TimerKind
@@ -67,6 +68,7 @@ class LocalOpens(CoreBase):
     """The local-open part of the core (a mixin of ``SessionCore``)."""
 
     _early: dict[int, EarlyStream]  # owned by .pairing; read here
+    _flow_opens: set[int]  # owned by .flows: our unanswered flow opens; read here
 
     if TYPE_CHECKING:  # owned by .flows (the datagram-flow extension)
 
@@ -107,15 +109,23 @@ class LocalOpens(CoreBase):
                 f"{self.config.max_inflight_opens} in-flight slots (max_queued_opens)"
             )
         rid = self._next_request_id
-        frame = encode_message_frame(
-            OpenRequest(request_id=rid, service=service, metadata=metadata, flags=flags)
-        )
+        frame = open_request_frame(rid, service, metadata, flags)
         self._next_request_id += 1
-        rec = LocalOpen(rid, frame, _QUEUED, now + self.config.open_timeout)
+        config = self.config
+        rec = LocalOpen(rid, frame, _QUEUED, now + config.open_timeout)
         self._local[rid] = rec
-        self._deadlines.schedule(rec.deadline, _T_OPEN, rid)
-        if not must_queue:
-            self._send_open(rec)
+        # One heap entry per open, at the earliest its deadline can be: the bind
+        # deadline set on acceptance is never earlier, so acceptance schedules
+        # nothing; an entry that finds its open's deadline later moves to it.
+        self._deadlines.schedule(
+            now + min(config.open_timeout, config.stream_bind_timeout), _T_OPEN, rid
+        )
+        if not must_queue:  # _send_open(rec), inline: every open takes this path
+            rec.state = _AWAIT_RESPONSE
+            self._inflight += 1
+            self._awaiting_response += 1
+            self._send_frame(frame)
+            logger.debug("%s: OpenRequest %d sent", self._tag, rid)
         else:
             self._queued.append(rid)
             logger.debug("%s: open %d queued (%d in flight)", self._tag, rid, self._inflight)
@@ -224,13 +234,13 @@ class LocalOpens(CoreBase):
                     )
             return
         self._awaiting_response -= 1
-        if not msg.status.accepted:
+        if msg.status.code is not None:  # rejected
             assert msg.status.code is not None
             logger.debug("%s: open %d rejected: %s", self._tag, rid, msg.status.code.name)
             self._drop_local(rid, now)
             self._outputs.append(OpenFailed(rid, StreamRejected(msg.status.code, msg.reason)))
             return
-        if self._flow_answered(rid, lsid, now):
+        if self._flow_opens and self._flow_answered(rid, lsid, now):
             return  # a datagram flow (extension): no data stream follows
         if not lsid or lsid in self._by_lsid:
             self._drop_local(rid, now)
@@ -244,8 +254,7 @@ class LocalOpens(CoreBase):
             return
         rec.state = _AWAIT_BIND
         rec.logical_stream_id = lsid
-        rec.deadline = now + self.config.stream_bind_timeout
-        self._deadlines.schedule(rec.deadline, _T_OPEN, rid)
+        rec.deadline = now + self.config.stream_bind_timeout  # its entry is due earlier
         self._by_lsid[lsid] = rid
         logger.debug("%s: open %d accepted as lsid %d, awaiting stream", self._tag, rid, lsid)
 
@@ -270,10 +279,18 @@ class LocalOpens(CoreBase):
 
     def _open_live(self, rid: int, deadline: float) -> bool:
         rec = self._local.get(rid)
-        return rec is not None and rec.deadline == deadline
+        return rec is not None and deadline <= rec.deadline
+
+    def _open_due(self, rid: int, entry: float) -> float | None:
+        """The deadline of open ``rid`` if its heap entry (at ``entry``) is early."""
+        deadline = self._local[rid].deadline
+        return deadline if deadline > entry else None
 
     def _open_expired(self, rid: int, now: float) -> None:
         rec = self._local[rid]
+        if now < rec.deadline:  # an early entry (see open_request): move it
+            self._deadlines.schedule(rec.deadline, _T_OPEN, rid)
+            return
         if rec.state is _AWAIT_BIND:
             error = OperationTimeout(
                 TimeoutKind.STREAM_BIND,

@@ -11,7 +11,7 @@ waits for is refused (the driver resets it) and the session carries on.
 from __future__ import annotations
 
 from ..errors import ProtocolError
-from ..wire import STREAM_BIND_SIZE, StreamBind
+from ..wire.bind import bind_id
 from .base import OPEN, logger
 from .opens import EarlyStream, LocalOpens
 from .outputs import StreamRefused
@@ -61,9 +61,7 @@ class StreamPairing(LocalOpens):
             self._outputs.append(StreamRefused(token, "session not open"))
             return
         try:
-            if len(header) != STREAM_BIND_SIZE:
-                raise ProtocolError(f"StreamBind: expected {STREAM_BIND_SIZE} bytes")
-            lsid = StreamBind.decode(header).logical_stream_id
+            lsid = bind_id(header)
         except ProtocolError as exc:
             self._outputs.append(StreamRefused(token, f"bad StreamBind header: {exc}"))
             return

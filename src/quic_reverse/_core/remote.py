@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .. import events as ev
 from ..errors import EncodeError, ProtocolError, UsageError
 from ..wire import OpenFlags, OpenRequest, OpenResponse, OpenStatus, RejectCode
+from ..wire.framing import open_response_accepted_frame
 from .base import OPEN, CoreBase, logger
 from .timers import TimerKind
 
@@ -158,9 +159,7 @@ class RemoteOpens(CoreBase):
             self._next_lsid = lsid + 1 if lsid < _U64_MAX else 1
         else:
             lsid = logical_stream_id
-        self._send(
-            OpenResponse(request_id=request_id, status=OpenStatus.ACCEPTED, logical_stream_id=lsid)
-        )
+        self._send_frame(open_response_accepted_frame(request_id, lsid))
         del self._incoming[request_id]
         self._used_lsids.add(lsid)
         self.active_streams += 1
@@ -187,13 +186,16 @@ class RemoteOpens(CoreBase):
             RejectCode(code).name,
         )
 
-    def stream_released(self, local_lsid: int | None) -> None:
-        """An active stream (bound or accepted) is done; frees its slot and local id."""
+    def stream_released(self, local_lsid: int | None) -> bool:
+        """An active stream (bound or accepted) is done; frees its slot and local id.
+        Returns True if that admitted waiting requests (events to hand out)."""
         self.active_streams = max(0, self.active_streams - 1)
         if local_lsid is not None:
             self._used_lsids.discard(local_lsid)
         if self._waiting and self.state is OPEN:
             self._admit_waiting()
+            return True
+        return False
 
     # ------------------------------------------------------------------ deadlines
 

@@ -95,8 +95,9 @@ class SessionCore(StreamPairing, RemoteOpens, FlowCore):
         self._reader = FrameReader()
         self._out = bytearray()
         self._outputs: list[Output] = []
-        self._events: collections.deque[ev.ControlEvent] = collections.deque()
+        self._events: collections.deque[ev.ControlEvent | OpenResponse] = collections.deque()
         self._info_events = 0
+        self._dropped_events = 0
         self._deadlines = Deadlines(self._timer_live)
         self._last_activity = 0.0
 
@@ -189,21 +190,37 @@ class SessionCore(StreamPairing, RemoteOpens, FlowCore):
         if not self._events:
             return None
         event = self._events.popleft()
+        if type(event) is OpenResponse:
+            # Built only when asked for: most openers never read these events.
+            self._info_events -= 1
+            return ev.OpenResponseReceived(
+                request_id=event.request_id,
+                status=event.status,
+                reason=event.reason,
+                logical_stream_id=event.logical_stream_id,
+            )
         if not isinstance(event, ev.OpenRequestReceived):
             self._info_events -= 1
-        return event
+        return event  # type: ignore[return-value]
 
     def next_deadline(self) -> float | None:
         """The earliest time at which :meth:`handle_timer` has work to do."""
-        top = self._deadlines.peek()
-        if top is not None and top[1] is _T_KEEPALIVE:
-            # The keep-alive entry moves lazily (traffic pushes it later): report the
-            # true time, rescheduled, rather than a wake-up that would find nothing due.
-            due = self._keepalive_due()
-            if due is not None and due > top[0]:
-                self._deadlines.pop()
-                self._deadlines.schedule(due, _T_KEEPALIVE)
-                return self._deadlines.next()
+        deadlines = self._deadlines
+        while (top := deadlines.peek()) is not None:
+            # Entries that move lazily (keep-alive: traffic pushes it later; an open's
+            # single entry: its bind deadline comes later): report the true time,
+            # rescheduled, rather than a wake-up that would find nothing due.
+            kind = top[1]
+            if kind is _T_KEEPALIVE:
+                due = self._keepalive_due()
+            elif kind is _T_OPEN:
+                due = self._open_due(top[2], top[0])
+            else:
+                break
+            if due is None or due <= top[0]:
+                break
+            deadlines.pop()
+            deadlines.schedule(due, kind, top[2])
         return top[0] if top is not None else None
 
     @property
@@ -402,14 +419,7 @@ class SessionCore(StreamPairing, RemoteOpens, FlowCore):
             raise ProtocolError(f"unknown message {msg!r}")
 
     def _on_open_response_event(self, msg: OpenResponse, now: float) -> None:
-        self._push_info(
-            ev.OpenResponseReceived(
-                request_id=msg.request_id,
-                status=msg.status,
-                reason=msg.reason,
-                logical_stream_id=msg.logical_stream_id,
-            )
-        )
+        self._push_info(msg)  # an OpenResponseReceived, built by next_user_event()
         self._on_open_response(msg, now)
 
     def _on_stream_close(self, msg: StreamClose, now: float) -> None:

@@ -3,8 +3,9 @@
 Entries are ``(deadline, seq, kind, key)``. Deletion is lazy: cancelling a record does
 not touch the heap; an entry is acted on only if the record it names is still *live*
 for that exact deadline (the owner's ``is_live(kind, key, deadline)``). The heap is
-compacted when it grows past twice its live size, so it stays proportional to the
-live records (amortised O(1) per schedule).
+compacted when it grows past twice its live size plus a fixed slack, so it stays
+proportional to the live records (amortised O(1) per schedule; the slack makes the
+rebuild rare when few records are live but many come and go, as opens do).
 
 The driver arms one timer: at :meth:`Deadlines.next` after a timer fires, and earlier
 whenever :meth:`Deadlines.take_new` reports a deadline before the armed one.
@@ -36,6 +37,9 @@ class TimerKind(enum.Enum):
 
 Entry = tuple[float, int, TimerKind, int]
 
+#: Dead entries tolerated beyond twice the live ones before the heap is rebuilt.
+_SLACK = 1024
+
 
 class Deadlines:
     """A min-heap of deadlines with lazy deletion (see the module docstring)."""
@@ -46,7 +50,7 @@ class Deadlines:
         self._is_live = is_live
         self._heap: list[Entry] = []
         self._seq = 0
-        self._compact_at = 64
+        self._compact_at = _SLACK
         self._new: float | None = None
 
     def __len__(self) -> int:
@@ -62,7 +66,7 @@ class Deadlines:
             live = self._is_live
             self._heap = [e for e in self._heap if live(e[2], e[3], e[0])]
             heapq.heapify(self._heap)
-            self._compact_at = 2 * len(self._heap) + 64
+            self._compact_at = 2 * len(self._heap) + _SLACK
 
     def next(self) -> float | None:
         """The earliest live deadline (drops dead entries from the top)."""

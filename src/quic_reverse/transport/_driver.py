@@ -126,6 +126,8 @@ class StackConnection(Connection):
         self._timer: asyncio.Handle | None = None
         self._timer_armed_at = 0.0  # the loop time self._timer runs at
         self._transmit_handle: asyncio.Handle | None = None
+        #: One-shot callbacks run at the next transmit, before packets are built.
+        self.before_transmit: list[Callable[[], None]] = []
         self._table = StreamTable(is_client=is_client)
         self._open_waiters: list[asyncio.Future[None]] = []
         self._blocked_writers: set[StreamState] = set()
@@ -251,6 +253,11 @@ class StackConnection(Connection):
             self._transmit_handle = self._loop.call_soon(self._transmit)
 
     def _transmit(self) -> None:
+        if self.before_transmit:  # their writes join this transmit (see call_before_send)
+            callbacks = self.before_transmit
+            self.before_transmit = []
+            for callback in callbacks:
+                callback()
         self._transmit_handle = None
         self._send_datagrams()
         if self._flush_needed is not None and self._flush_needed():
@@ -435,7 +442,13 @@ class StackConnection(Connection):
             self._gate.delivered(len(data))
         if event.end_stream:
             state.fin_received = True
-        wake(state.read_waiter)
+        callback = state.data_callback
+        if callback is not None and data:
+            callback()  # may take the data now (see RecvStream.set_data_callback)
+            if state.recv_buffered or state.fin_received:
+                wake(state.read_waiter)
+        else:
+            wake(state.read_waiter)
         self._recv_activity.set()
 
     def _on_stream_reset(self, event: _StreamCodeEvent) -> None:
@@ -623,6 +636,19 @@ class StackConnection(Connection):
                 self._open_waiters.remove(fut)
         with stack_call("open_bi"):
             stream_id = quic.qr_allocate_bidi()
+        return self._opened(stream_id)
+
+    def try_open_bi(self) -> tuple[SendStream, RecvStream] | None:
+        quic = self._quic
+        if not self._is_open or not quic.qr_bidi_slot_available():
+            return None
+        try:
+            stream_id = quic.qr_allocate_bidi()
+        except Exception:  # open_bi() reports why
+            return None
+        return self._opened(stream_id)
+
+    def _opened(self, stream_id: int) -> tuple[SendStream, RecvStream]:
         state = self._table.add_local(stream_id)
         logger.debug("%s: opened stream %d", self.stack_name, stream_id)
         return QuicSendStream(self, state), QuicRecvStream(self, state)

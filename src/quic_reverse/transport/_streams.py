@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import StreamReset, StreamStopped, UsageError
@@ -49,6 +50,7 @@ class StreamState:
     __slots__ = (
         "chunks",
         "consumed",
+        "data_callback",
         "fin_received",
         "fin_sent",
         "head",
@@ -75,6 +77,7 @@ class StreamState:
         self.stop_sent = False
         self.recv_done = False  # app saw FIN/reset or stopped
         self.read_waiter: asyncio.Future[None] | None = None
+        self.data_callback: Callable[[], None] | None = None
         # send half
         self.fin_sent = False
         self.reset_sent = False
@@ -210,6 +213,14 @@ class QuicSendStream(SendStream):
         conn._transmit_soon()
         return True
 
+    def call_before_send(self, callback: Callable[[], None]) -> bool:
+        conn = self._conn
+        if not conn.is_open:
+            return False
+        conn.before_transmit.append(callback)
+        conn._transmit_soon()
+        return True
+
     async def finish(self) -> None:
         state = self._state
         conn = self._conn
@@ -291,6 +302,18 @@ class QuicRecvStream(RecvStream):
                 await fut
             finally:
                 state.read_waiter = None
+
+    def set_data_callback(self, callback: Callable[[], None] | None) -> bool:
+        self._state.data_callback = callback
+        return True
+
+    def take_buffered(self, max_bytes: int = 65536) -> bytes:
+        state = self._state
+        if not state.recv_buffered or state.stop_sent or max_bytes < 1:
+            return b""
+        out = state.take(max_bytes)
+        self._conn._consumed(state, len(out))
+        return out
 
     def stop(self, code: int = 0) -> None:
         state = self._state

@@ -157,6 +157,18 @@ class SendStream(abc.ABC):
         """
         return False
 
+    def call_before_send(self, callback: Callable[[], None]) -> bool:
+        """Call ``callback()`` once, right before the transport next builds packets for
+        this stream's connection (within the loop turn that follows, the one in which
+        bytes written now would leave). Bytes it hands over with :meth:`try_write` go
+        out with that same transmit, so writes made in one turn can be collected and
+        handed over together at no cost in latency. ``callback`` must not raise.
+
+        Returns False, and never calls ``callback``, when the transport has no such
+        point (or the connection is closed).
+        """
+        return False
+
 
 class RecvStream(abc.ABC):
     """The receiving half of a QUIC stream."""
@@ -202,6 +214,20 @@ class RecvStream(abc.ABC):
         Never raises.
         """
 
+    def set_data_callback(self, callback: Callable[[], None] | None) -> bool:
+        """Have ``callback()`` called synchronously, from the transport's receive path,
+        each time data arrives for this stream (read it there with
+        :meth:`take_buffered`); ``None`` removes it. Data the callback leaves, FIN and
+        resets still wake :meth:`read` as usual. The callback must not raise or block.
+        Returns False (and never calls it) when the transport has no such path.
+        """
+        return False
+
+    def take_buffered(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes`` already received, without waiting; ``b""`` when none is
+        buffered (not EOF: FIN and resets are reported by :meth:`read`). Never raises."""
+        return b""
+
     @property
     @abc.abstractmethod
     def buffered_bytes(self) -> int:
@@ -219,6 +245,15 @@ class Connection(abc.ABC):
         Raises:
             ConnectionClosed: the connection is (or becomes) closed.
         """
+
+    def try_open_bi(self) -> tuple[SendStream, RecvStream] | None:
+        """Open a bidirectional stream now if that needs no waiting (a slot is free
+        under the peer's stream limit and the connection is open), as :meth:`open_bi`
+        would; otherwise open nothing and return ``None`` (the caller then uses
+        :meth:`open_bi`, which waits or raises as usual). Never raises. A transport
+        without a non-blocking path returns ``None``.
+        """
+        return None
 
     @abc.abstractmethod
     async def accept_bi(self) -> tuple[SendStream, RecvStream] | None:

@@ -488,7 +488,13 @@ def _dec_open_request(buf: bytes, n: int) -> OpenRequest:
     return OpenRequest(request_id=request_id, service=service, metadata=metadata, flags=flags)
 
 
+_ACCEPTED_LAYOUT = struct.Struct("<IQIBBQ")  # tag, request_id, Accepted, None, Some, lsid
+
+
 def _dec_open_response(buf: bytes, n: int) -> OpenResponse:
+    if n == 26 and buf[12:18] == b"\x00\x00\x00\x00\x00\x01":  # every accepted open
+        _, request_id, _, _, _, accepted_id = _ACCEPTED_LAYOUT.unpack(buf)
+        return OpenResponse(request_id=request_id, status=_ACCEPTED, logical_stream_id=accepted_id)
     if n < 16:
         raise _fixed_eof("OpenResponse", (("tag", 4), ("request_id", 8), ("status", 4)), n)
     _, request_id, status_index = _ID_TAG.unpack_from(buf, 0)
