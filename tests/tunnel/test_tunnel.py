@@ -398,7 +398,9 @@ ping_interval = 1.0
             ["edge", "--config", str(config), "--relay", f"127.0.0.1:{relay.quic_port}"],
         )
         try:
-            edge.wait_for(r"authenticated to relay 127.0.0.1:\d+ as 'edgeA'( \(\w+\))?; exposing echo=")
+            edge.wait_for(
+                r"authenticated to relay 127.0.0.1:\d+ as 'edgeA'( \(\w+\))?; exposing echo="
+            )
             assert edge.terminate() == 0
             assert edge.find(r"edge stopped")
             relay.proc.wait_for(r"edge 'edgeA' .*closed the session: NORMAL")
