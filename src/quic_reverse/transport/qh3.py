@@ -18,9 +18,10 @@ qh3 traps handled here (see ``QUIC-STACKS.md``):
   parameters; this adapter raises it (``max_streams``) by patching the advertised
   value and the native core's limit consistently;
 * path MTU discovery runs on the client only: a qh3 server sends 1280-byte
-  datagrams whatever the path carries. The server here starts at what its route to
-  the client carries (up to :data:`MAX_SERVER_DATAGRAM_SIZE`) and falls back to 1280
-  bytes if big datagrams vanish (:meth:`_LimitedQuicConnection.qr_path_check`);
+  datagrams whatever the path carries, and its native core can lower a path's size
+  later but never raise it. The server here keeps 1280 (safe on every path); why a
+  bigger blind start was tried and taken out is in docs/ARCHITECTURE.md ("Datagram
+  size");
 * the native core grants flow-control credit as data is delivered, so the
   receive gate (:class:`~._gate.ReceiveGate`) stops feeding the core past the
   high-water mark;
@@ -33,7 +34,6 @@ qh3 traps handled here (see ``QUIC-STACKS.md``):
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,7 +56,6 @@ from qh3.quic.packet import (
 from ._driver import StackConnection
 from ._server import StackServer
 from ._stack import Header, QuicStack, StackEvents, StackHooks, StackSpec
-from ._udp import route_max_udp_payload
 from .base import PathStats
 from .tls import ServerCredentials
 
@@ -144,26 +143,6 @@ _QUIC_TRANSPORT_PARAMETERS = _qh3_tls_module.ExtensionType.QUIC_TRANSPORT_PARAME
 #: at 6 KiB).
 MAX_DISCOVERED_DATAGRAM_SIZE = 4096
 
-#: Cap on the datagram size a qh3 server (the relay) sends: an Ethernet MTU's UDP
-#: payload, the common path. Bigger server datagrams cost CPU on every small exchange
-#: in qh3's core (loopback, sequential stream open + 1-byte echo: 157 us of CPU per
-#: open at 1472 bytes, 167 at 2048, 192 at 3000, 214 at 4096), more than they save in
-#: bulk sends.
-MAX_SERVER_DATAGRAM_SIZE = 1472
-
-#: Server black-hole detection (see :meth:`_LimitedQuicConnection.qr_path_check`):
-#: consecutive probe timeouts with big datagrams in flight, while the peer kept
-#: sending, after which the server falls back to :data:`PACKET_MAX_SIZE` datagrams.
-BLACK_HOLE_PTOS = 3
-#: ... or this many whatever the peer does (a pure bulk sender's peer may have
-#: nothing to say; a run this long outlasts any CPU starvation: the probe timeout
-#: doubles each time, 31 timeouts' worth in all).
-BLACK_HOLE_SILENT_PTOS = 5
-#: ... or the share of (big) datagrams declared lost over a window of at least
-#: :data:`BLACK_HOLE_WINDOW` datagrams (random loss and congestion stay far below).
-BLACK_HOLE_LOSS_SHARE = 0.75
-BLACK_HOLE_WINDOW = 48
-
 
 @contextmanager
 def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
@@ -185,16 +164,6 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
         self._qr_max_datagram_size: int | None = None
         #: Server: the stateless reset token to announce (see qr_set_reset_token).
         self._qr_reset_token: bytes | None = None
-        #: Server: black-hole detection armed (big datagrams in use, see qr_path_check),
-        #: the (bytes sent, packets lost) at the start of its loss window, and the
-        #: core's loss count at the last check (nothing to do while it stays put).
-        self._qr_hole_armed = False
-        self._qr_hole_sent = 0
-        self._qr_hole_lost = 0
-        self._qr_hole_seen = 0
-        #: Bytes received on the path when the current run of probe timeouts began
-        #: (-1: no run).
-        self._qr_hole_rx = -1
         super().__init__(**kwargs)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
@@ -219,8 +188,6 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
     def _create_core(self, remote_addr: Any, initial_dcid: bytes, now: float) -> None:
         real = getattr(_qh3_connection_module, "QuicConnectionCore")  # noqa: B009
         limit = self._qr_max_streams
-        if not self._is_client:
-            self._qr_server_datagram_size(remote_addr)
         datagram_limit = self._qr_max_datagram_size
 
         def core_factory(*args: Any) -> Any:
@@ -259,134 +226,6 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
             ]
         return bridge
 
-    def _qr_server_datagram_size(self, remote_addr: Any) -> None:
-        """Server: send datagrams as big as the route to the client carries.
-
-        qh3's path MTU discovery runs on the client only; a qh3 server sends at most
-        the configured ``max_datagram_size`` (qh3's default: 1280 bytes), and from its
-        first packet after the handshake uses min(that, the client's
-        ``max_udp_payload_size``) without probing. The native core cannot raise the
-        size of a path later, only lower it (re-applying the peer's transport
-        parameters takes the minimum). So the server starts at the size its own route
-        to the client allows (capped at :data:`MAX_SERVER_DATAGRAM_SIZE`, and by what
-        the client says it accepts: 1472 for a qh3 client) and :meth:`qr_path_check`
-        falls back to :data:`PACKET_MAX_SIZE` if big datagrams turn out not to get
-        through.
-        """
-        configuration = self._configuration
-        if (
-            int(configuration.max_datagram_size) != PACKET_MAX_SIZE
-            or not configuration.probe_datagram_size
-        ):
-            return
-        host = remote_addr[0]
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        route = route_max_udp_payload(family, (host, remote_addr[1]))
-        if route is None:
-            return
-        size = min(route, MAX_SERVER_DATAGRAM_SIZE)
-        if size > PACKET_MAX_SIZE:
-            self._qr_max_datagram_size = size
-            self._qr_hole_armed = True
-            logger.debug("qh3: server datagrams up to %d bytes to %s", size, host)
-
-    def qr_path_check(self) -> None:
-        """Server black-hole detection: fall back to :data:`PACKET_MAX_SIZE`
-        datagrams when big ones do not get through (a path narrower than the route).
-
-        Cheap unless something was lost. The evidence, either of:
-
-        * :data:`BLACK_HOLE_PTOS` probe timeouts in a row with data in flight while
-          datagrams from the peer kept arriving (it is alive, yet acknowledges none of
-          our packets: every big one, probes included, vanishes — a bulk sender on a
-          black hole), or :data:`BLACK_HOLE_SILENT_PTOS` in a row in any case. A
-          shorter run with a silent peer is not evidence (an outage, a peer starved
-          of CPU, a NAT rebinding), and falling back on a false alarm is not free
-          (see below);
-        * at least :data:`BLACK_HOLE_LOSS_SHARE` of the datagrams sent in a window of
-          :data:`BLACK_HOLE_WINDOW` or more declared lost (small packets get through
-          and are acknowledged, the big ones are lost).
-
-        Falling back is for the rest of the connection (the core cannot raise a
-        path's datagram size again). qh3 2.1's core does not always survive the
-        change: with hundreds of streams in flight it was seen to fail with "packet
-        builder capacity exhausted" and stall; on a real black hole the connection
-        is lost without it anyway, hence the strict evidence.
-        """
-        core = self._core
-        if core is None:
-            return
-        pto = core.pto_count
-        lost = core.loss_total
-        if not pto:
-            self._qr_hole_rx = -1
-            if lost == self._qr_hole_seen:
-                return
-        self._qr_hole_seen = lost
-        path = core.active_path
-        size = int(path[5])
-        if size <= PACKET_MAX_SIZE:
-            self._qr_hole_armed = False
-            return
-        if pto and self._qr_hole_rx < 0:
-            self._qr_hole_rx = int(path[4])  # a run of probe timeouts begins
-        sent_bytes = int(path[3])
-        if (
-            pto >= BLACK_HOLE_PTOS
-            and core.bytes_in_flight > 0
-            and (pto >= BLACK_HOLE_SILENT_PTOS or int(path[4]) > self._qr_hole_rx)
-        ):
-            self._qr_fall_back(size, f"{pto} probe timeouts in a row")
-            return
-        sent = (sent_bytes - self._qr_hole_sent) // size
-        if sent < BLACK_HOLE_WINDOW:
-            return
-        window_lost = lost - self._qr_hole_lost
-        if window_lost >= BLACK_HOLE_LOSS_SHARE * sent:
-            self._qr_fall_back(size, f"{window_lost} of ~{sent} datagrams lost")
-            return
-        self._qr_hole_sent = sent_bytes
-        self._qr_hole_lost = lost
-
-    def _qr_fall_back(self, size: int, evidence: str) -> None:
-        self._qr_hole_armed = False
-        parameters = self._applied_transport_parameters
-        core = self._core
-        if parameters is None or core is None:
-            return
-        logger.info(
-            "qh3: %d-byte datagrams do not get through to %s (%s): falling back to %d bytes",
-            size,
-            _where(core.active_path[2]),
-            evidence,
-            PACKET_MAX_SIZE,
-        )
-        # The same values qh3 applied after the handshake (QuicConnection's
-        # _drain_tls_events), with the smaller datagram size: the core keeps the
-        # minimum of the path's size and the peer's max_udp_payload_size.
-        self._call_core(
-            core.apply_peer_transport_parameters,
-            parameters.initial_max_data or 0,
-            parameters.initial_max_stream_data_bidi_local or 0,
-            parameters.initial_max_stream_data_bidi_remote or 0,
-            parameters.initial_max_stream_data_uni or 0,
-            parameters.initial_max_streams_bidi or 0,
-            parameters.initial_max_streams_uni or 0,
-            3 if parameters.ack_delay_exponent is None else parameters.ack_delay_exponent,
-            0.025 if parameters.max_ack_delay is None else parameters.max_ack_delay / 1000,
-            None if not parameters.max_idle_timeout else parameters.max_idle_timeout / 1000,
-            parameters.max_datagram_frame_size,
-            parameters.stateless_reset_token,
-            parameters.active_connection_id_limit or 2,
-            bool(parameters.disable_active_migration),
-            PACKET_MAX_SIZE,
-        )
-
-    def handle_timer(self, now: float) -> None:
-        super().handle_timer(now)
-        if self._qr_hole_armed:
-            self.qr_path_check()
-
     # -- driver hooks ------------------------------------------------------------
 
     def qr_feed(self, datagrams: list[bytes], addr: Any, now: float) -> None:
@@ -408,8 +247,6 @@ class _LimitedQuicConnection(StackHooks, QuicConnection):
             self.receive_datagram(datagrams[0], addr, now)
         else:
             self.receive_many_datagrams(datagrams, addr, now)
-        if self._qr_hole_armed:
-            self.qr_path_check()
 
     def qr_send_queue_size(self, stream_id: int) -> int:
         try:
