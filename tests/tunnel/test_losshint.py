@@ -17,6 +17,7 @@ import pytest
 
 from quic_reverse.transport.base import PathStats
 from quic_reverse.tunnel import losshint
+from quic_reverse.tunnel import relay as relay_module
 from quic_reverse.tunnel.losshint import HintLimiter, LossHint
 
 from ..support.timing import LONG
@@ -182,3 +183,43 @@ async def test_relay_and_edge_hint_from_their_session_loops(
         for _ in range(3):
             await relay_handle.ping()
         assert len(warnings(caplog)) == 2  # one per session
+
+
+async def test_relay_does_not_judge_a_session_its_edge_is_draining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An edge on --stack auto (the default) that switched away from a lossy session
+    drains it; the relay does not warn about that session, and judges over a longer
+    window than the edge (RELAY_HINT_FACTOR) so such an edge acts first."""
+    assert relay_module.RELAY_HINT_FACTOR > 1
+    caplog.set_level(logging.INFO, LOGGER)
+    monkeypatch.setattr(losshint, "MIN_SECONDS", 0.0)
+    monkeypatch.setattr(losshint, "CHECK_INTERVAL", 0.0)
+    async with relay_setup(tmp_path) as setup:
+        client, server = setup.link()
+        reads = [0]
+
+        def growing() -> PathStats:
+            reads[0] += 1
+            return qh3(2000 * reads[0], 40 * reads[0])  # 2 % of every window
+
+        server.path_stats = growing
+        setup.edge_on((client, server), {"echo": 9}, stack="qh3")
+        pool = setup.pool()
+        await until(pool, lambda: bool(pool.replicas))
+        replica = pool.replicas[0]
+
+        def relay_warnings() -> list[str]:
+            return [m for m in warnings(caplog) if m.startswith("edge ")]
+
+        replica.draining = True  # the edge answered "stopping": it switched away
+        for _ in range(5):
+            await replica.handle.ping()
+        assert not relay_warnings()
+        replica.draining = False  # the same session, judged: it is lossy
+        async with asyncio.timeout(LONG):
+            for _ in range(20):
+                if relay_warnings():
+                    break
+                await replica.handle.ping()
+        assert len(relay_warnings()) == 1

@@ -49,6 +49,7 @@ from ..transport import quic
 from ..transport.base import Connection
 from ..transport.tls import certificate_fingerprint, generate_self_signed
 from ..wire import CloseCode, Metadata, RejectCode
+from . import losshint
 from .auth import TokenStore, authenticate_edge
 from .config import Forward, RelayConfig, load_server_certificate
 from .losshint import HintLimiter, LossHint
@@ -64,6 +65,10 @@ if TYPE_CHECKING:
 __all__ = ["EdgeSession", "Relay", "ensure_self_signed"]
 
 log = logging.getLogger("quic_reverse.tunnel.relay")
+
+#: The relay judges an edge's path over this many times the edge's window
+#: (:data:`.losshint.MIN_SECONDS`), so an edge on ``--stack auto`` switches first.
+RELAY_HINT_FACTOR = 3
 
 
 def ensure_self_signed(state_dir: Path) -> tuple[Path, Path, str]:
@@ -412,8 +417,13 @@ class Relay:
     async def _serve_edge(self, edge: Replica) -> None:
         """Process an authenticated edge's control events until the session ends."""
         handle = edge.handle
+        # A longer window than the edge's: an edge on --stack auto (the default) acts
+        # on the same evidence after one window, and its drained session is not judged.
         hint = LossHint(
-            f"edge {edge.name!r} ({edge.address})", key=edge.name, limiter=self._loss_hints
+            f"edge {edge.name!r} ({edge.address})",
+            key=edge.name,
+            limiter=self._loss_hints,
+            min_seconds=RELAY_HINT_FACTOR * losshint.MIN_SECONDS,
         )
         while True:
             try:
@@ -424,7 +434,8 @@ class Relay:
                 return
             # Every event (at least the edge's keep-alive Ping every ping_interval)
             # lets the lossy-path hint look at the path (.losshint).
-            hint.poll(handle.path_stats, time.monotonic())
+            if not edge.draining:
+                hint.poll(handle.path_stats, time.monotonic())
             if event is None:
                 if not edge.retired:
                     log.info("edge %r (%s) disconnected", edge.name, edge.address)
