@@ -124,4 +124,5 @@ async def test_auto_switches_a_lossy_session_without_cutting_connections(
         # Every connection ended on its own at the relay too: the drained session was
         # closed only after its last bytes and FIN had arrived (none aborted by it).
         assert not relay.proc.find(r"aborted"), relay.proc.tail()
-        assert relay.proc.find(r"closed the session: NORMAL 'edge switched stack'")
+        # The relay reads the close a moment after the edge logged it (bounded wait).
+        relay.proc.wait_for(r"closed the session: NORMAL 'edge switched stack'", timeout=PROMPT)
