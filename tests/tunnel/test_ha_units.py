@@ -122,6 +122,16 @@ async def _sessions(n: int) -> AsyncIterator[list[SessionHandle]]:
                 await h.close()
 
 
+async def _until_waiting(pool: Pool, waiter: asyncio.Task[Replica]) -> None:
+    """Yield (at most 100 loop turns) until ``waiter`` waits in ``pool``; it must not
+    have finished (a name refused at once would have)."""
+    for _ in range(100):
+        if pool.waiting or waiter.done():
+            break
+        await asyncio.sleep(0)
+    assert not waiter.done() and pool.waiting == 1
+
+
 def _replica(handle: SessionHandle, i: int) -> Replica:
     return Replica(
         name="edgeA",
@@ -180,8 +190,7 @@ async def test_bridging_waits_for_a_replica_of_a_seen_name_only() -> None:
         registry.remove(first)  # the name's only replica is gone
         pool = registry.pool("edgeA")
         waiter = asyncio.create_task(pool.acquire(set(), loop.time() + 50 * SHORT))
-        await asyncio.sleep(10 * MS)
-        assert not waiter.done() and pool.waiting == 1
+        await _until_waiting(pool, waiter)
         second = _replica(handles[1], 1)
         registry.add(second)  # a restarted edge joins: the waiting client gets it
         async with asyncio.timeout(SHORT):
@@ -201,8 +210,7 @@ async def test_startup_grace_bridges_names_not_seen_yet() -> None:
         registry.grace_until = loop.time() + 50 * SHORT
         pool = registry.pool("edgeA")  # its edge has not connected yet
         waiter = asyncio.create_task(pool.acquire(set(), loop.time() + 50 * SHORT))
-        await asyncio.sleep(10 * MS)
-        assert not waiter.done() and pool.waiting == 1
+        await _until_waiting(pool, waiter)
         late = _replica(handles[0], 0)
         registry.add(late)
         async with asyncio.timeout(SHORT):
